@@ -1,0 +1,24 @@
+"""atedm-compile: AT-EDM attention-driven token pruning for diffusers U-Nets, as FX graph passes."""
+
+from .config import PruningConfig
+from .runner import PhaseCall, Runner, apply, remove, runner_of
+from .schedule import PRESETS, Phase, Schedule, make_schedule
+from .tracing import BlockInfo, attention_blocks, trace_block
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "BlockInfo",
+    "Phase",
+    "PhaseCall",
+    "PruningConfig",
+    "Runner",
+    "Schedule",
+    "apply",
+    "attention_blocks",
+    "make_schedule",
+    "remove",
+    "runner_of",
+    "trace_block",
+]

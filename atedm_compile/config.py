@@ -1,0 +1,72 @@
+"""How a pruned block scores, selects and recovers tokens (the same for every block and phase)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .ops import CROSS_ATTENTION_SCORERS, HEAD_REDUCTIONS
+
+SCORERS = ("gwpr",) + CROSS_ATTENTION_SCORERS + ("random",)
+PRUNE_POINTS = ("after-ff", "before-ff")
+RECOVERIES = ("similarity", "zeros", "interpolation", "direct-copy")
+SIMILARITIES = ("attention", "key-cosine")
+
+
+def _check_choice(field: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Args:
+    scorer: ``gwpr`` (self-attention G-WPR, the paper's default), the cross-attention variants
+        of supp. C.2 (``ca-entropy``, ``ca-hardclip``, ``ca-softclip``, ``ca-power``) or ``random``.
+    iterations: rounds of s <- A^T s. Default 3 (our choice; the paper gives no number): the
+        first round is the plain "attention received" score, later rounds weigh each vote by the
+        voter's importance, and on row-stochastic maps the ranking of the top tokens settles
+        within a few rounds while every round rereads the whole N x N map, the costliest part
+        of scoring.
+    head_reduction: ``mean`` (AT-EDM) or ``rms`` (Zero-TPrune).
+    prune_point: ``after-ff`` (paper default) or ``before-ff`` (ablation of supp. C.1).
+    recovery: ``similarity`` (copy from the most similar kept token, the paper's method) or the
+        supp. A.6 baselines ``zeros``, ``interpolation``, ``direct-copy``.
+    similarity: for ``similarity`` recovery: ``attention`` (the first layer's head-combined
+        attention map A[i, j], our default read from the paper's figure) or ``key-cosine``.
+    eta, alpha: thresholds of the clip and power cross-attention scorers (paper: 0.2, 5).
+    seed: seed of the ``random`` scorer.
+    """
+
+    scorer: str = "gwpr"
+    iterations: int = 3
+    head_reduction: str = "mean"
+    prune_point: str = "after-ff"
+    recovery: str = "similarity"
+    similarity: str = "attention"
+    eta: float = 0.2
+    alpha: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("scorer", self.scorer, SCORERS)
+        _check_choice("head_reduction", self.head_reduction, HEAD_REDUCTIONS)
+        _check_choice("prune_point", self.prune_point, PRUNE_POINTS)
+        _check_choice("recovery", self.recovery, RECOVERIES)
+        _check_choice("similarity", self.similarity, SIMILARITIES)
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"iterations={self.iterations!r} must be an integer >= 1")
+
+    @property
+    def uses_cross_attention(self) -> bool:
+        return self.scorer in CROSS_ATTENTION_SCORERS
+
+    @property
+    def needs_self_attention_map(self) -> bool:
+        return self.scorer == "gwpr" or (self.recovery == "similarity" and self.similarity == "attention")
+
+
+def check_keep_ratio(keep_ratio, where: str = "keep_ratio") -> float:
+    """A keep ratio must lie in (0, 1]; 1.0 means unpruned."""
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"{where}={keep_ratio!r} is outside (0, 1]: keep at least one token, at most all")
+    return float(keep_ratio)

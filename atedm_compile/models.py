@@ -1,0 +1,203 @@
+"""U-Net configs and pipeline builders.
+
+No weights can be downloaded where this project is developed and tested, so every model here is
+built from a config: the real SD-XL / SD 1.5 / SD 2.1 U-Net configs (for FLOPs on the meta device)
+and tiny SD-XL-topology models with random weights (for tests and the embedded default).
+``load_pipeline`` keeps the real ``from_pretrained`` path for users who have weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SDXL_BASE_UNET = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+# SDXL-Turbo ships the SD-XL base U-Net unchanged; it samples at 512 px (latent 64).
+SDXL_TURBO_UNET = {**SDXL_BASE_UNET, "sample_size": 64}
+
+SD15_UNET = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+SD21_UNET = {
+    **SD15_UNET,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "sample_size": 96,
+    "use_linear_projection": True,
+}
+
+# SD-XL topology (no attention at level 1, multi-layer blocks at levels 2 and 3) at toy width.
+TINY_SDXL_UNET = {
+    **SDXL_BASE_UNET,
+    "attention_head_dim": [2, 2, 4],
+    "block_out_channels": [32, 64, 128],
+    "cross_attention_dim": 64,
+    "norm_num_groups": 8,
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+    "sample_size": 32,
+    "transformer_layers_per_block": [1, 2, 2],
+}
+
+TINY_SD15_UNET = {
+    **SD15_UNET,
+    "attention_head_dim": 2,
+    "block_out_channels": [32, 64],
+    "cross_attention_dim": 32,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "norm_num_groups": 8,
+    "sample_size": 16,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "transformer_layers_per_block": 2,
+}
+
+UNET_CONFIGS = {
+    "sdxl-base": SDXL_BASE_UNET,
+    "sdxl-turbo": SDXL_TURBO_UNET,
+    "sd15": SD15_UNET,
+    "sd21": SD21_UNET,
+    "tiny": TINY_SDXL_UNET,
+    "tiny-sd15": TINY_SD15_UNET,
+}
+
+TINY_VAE = {
+    "block_out_channels": [16, 16, 16, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 256,
+}
+
+
+def unet_config(name: str) -> dict:
+    """The U-Net config called ``name`` (one of ``UNET_CONFIGS``)."""
+    if name not in UNET_CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(UNET_CONFIGS)}")
+    return dict(UNET_CONFIGS[name])
+
+
+def build_unet(name_or_config: str | dict, device: str | torch.device = "cpu", seed: int = 0):
+    """A ``UNet2DConditionModel`` from a named or given config, randomly initialised.
+
+    On ``device="meta"`` no memory is allocated: enough for FLOPs counting.
+    """
+    from diffusers import UNet2DConditionModel
+
+    config = unet_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(config)
+    return unet.eval().requires_grad_(False)
+
+
+def tiny_tokenizer():
+    """A real ``CLIPTokenizer`` over a byte-level vocabulary with no merges: every byte is a token,
+    with and without the end-of-word marker. Needs no download."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _tiny_text_encoders(vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    common = dict(
+        vocab_size=vocab_size,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    # SD-XL concatenates the penultimate hidden states of both encoders: 32 + 32 = 64
+    # = TINY_SDXL_UNET["cross_attention_dim"]; encoder 2's projection feeds text_embeds.
+    encoder_1 = CLIPTextModel(CLIPTextConfig(hidden_size=32, **common))
+    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
+    return encoder_1.eval(), encoder_2.eval()
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A complete ``StableDiffusionXLPipeline`` with random weights, built offline in about a second.
+
+    U-Net: ``TINY_SDXL_UNET``; VAE: 4 levels of 16 channels (latent 32 -> 256 px); text: two
+    2-layer CLIP encoders behind a byte-level CLIP tokenizer.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder, text_encoder_2 = _tiny_text_encoders(len(tokenizer))
+    vae = AutoencoderKL.from_config(TINY_VAE).eval()
+    unet = build_unet("tiny", seed=seed)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The pipeline for ``model``: ``"tiny"`` (built in) or a local path / hub id loaded with
+    diffusers' ``DiffusionPipeline.from_pretrained`` (SD-XL and SD 1.x / 2.x pipelines)."""
+    if model == "tiny":
+        return tiny_sdxl_pipeline().to(device)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, use_safetensors=True)
+    return pipe.to(device)

@@ -1,0 +1,196 @@
+"""Pure tensor functions of AT-EDM: attention maps, G-WPR scores, top-k selection, gather and
+recovery. No module surgery here; the passes insert calls to these functions.
+
+Shapes: ``B`` batch, ``N`` image tokens, ``M`` key tokens (``N`` for self-attention, 77 for text),
+``h`` heads, ``d`` head width, ``C`` channels, ``k`` kept tokens.
+
+Every function is written with operators that export to ONNX and that TensorRT accepts: TopK with
+a constant K, Gather / GatherElements, ScatterElements without reduction, no data-dependent shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+HEAD_REDUCTIONS = ("mean", "rms")
+
+
+def keep_count(num_tokens: int, keep_ratio: float) -> int:
+    """k = round(keep_ratio * N), halves rounded up, at least 1 (the paper's static k)."""
+    return max(1, min(num_tokens, int(math.floor(keep_ratio * num_tokens + 0.5))))
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """x: [B, N, h*d] -> [B, h, N, d]."""
+    batch, tokens, width = x.shape
+    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attention map softmax(Q K^T / sqrt(d)) per head.
+
+    query: [B, N, h*d], key: [B, M, h*d] (the layer's own projections) -> [B, h, N, M].
+    The softmax runs in float32 so that an fp16 graph does not overflow; the map is returned in
+    the input dtype.
+    """
+    q, k = split_heads(query, heads), split_heads(key, heads)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    return scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+
+
+def attend(probs: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+    """probs: [B, h, N, M], value: [B, M, h*d] -> [B, N, h*d]."""
+    out = torch.matmul(probs, split_heads(value, heads))
+    batch, _, tokens, head_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+def reduce_heads(probs: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Combine the heads of an attention map: [B, h, N, M] -> [B, N, M].
+
+    ``mean`` keeps rows stochastic (AT-EDM); ``rms`` is Zero-TPrune's alternative, which lets a
+    head with a peaked map weigh more.
+    """
+    if how == "mean":
+        return probs.mean(dim=1)
+    if how == "rms":
+        return probs.square().mean(dim=1).sqrt()
+    raise ValueError(f"head reduction {how!r} is not one of {HEAD_REDUCTIONS}")
+
+
+def _normalise(scores: torch.Tensor) -> torch.Tensor:
+    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def gwpr_self_attention(attn: torch.Tensor, iterations: int) -> torch.Tensor:
+    """G-WPR on a self-attention map. attn: [B, N, N] (row i = where query i looks) -> [B, N].
+
+    s_0 = 1/N, then s <- A^T s: a token is important when important tokens attend to it. The
+    scores are renormalised every round so that an ``rms`` map (rows not stochastic) stays bounded.
+    """
+    batch, tokens, _ = attn.shape
+    scores = attn.new_full((batch, 1, tokens), 1.0 / tokens)
+    for _ in range(iterations):
+        scores = _normalise(torch.bmm(scores, attn))
+    return scores.squeeze(1)
+
+
+CROSS_ATTENTION_SCORERS = ("ca-entropy", "ca-hardclip", "ca-softclip", "ca-power")
+
+
+def gwpr_cross_attention(
+    attn: torch.Tensor,
+    iterations: int,
+    method: str,
+    eta: float = 0.2,
+    alpha: float = 5.0,
+) -> torch.Tensor:
+    """G-WPR on a cross-attention map (supp. C.2). attn: [B, N, M] -> [B, N].
+
+    Each round: key importance s_K = A^T s_Q, then query importance s_Q(x_i) = f(A, s_K):
+
+    - ``ca-entropy`` (form ours): <A_i, s_K> * exp(-H(A_i)); the dot product rewards attending to
+      important keys, exp(-H) = 1 / perplexity of the row penalises a uniform row.
+    - ``ca-hardclip``: sum_j [A_ij >= eta] s_K(x_j).
+    - ``ca-softclip``: sum_j sigmoid(A_ij - eta) s_K(x_j).
+    - ``ca-power``: sum_j (beta s_K(x_j))^(alpha A_ij), beta = M / 2.
+    """
+    batch, tokens, keys = attn.shape
+    query_scores = attn.new_full((batch, tokens), 1.0 / tokens)
+    for _ in range(iterations):
+        key_scores = _normalise(torch.bmm(query_scores.unsqueeze(1), attn).squeeze(1))  # [B, M]
+        if method == "ca-entropy":
+            entropy = -(attn * attn.clamp_min(1e-12).log()).sum(dim=-1)
+            query_scores = torch.bmm(attn, key_scores.unsqueeze(-1)).squeeze(-1) * torch.exp(-entropy)
+        elif method == "ca-hardclip":
+            query_scores = torch.bmm((attn >= eta).to(attn.dtype), key_scores.unsqueeze(-1)).squeeze(-1)
+        elif method == "ca-softclip":
+            query_scores = torch.bmm(torch.sigmoid(attn - eta), key_scores.unsqueeze(-1)).squeeze(-1)
+        elif method == "ca-power":
+            base = (keys / 2.0) * key_scores.unsqueeze(1)  # [B, 1, M]
+            query_scores = torch.pow(base.clamp_min(1e-12), alpha * attn).sum(dim=-1)
+        else:
+            raise ValueError(f"cross-attention scorer {method!r} is not one of {CROSS_ATTENTION_SCORERS}")
+        query_scores = _normalise(query_scores)
+    return query_scores
+
+
+def random_scores(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """Scores for the random-pruning ablation: the same draw for a given seed and shape.
+
+    like: [B, N, C] -> [B, N].
+    """
+    shape = like.shape[:2]
+    if like.device.type == "meta":
+        return torch.rand(shape, device=like.device)
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.rand(shape, generator=generator, device=like.device)
+
+
+def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores per image, in descending order. scores: [B, N] -> [B, k]."""
+    return torch.topk(scores, k, dim=-1, largest=True, sorted=True).indices
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: [B, N, C], index: [B, k] -> [B, k, C]."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(base: torch.Tensor, index: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Write kept: [B, k, C] into base: [B, N, C] at index: [B, k] (no reduction)."""
+    return base.scatter(1, index.unsqueeze(-1).expand(-1, -1, base.shape[-1]), kept)
+
+
+def copy_from_most_similar(kept: torch.Tensor, index: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+    """Similarity-based copy: every token takes the value of the kept token it is most similar to;
+    kept tokens keep their own.
+
+    kept: [B, k, C] (final values), index: [B, k], similarity: [B, N, N] (row i: token i's
+    similarity to every token) -> [B, N, C].
+    """
+    to_kept = torch.gather(similarity, 2, index.unsqueeze(1).expand(-1, similarity.shape[1], -1))  # [B, N, k]
+    source = to_kept.argmax(dim=-1)  # [B, N], a position in the kept list
+    return scatter_tokens(gather_tokens(kept, source), index, kept)
+
+
+def key_cosine_similarity(keys: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the first layer's keys. keys: [B, N, C] -> [B, N, N]."""
+    unit = F.normalize(keys, dim=-1)
+    return torch.bmm(unit, unit.transpose(1, 2))
+
+
+def copy_from_most_similar_key(kept: torch.Tensor, index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Similarity-based copy by key cosine. keys: [B, N, C'] -> [B, N, C].
+
+    Computes only the [B, N, k] block of the similarity matrix that the copy needs.
+    """
+    unit = F.normalize(keys, dim=-1)
+    to_kept = torch.bmm(unit, gather_tokens(unit, index).transpose(1, 2))  # [B, N, k]
+    return scatter_tokens(gather_tokens(kept, to_kept.argmax(dim=-1)), index, kept)
+
+
+def recover_zeros(kept: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Baseline (supp. A.6 I): pruned tokens are zero."""
+    base = kept.new_zeros(kept.shape[0], num_tokens, kept.shape[-1])
+    return scatter_tokens(base, index, kept)
+
+
+def recover_direct_copy(kept: torch.Tensor, index: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Baseline (supp. A.6 III): pruned tokens keep their value from the pruning point.
+    before: [B, N, C]."""
+    return scatter_tokens(before, index, kept)
+
+
+def recover_interpolation(kept: torch.Tensor, index: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Baseline (supp. A.6 II): zeros at pruned places, downsample x2, bicubic upsample; only the
+    pruned places take the interpolated values."""
+    batch, _, channels = kept.shape
+    padded = recover_zeros(kept, index, height * width)
+    grid = padded.transpose(1, 2).reshape(batch, channels, height, width)
+    small = F.interpolate(grid, size=(max(1, height // 2), max(1, width // 2)), mode="bilinear", align_corners=False)
+    smooth = F.interpolate(small, size=(height, width), mode="bicubic", align_corners=False)
+    return scatter_tokens(smooth.flatten(2).transpose(1, 2), index, kept)

@@ -1,0 +1,44 @@
+"""Graph passes, one per file. Each is ``GraphModule -> GraphModule`` and ends in
+``tracing.finalize`` (dead-code elimination, lint, recompile).
+
+The order is explicit: ``pruning_passes`` lists what ``apply`` runs for a block.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch.fx as fx
+
+from ..config import PruningConfig
+from .expose_attention_map import expose_attention_map
+from .insert_token_pruning import insert_token_pruning
+from .insert_token_recovery import insert_token_recovery
+
+Pass = Callable[[fx.GraphModule], fx.GraphModule]
+
+__all__ = [
+    "Pass",
+    "expose_attention_map",
+    "insert_token_pruning",
+    "insert_token_recovery",
+    "pruning_passes",
+    "run_passes",
+]
+
+
+def pruning_passes(keep_ratio: float, config: PruningConfig = PruningConfig(), block_name: str = "") -> list[Pass]:
+    """The ordered passes that prune one block at ``keep_ratio`` as ``config`` says."""
+    passes: list[Pass] = [partial(expose_attention_map, which="self")]
+    if config.uses_cross_attention:
+        passes.append(partial(expose_attention_map, which="cross"))
+    passes.append(partial(insert_token_pruning, keep_ratio=keep_ratio, config=config, block_name=block_name))
+    passes.append(partial(insert_token_recovery, config=config))
+    return passes
+
+
+def run_passes(gm: fx.GraphModule, passes: list[Pass]) -> fx.GraphModule:
+    for apply_pass in passes:
+        gm = apply_pass(gm)
+    return gm

@@ -1,0 +1,62 @@
+"""Pass: compute the first layer's attention explicitly so that its map is a value in the graph."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .. import ops
+from ..tracing import ROLE, finalize, node_with_role
+
+_WHICH = {"self": ("self_attention", "attn1"), "cross": ("cross_attention", "attn2")}
+
+
+def _check_plain_attention(attn, where: str) -> None:
+    plain = {
+        "residual_connection": (attn.residual_connection, False),
+        "rescale_output_factor": (attn.rescale_output_factor, 1.0),
+        "spatial_norm": (attn.spatial_norm, None),
+        "group_norm": (attn.group_norm, None),
+        "norm_q": (attn.norm_q, None),
+        "norm_k": (attn.norm_k, None),
+        "norm_cross": (attn.norm_cross, None),
+    }
+    for field, (value, expected) in plain.items():
+        if (value is not None) if expected is None else value != expected:
+            raise NotImplementedError(f"{where}: attention with {field}={value!r} is not supported ({expected!r})")
+
+
+def expose_attention_map(gm: fx.GraphModule, which: str = "self") -> fx.GraphModule:
+    """Replace the first layer's ``attn1`` (``which="self"``) or ``attn2`` (``"cross"``) call by its
+    projections, the map softmax(Q K^T / sqrt(d)) and the product with V.
+
+    The map comes from the layer's own Q and K and is then used for the layer's output, so
+    exposing it costs no second projection or Q K^T. Adds nodes with roles
+    ``{which}_attention_map`` ([B, h, N, M]) and ``{which}_attention_keys`` ([B, M, h*d]).
+    Idempotent: a graph whose map is already exposed is returned unchanged.
+    """
+    if which not in _WHICH:
+        raise ValueError(f"which={which!r} is not one of {list(_WHICH)}")
+    role, _ = _WHICH[which]
+    node = node_with_role(gm, role)
+    if node is None:
+        if node_with_role(gm, f"{which}_attention_map") is not None:
+            return gm
+        raise ValueError(f"graph has no first-layer {which}-attention to expose")
+    attn = gm.get_submodule(node.target)
+    _check_plain_attention(attn, node.target)
+    graph = gm.graph
+    hidden = node.args[0]
+    context = node.kwargs.get("encoder_hidden_states", hidden) if which == "cross" else hidden
+
+    with graph.inserting_before(node):
+        query = graph.call_module(f"{node.target}.to_q", (hidden,))
+        key = graph.call_module(f"{node.target}.to_k", (context,))
+        value = graph.call_module(f"{node.target}.to_v", (context,))
+        probs = graph.call_function(ops.attention_probs, (query, key, attn.heads))
+        mixed = graph.call_function(ops.attend, (probs, value, attn.heads))
+        out = graph.call_module(f"{node.target}.to_out.1", (graph.call_module(f"{node.target}.to_out.0", (mixed,)),))
+    probs.meta[ROLE] = f"{which}_attention_map"
+    key.meta[ROLE] = f"{which}_attention_keys"
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return finalize(gm)

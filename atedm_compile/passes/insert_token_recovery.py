@@ -1,0 +1,40 @@
+"""Pass: before ``proj_out``, give a pruned block its full token grid back."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..config import PruningConfig
+from ..modules import TokenRecovery
+from ..tracing import ROLE, finalize, last_layer_node, node_with_role
+from .insert_token_pruning import head_combined_map
+
+RECOVERY = "atedm_recovery"
+
+
+def insert_token_recovery(gm: fx.GraphModule, config: PruningConfig = PruningConfig()) -> fx.GraphModule:
+    """After the block's last layer, every pruned token takes a value by ``config.recovery``
+    (default: the final value of the kept token most similar to it); kept tokens keep their own.
+
+    Returns the graph unchanged when the block is not pruned or already recovered.
+    """
+    index = node_with_role(gm, "kept_indices")
+    if index is None or node_with_role(gm, "recovered") is not None:
+        return gm
+    before = index.args[0]
+    grid = node_with_role(gm, "block_input")
+    similarity = None
+    if config.recovery == "similarity" and config.similarity == "attention":
+        similarity = head_combined_map(gm, "self", config.head_reduction)
+    elif config.recovery == "similarity":
+        similarity = node_with_role(gm, "self_attention_keys")
+        if similarity is None:
+            raise ValueError("key-cosine recovery needs the first layer's keys: run expose_attention_map first")
+
+    last = last_layer_node(gm)
+    gm.add_submodule(RECOVERY, TokenRecovery(config))
+    with gm.graph.inserting_after(last):
+        recovered = gm.graph.call_module(RECOVERY, (last, index, before, grid, similarity))
+    recovered.meta[ROLE] = "recovered"
+    last.replace_all_uses_with(recovered, delete_user_cb=lambda user: user is not recovered)
+    return finalize(gm)

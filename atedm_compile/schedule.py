@@ -1,0 +1,163 @@
+"""DSAP: phases of sampling steps, each with a keep ratio per attention block.
+
+A phase is data: a step range and an ordered list of (block selector, keep ratio) rules, later
+rules winning. A selector is a block name (``down1.F``), a module path
+(``down_blocks.1.attentions.0``), a glob over names (``up*.L``, ``*``) or a feature level
+(``level2``). Blocks no rule selects are unpruned (keep 1.0).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+from .config import check_keep_ratio
+from .tracing import BlockInfo
+
+PRESETS = ("atedm", "atedm-dagger", "prune-more-early", "uniform", "none")
+DOWN_POSITIONS = ("F", "L")
+UP_POSITIONS = ("F", "M", "L")
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    start: int
+    stop: int
+    rules: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        for selector, keep in self.rules:
+            check_keep_ratio(keep, where=f"keep ratio of {selector!r} in phase {self.name!r}")
+
+    @property
+    def steps(self) -> range:
+        return range(self.start, self.stop)
+
+    def keep_ratios(self, blocks: list[BlockInfo]) -> dict[str, float]:
+        """Block name -> keep ratio. Raises ValueError for a selector that matches no block."""
+        ratios = {b.name: 1.0 for b in blocks}
+        for selector, keep in self.rules:
+            matched = select_blocks(blocks, selector)
+            for block in matched:
+                ratios[block.name] = keep
+        return ratios
+
+
+def select_blocks(blocks: list[BlockInfo], selector: str) -> list[BlockInfo]:
+    if selector.startswith("level") and selector[5:].isdigit():
+        matched = [b for b in blocks if b.level == int(selector[5:])]
+    else:
+        matched = [b for b in blocks if b.path == selector or fnmatch.fnmatchcase(b.name, selector)]
+    if not matched:
+        raise ValueError(
+            f"unknown block {selector!r}; blocks are {[b.name for b in blocks]} "
+            f"(or their module paths, a glob over names, or levelN)"
+        )
+    return matched
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Phases covering steps ``0 .. num_steps - 1`` exactly once, in order."""
+
+    phases: tuple[Phase, ...]
+    num_steps: int
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps={self.num_steps} must be >= 1")
+        expected = 0
+        for phase in self.phases:
+            if phase.start != expected or phase.stop <= phase.start:
+                raise ValueError(
+                    f"phase {phase.name!r} covers steps [{phase.start}, {phase.stop}); expected it to start at "
+                    f"step {expected} and be non-empty: phases must cover 0..{self.num_steps - 1} in order"
+                )
+            expected = phase.stop
+        if expected != self.num_steps:
+            raise ValueError(f"the phases cover steps 0..{expected - 1}, but num_steps={self.num_steps}")
+
+    def phase_at(self, step: int) -> Phase:
+        for phase in self.phases:
+            if phase.start <= step < phase.stop:
+                return phase
+        raise ValueError(f"step {step} is outside this schedule's steps 0..{self.num_steps - 1}")
+
+    def check_covers(self, num_inference_steps: int) -> None:
+        if num_inference_steps != self.num_steps:
+            raise ValueError(
+                f"schedule {self.name!r} covers {self.num_steps} steps but sampling runs {num_inference_steps}; "
+                f"build the schedule for {num_inference_steps} steps (make_schedule(..., num_steps={num_inference_steps}))"
+            )
+
+
+def _prune_less_rules(selection: str) -> tuple[tuple[str, float], ...]:
+    parts = selection.upper().split("-")
+    if len(parts) != 2 or parts[0] not in DOWN_POSITIONS or parts[1] not in UP_POSITIONS:
+        raise ValueError(
+            f"prune-less selection {selection!r} must be X-Y with X in {list(DOWN_POSITIONS)} (the block left "
+            f"unpruned in each down stage) and Y in {list(UP_POSITIONS)} (in each up stage), e.g. 'F-L'"
+        )
+    return ((f"down*.{parts[0]}", 1.0), (f"up*.{parts[1]}", 1.0))
+
+
+def make_schedule(
+    preset: str = "atedm",
+    num_steps: int = 50,
+    keep_ratio: float = 0.37,
+    prune_less_fraction: float = 0.3,
+    prune_less_steps: int | None = None,
+    prune_less_blocks: str = "F-L",
+) -> Schedule:
+    """A preset schedule for ``num_steps`` sampling steps.
+
+    Args:
+        preset: ``atedm`` (DSAP: the first 30% of steps leave one block per stage unpruned, the
+            rest prune every block), ``atedm-dagger`` (the same, never pruning level 2),
+            ``prune-more-early`` (supp. C.5; our reading: the prune-less phase moved to the last
+            steps, so the total cost is the same), ``uniform`` (every step prunes every block) or
+            ``none`` (nothing pruned).
+        num_steps: sampling steps, 1 or more (distilled models use 1-4).
+        keep_ratio: share of tokens kept in pruned blocks, in (0, 1]. Paper: 0.37.
+        prune_less_fraction: share of steps in the prune-less phase, rounded half up (15 of 50).
+        prune_less_steps: the same as a count; overrides the fraction.
+        prune_less_blocks: which block of each down stage (F or L) and up stage (F, M or L) the
+            prune-less phase leaves alone: ``F-L`` (paper's best, supp. C.3), ``F-M``, ``L-L``...
+
+    Example:
+        >>> make_schedule("atedm", num_steps=50).phases[0].steps
+        range(0, 15)
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown schedule preset {preset!r}; choose one of {list(PRESETS)}")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1")
+    keep_ratio = check_keep_ratio(keep_ratio)
+    if preset == "none":
+        return Schedule((Phase("full", 0, num_steps),), num_steps, preset)
+    prune_all: tuple[tuple[str, float], ...] = (("*", keep_ratio),)
+    if preset == "atedm-dagger":
+        prune_all += (("level2", 1.0),)
+    if preset == "uniform":
+        return Schedule((Phase("pruned", 0, num_steps, prune_all),), num_steps, preset)
+
+    if prune_less_steps is None:
+        if not 0.0 <= prune_less_fraction <= 1.0:
+            raise ValueError(f"prune_less_fraction={prune_less_fraction!r} is outside [0, 1]")
+        prune_less_steps = int(math.floor(prune_less_fraction * num_steps + 0.5))
+    if not 0 <= prune_less_steps <= num_steps:
+        raise ValueError(f"prune_less_steps={prune_less_steps!r} is outside [0, num_steps={num_steps}]")
+    less = Phase("prune-less", 0, 0, prune_all + _prune_less_rules(prune_less_blocks))
+    rest = Phase("pruned", 0, 0, prune_all)
+    order = [rest, less] if preset == "prune-more-early" else [less, rest]
+    lengths = [num_steps - prune_less_steps, prune_less_steps] if preset == "prune-more-early" else [
+        prune_less_steps, num_steps - prune_less_steps]
+    phases, start = [], 0
+    for phase, length in zip(order, lengths):
+        if length:
+            phases.append(Phase(phase.name, start, start + length, phase.rules))
+            start += length
+    return Schedule(tuple(phases), num_steps, preset)
