@@ -63,7 +63,9 @@ class Runner:
         if isinstance(self.schedule_spec, Schedule):
             self._resolve(self.schedule_spec.num_steps)
         else:
-            make_schedule(self.schedule_spec, 1, **self.preset_options)  # fail early on a bad preset
+            # Fail now, not at the first sampling call, on a bad preset name or option.
+            make_schedule(self.schedule_spec, max(50, self.preset_options.get("prune_less_steps") or 0),
+                          **self.preset_options)
 
     # -- schedule and steps --------------------------------------------------------------
 

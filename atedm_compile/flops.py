@@ -1,0 +1,187 @@
+"""FLOPs of a U-Net under a schedule, counted with ``torch.utils.flop_counter`` on the meta device.
+
+The paper's "TFLOPs" are MACs of one U-Net call on the CFG pair (batch 2 per image): here
+``tmacs = FLOPs / 2 / 1e12`` of that call. ``tmacs`` is the model's own cost with the first
+layer's attention map reused for scoring; the work of scoring and recovery (G-WPR products, key
+similarities) is counted apart, in ``tmacs_with_scoring``. FlopCounterMode counts matrix products
+and convolutions only: top-k, gather, scatter and softmax are not in either figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import PruningConfig
+from .modules import TokenRecovery, TokenSelector
+from .runner import apply, latent_multiple, remove
+from .schedule import Schedule, make_schedule
+
+
+def unet_inputs(unet, batch: int, latent_height: int, latent_width: int, device="meta", dtype=torch.float32) -> dict:
+    """Keyword inputs of one ``UNet2DConditionModel`` call at a given U-Net batch and latent size."""
+    config = unet.config
+    inputs = {
+        "sample": torch.randn(batch, config.in_channels, latent_height, latent_width, device=device, dtype=dtype),
+        "timestep": torch.tensor(999.0, device=device),
+        "encoder_hidden_states": torch.randn(batch, 77, config.cross_attention_dim, device=device, dtype=dtype),
+    }
+    if config.addition_embed_type == "text_time":
+        time_ids = 6
+        text_dim = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, text_dim, device=device, dtype=dtype),
+            "time_ids": torch.randn(batch, time_ids, device=device, dtype=dtype),
+        }
+    return inputs
+
+
+def _count(fn) -> tuple[int, dict[str, int]]:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops(), {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+
+
+@dataclass
+class BlockCost:
+    name: str
+    tmacs: float
+    scoring_tmacs: float
+    keep_ratio: float
+
+
+@dataclass
+class PhaseCost:
+    name: str
+    steps: tuple[int, int]
+    tmacs: float
+    tmacs_with_scoring: float
+    flops: int
+    flops_with_scoring: int
+    blocks: list[BlockCost] = field(default_factory=list)
+
+
+@dataclass
+class FlopsReport:
+    model: str
+    schedule: str
+    height: int
+    width: int
+    images: int
+    full_tmacs: float
+    average_tmacs: float
+    average_tmacs_with_scoring: float
+    phases: list[PhaseCost]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_phases(
+    unet,
+    schedule: Schedule,
+    config: PruningConfig = PruningConfig(),
+    height: int = 1024,
+    width: int = 1024,
+    images: int = 1,
+    vae_factor: int = 8,
+    model_name: str = "",
+) -> FlopsReport:
+    """Cost of one U-Net call (CFG pair: batch ``2 * images``) in every phase of ``schedule``.
+
+    ``unet`` is best on the meta device (no memory). It is left as it was.
+    """
+    multiple = latent_multiple(unet) * vae_factor
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        raise ValueError(f"image size {height}x{width} is not a positive multiple of {multiple} for this model")
+    device = next(unet.parameters()).device
+    inputs = unet_inputs(unet, 2 * images, height // vae_factor, width // vae_factor, device=device)
+    macs = 2 * 1e12  # FLOPs per TMAC
+
+    remove(unet)
+    full_flops, _ = _count(lambda: unet(**inputs))
+    runner = apply(unet, schedule, config)
+    try:
+        runner.start(schedule.num_steps)
+        phases = []
+        for phase in schedule.phases:
+            runner.use_phase(phase.name)
+            captured = []
+            hooks = [
+                m.register_forward_hook(lambda mod, args, out: captured.append((mod, args)))
+                for gm in runner._graphs.values() for m in gm.modules() if isinstance(m, (TokenSelector, TokenRecovery))
+            ]
+            try:
+                total, by_module = _count(lambda: unet(**inputs))
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            # Scoring and recovery re-counted alone, with the inputs they saw, per block.
+            scoring: dict[str, int] = {}
+            block_of = {id(m): name for (name, _), gm in runner._graphs.items() for m in gm.modules()}
+            for module, args in captured:
+                flops, _ = _count(lambda: module(*args))
+                scoring[block_of[id(module)]] = scoring.get(block_of[id(module)], 0) + flops
+            overhead = sum(scoring.values())
+            keep = phase.keep_ratios(runner.blocks)
+            blocks = [
+                BlockCost(
+                    b.name,
+                    (by_module.get(f"{type(unet).__name__}.{b.path}", 0) - scoring.get(b.name, 0)) / macs,
+                    scoring.get(b.name, 0) / macs,
+                    keep[b.name],
+                )
+                for b in runner.blocks
+            ]
+            phases.append(PhaseCost(phase.name, (phase.start, phase.stop), (total - overhead) / macs, total / macs,
+                                    total - overhead, total, blocks))
+    finally:
+        remove(unet)
+
+    def average(attr: str) -> float:
+        return sum(getattr(p, attr) * (p.steps[1] - p.steps[0]) for p in phases) / schedule.num_steps
+
+    return FlopsReport(model_name, schedule.name, height, width, images, full_flops / macs,
+                       average("tmacs"), average("tmacs_with_scoring"), phases)
+
+
+def solve_keep_ratio(
+    unet,
+    target_tmacs: float,
+    preset: str = "atedm",
+    num_steps: int = 50,
+    config: PruningConfig = PruningConfig(),
+    height: int = 1024,
+    width: int = 1024,
+    tolerance: float = 1e-3,
+    **preset_options,
+) -> tuple[float, FlopsReport]:
+    """The largest keep ratio whose schedule-average ``tmacs`` is at most ``target_tmacs``.
+
+    Bisection (cost grows with the keep ratio). Raises ValueError for an unreachable target.
+    """
+
+    def report(keep: float) -> FlopsReport:
+        schedule = make_schedule(preset, num_steps, keep_ratio=keep, **preset_options)
+        return count_phases(unet, schedule, config, height, width)
+
+    low, high = 0.01, 1.0
+    lowest = report(low)
+    if lowest.average_tmacs > target_tmacs:
+        raise ValueError(
+            f"target {target_tmacs} TMACs is below what preset {preset!r} reaches at keep_ratio={low} "
+            f"({lowest.average_tmacs:.3f}); the full model costs {lowest.full_tmacs:.3f}"
+        )
+    if lowest.full_tmacs <= target_tmacs:
+        return 1.0, report(1.0)
+    best = (low, lowest)
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        candidate = report(middle)
+        if candidate.average_tmacs <= target_tmacs:
+            low, best = middle, (middle, candidate)
+        else:
+            high = middle
+    return round(best[0], 4), best[1]
