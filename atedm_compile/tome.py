@@ -96,25 +96,29 @@ def bipartite_soft_matching(
     sources to merge.
 
     metric: [B, N, C] with N = height * width (tomesd: the hidden states entering the layer);
+    height, width: Python ints, so that the split and every count are constants of the graph;
     r: ``merge_count``; seed: ``destination_offsets``.
     """
-    batch, tokens, _ = metric.shape
+    tokens = height * width
+    num_destinations = (height // sy) * (width // sx)
+    num_sources = tokens - num_destinations
+    r = min(r, num_sources)
+    num_kept = num_sources - r
     offsets = destination_offsets(height // sy, width // sx, sx, sy, seed)
     destinations, sources = (t.to(metric.device) for t in split_destinations(height, width, sx, sy, offsets))
-    r = min(r, sources.shape[0])
-    num_kept = sources.shape[0] - r
 
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, sources] @ metric[:, destinations].transpose(-1, -2)  # [B, N_src, N_dst]
     best, target = scores.max(dim=-1)
-    order = torch.topk(best, sources.shape[0], dim=-1).indices  # most similar first
+    order = torch.topk(best, num_sources, dim=-1).indices  # most similar first
     merged_order, kept_order = order[:, :r], order[:, r:]
     sources_merged, sources_kept = sources[merged_order], sources[kept_order]
     merged_target = target.gather(1, merged_order)  # [B, r], a position in the destination list
 
-    slots = torch.arange(destinations.shape[0], device=metric.device).view(1, -1, 1)
+    slots = torch.arange(num_destinations, device=metric.device).view(1, -1, 1)
     assignment = (merged_target.unsqueeze(1) == slots).to(metric.dtype)
 
+    batch = metric.shape[0]
     apart = torch.cat([sources_kept, destinations.expand(batch, -1)], dim=1)  # [B, N - r]
     slot_of_apart = torch.arange(tokens - r, device=metric.device).expand(batch, -1)
     position = torch.zeros(batch, tokens, dtype=torch.int64, device=metric.device)

@@ -4,6 +4,7 @@ chosen sub-layers of every layer of a block, as ``tomesd.apply_patch`` does."""
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,14 @@ def check_merge_ratio(ratio, sx: int = 2, sy: int = 2) -> float:
     return float(ratio)
 
 
+def _static_sizes(*sizes) -> tuple[int, ...]:
+    # Traced for export, sizes are tensors; the grid is static per engine (one per shape
+    # profile), so they become constants on purpose and the tracer's warning says nothing new.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        return tuple(int(size) for size in sizes)
+
+
 class TokenMatching(torch.nn.Module):
     """Computes the matching of one layer from the hidden states entering it.
 
@@ -77,10 +86,10 @@ class TokenMatching(torch.nn.Module):
         return f"where={self.where!r}, ratio={self.ratio}, cell={self.sy}x{self.sx}, seed={self.seed}"
 
     def forward(self, x: torch.Tensor, grid: torch.Tensor) -> tome.Matching:
-        height, width = grid.shape[-2], grid.shape[-1]
-        if height * width != x.shape[1]:
-            raise ValueError(f"{self.where}: {x.shape[1]} tokens do not form the {height}x{width} grid")
-        r = tome.merge_count(x.shape[1], self.ratio)
+        height, width, tokens = _static_sizes(grid.shape[-2], grid.shape[-1], x.shape[1])
+        if height * width != tokens:
+            raise ValueError(f"{self.where}: {tokens} tokens do not form the {height}x{width} grid")
+        r = tome.merge_count(tokens, self.ratio)
         return tome.bipartite_soft_matching(x, height, width, r, self.sx, self.sy, self.seed)
 
 
