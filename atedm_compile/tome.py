@@ -68,8 +68,8 @@ def destination_offsets(rows: int, cols: int, sx: int, sy: int, seed: int | None
 
 
 def split_destinations(height: int, width: int, sx: int, sy: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Destination and source tokens of an ``height x width`` grid, each in row-major order as
-    tomesd's argsort of its -1 / 0 buffer gives them.
+    """Destination and source tokens of an ``height x width`` grid, each in token order (tomesd
+    orders them by an unstable argsort; the order changes nothing once unmerged).
 
     offsets: [height // sy, width // sx] (``destination_offsets``) -> ([N_dst], [N_src]). Tokens of
     a partial cell at the right or bottom edge are all sources, as in tomesd.
