@@ -152,7 +152,9 @@ def insert_token_merging(
 ) -> fx.GraphModule:
     """Open every layer of a traced block and wrap each of ``config.sublayers`` in a merge of its
     input and an unmerge of its output; the matching of a layer is computed once from the hidden
-    states entering it, on the grid of the block input (``tomesd``'s ``compute_merge``).
+    states entering it, on the grid of the block input (``tomesd``'s ``compute_merge``, which
+    derives the grid from the latent size and the token count: the same H and W for every latent
+    that ``runner.check_latent`` accepts).
 
     Args:
         gm: a block traced by ``tracing.trace_block``.
