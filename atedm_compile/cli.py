@@ -130,7 +130,7 @@ def cmd_generate(args) -> int:
 
     from .flops import count_phases
     from .models import build_unet, load_pipeline
-    from .runner import apply
+    from .runner import apply, latent_multiple
     from .visualize import mask_sheet
 
     pipe = load_pipeline(args.model)
@@ -138,6 +138,9 @@ def cmd_generate(args) -> int:
     vae_factor = getattr(pipe, "vae_scale_factor", 8)
     height = args.height or (256 if args.model == "tiny" else pipe.unet.config.sample_size * vae_factor)
     width = args.width or height
+    multiple = latent_multiple(pipe.unet) * vae_factor
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        raise ValueError(f"image size {width}x{height} is not a positive multiple of {multiple} for this model")
     schedule = _schedule(args)
     config = _pruning_config(args)
     runner = apply(pipe, schedule, config)

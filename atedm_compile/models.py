@@ -122,7 +122,12 @@ def build_unet(name_or_config: str | dict, device: str | torch.device = "cpu", s
     """
     from diffusers import UNet2DConditionModel
 
-    config = unet_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    if isinstance(name_or_config, str):
+        config = unet_config(name_or_config)
+    else:
+        # A model's saved config lists the keys it left at their defaults (_use_default_values);
+        # drop such private keys so that every value given here is honoured.
+        config = {k: v for k, v in dict(name_or_config).items() if not k.startswith("_")}
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(config)
@@ -187,6 +192,30 @@ def tiny_sdxl_pipeline(seed: int = 0):
         unet=unet,
         scheduler=scheduler,
         add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd15_pipeline(seed: int = 0):
+    """A ``StableDiffusionPipeline`` (SD 1.x topology: attention at level 1, conv projections)
+    with random weights, built offline. Latent 16x16 -> 128 px."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder, _ = _tiny_text_encoders(len(tokenizer))
+    vae = AutoencoderKL.from_config(TINY_VAE).eval()
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=build_unet("tiny-sd15", seed=seed),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                steps_offset=1, clip_sample=False, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

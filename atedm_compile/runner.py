@@ -56,6 +56,7 @@ class Runner:
         self.blocks = attention_blocks(self.unet)
         self._modules = {b.name: self.unet.get_submodule(b.path) for b in self.blocks}
         self._graphs: dict[tuple[str, float], fx.GraphModule] = {}
+        self._capture: dict | None = None
         self._active: dict[str, fx.GraphModule | None] = {b.name: None for b in self.blocks}
         self._phase: Phase | None = None
         self._scheduler = None
@@ -115,7 +116,15 @@ class Runner:
         if key not in self._graphs:
             gm = trace_block(self._modules[block_name], where=block_name)
             self._graphs[key] = run_passes(gm, pruning_passes(keep_ratio, self.config, block_name))
+            self._set_capture(self._capture)
         return self._graphs[key]
+
+    def _set_capture(self, captured: dict | None) -> None:
+        self._capture = captured
+        for gm in self._graphs.values():
+            for module in gm.modules():
+                if isinstance(module, TokenSelector):
+                    module.capture = captured
 
     def _advance(self) -> None:
         if self.schedule is not None and self.step + 1 < self.schedule.num_steps:
@@ -132,14 +141,11 @@ class Runner:
             torch.Size([2, 379])
         """
         captured: dict[str, torch.Tensor] = {}
-        selectors = [m for gm in self._graphs.values() for m in gm.modules() if isinstance(m, TokenSelector)]
-        for selector in selectors:
-            selector.capture = captured
+        self._set_capture(captured)
         try:
             yield captured
         finally:
-            for selector in selectors:
-                selector.capture = None
+            self._set_capture(None)
 
     # -- installation ----------------------------------------------------------------------
 

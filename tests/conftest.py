@@ -1,0 +1,33 @@
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+from atedm_compile.models import build_unet, tiny_sdxl_pipeline
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    """The tiny SD-XL-topology U-Net (random weights). Tests must leave it as they found it."""
+    return build_unet("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    return tiny_sdxl_pipeline()
+
+
+@pytest.fixture
+def block_inputs():
+    """Inputs of a level-2 block of the tiny U-Net: [B, 64, 16, 16] and text [B, 77, 64]."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(2, 64, 16, 16, generator=generator), torch.randn(2, 77, 64, generator=generator)
+
+
+@pytest.fixture
+def level2_block(tiny_unet):
+    return tiny_unet.down_blocks[1].attentions[0]

@@ -1,0 +1,56 @@
+"""An independent eager AT-EDM block, written from the paper's equations for the tests.
+
+It shares nothing with the package but the diffusers modules: the map is computed with einsum
+from the layer's own projections, top-k by a full sort, recovery by explicit loops over tokens.
+"""
+
+import torch
+
+
+def self_attention_map(layer, hidden):
+    attn = layer.attn1
+    normed = layer.norm1(hidden)
+    q, k = attn.to_q(normed), attn.to_k(normed)
+    batch, tokens, width = q.shape
+    heads = attn.heads
+    q = q.view(batch, tokens, heads, width // heads)
+    k = k.view(batch, tokens, heads, width // heads)
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) / (width // heads) ** 0.5
+    return logits.softmax(-1).mean(1)  # [B, N, N], heads averaged
+
+
+def gwpr(attn, iterations):
+    batch, tokens, _ = attn.shape
+    s = torch.full((batch, tokens), 1.0 / tokens)
+    for _ in range(iterations):
+        s = torch.einsum("bi,bij->bj", s, attn)
+        s = s / s.sum(-1, keepdim=True)
+    return s
+
+
+def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity"):
+    """Transformer2DModel forward with AT-EDM (linear projections, after-FF pruning)."""
+    batch, channels, height, width = x.shape
+    tokens = height * width
+    h = block.norm(x).permute(0, 2, 3, 1).reshape(batch, tokens, channels)
+    h = block.proj_in(h)
+    first = block.transformer_blocks[0]
+    attn = self_attention_map(first, h)
+    h = first(h, encoder_hidden_states=text)
+    k = int(keep_ratio * tokens + 0.5)
+    order = torch.sort(gwpr(attn, iterations), dim=-1, descending=True).indices
+    index = order[:, :k]
+    kept = torch.stack([h[b, index[b]] for b in range(batch)])
+    for layer in block.transformer_blocks[1:]:
+        kept = layer(kept, encoder_hidden_states=text)
+    full = torch.zeros_like(h)
+    for b in range(batch):
+        for i in range(tokens):
+            if recovery == "similarity":
+                j = int(torch.argmax(attn[b, i, index[b]]))
+                full[b, i] = kept[b, j]
+            elif recovery == "direct-copy":
+                full[b, i] = h[b, i]
+        full[b, index[b]] = kept[b]
+    out = block.proj_out(full).reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+    return out + x, index

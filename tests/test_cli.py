@@ -1,0 +1,43 @@
+import json
+
+import pytest
+from PIL import Image
+
+from atedm_compile.cli import main
+
+
+def test_flops_json(capsys):
+    assert main(["flops", "--model", "tiny", "--height", "256", "--width", "256", "--steps", "10", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["phases"]) == {"prune-less", "pruned"}
+    assert out["full_tmacs"] > out["phases"]["prune-less"]["tmacs"] > out["phases"]["pruned"]["tmacs"] > 0
+    assert out["average_tmacs"] == pytest.approx(
+        (3 * out["phases"]["prune-less"]["tmacs"] + 7 * out["phases"]["pruned"]["tmacs"]) / 10, abs=1e-4)
+    for phase in out["phases"].values():
+        assert phase["tmacs_with_scoring"] >= phase["tmacs"]
+
+
+def test_flops_target(capsys):
+    assert main(["flops", "--model", "tiny", "--height", "256", "--width", "256", "--schedule", "uniform",
+                 "--steps", "1", "--target-tflops", "0.0018"]) == 0
+    assert "keep ratio for an average of at most 0.0018 TMACs per step" in capsys.readouterr().out
+
+
+def test_generate_writes_image_and_masks(tmp_path, capsys):
+    assert main(["generate", "--steps", "4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "prune-less" in out and "seconds per step" in out
+    assert Image.open(tmp_path / "image.png").size == (256, 256)
+    assert Image.open(tmp_path / "masks.png").size[0] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "masks.png"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["flops", "--model", "tiny", "--keep-ratio", "1.5"], "keep_ratio=1.5 is outside (0, 1]"),
+    (["flops", "--model", "sdxl-huge"], "unknown model config 'sdxl-huge'"),
+    (["generate", "--steps", "2", "--height", "240"], "image size 240x240 is not a positive multiple of 32"),
+])
+def test_bad_input_exits_2_with_a_message(argv, message, capsys, tmp_path):
+    assert main(argv + (["--out", str(tmp_path)] if argv[0] == "generate" else [])) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,95 @@
+"""FLOPs of the full SD-XL base U-Net on the meta device: PAPER.md section 2."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import atedm_compile as ac
+from atedm_compile.config import PruningConfig
+from atedm_compile.flops import count_phases, solve_keep_ratio, unet_inputs
+from atedm_compile.models import build_unet
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return build_unet("sdxl-base", device="meta")
+
+
+@pytest.fixture(scope="module")
+def atedm_report(sdxl):
+    return count_phases(sdxl, ac.make_schedule("atedm", 50), height=1024, width=1024)
+
+
+def test_full_model(atedm_report):
+    assert round(atedm_report.full_tmacs, 3) == 6.761
+
+
+def test_prune_less_phase(atedm_report):
+    less = atedm_report.phases[0]
+    assert less.name == "prune-less" and less.steps == (0, 15)
+    assert round(less.tmacs, 3) == 4.989
+    assert round(less.tmacs_with_scoring, 3) == 4.989
+
+
+def test_all_pruned_phase(atedm_report):
+    pruned = atedm_report.phases[1]
+    # Model cost alone 4.0649; with 5 G-WPR rounds counted in, 4.0658: PAPER.md's 4.066.
+    assert round(pruned.tmacs, 4) == 4.0649
+    assert round(pruned.tmacs_with_scoring, 3) == 4.066
+    assert pruned.flops_with_scoring - pruned.flops == sum(b.scoring_tmacs for b in pruned.blocks) * 2e12
+
+
+def test_average_and_blocks(atedm_report):
+    less, pruned = atedm_report.phases
+    assert atedm_report.average_tmacs == pytest.approx((15 * less.tmacs + 35 * pruned.tmacs) / 50)
+    blocks = {b.name: b for b in pruned.blocks}
+    assert set(blocks) == {b.name for b in ac.attention_blocks(build_unet("sdxl-base", device="meta"))}
+    assert all(b.keep_ratio == 0.37 for b in blocks.values())
+    assert blocks["mid"].tmacs > blocks["down1.F"].tmacs > 0
+    assert blocks["down1.F"].scoring_tmacs > blocks["mid"].scoring_tmacs > 0  # 4096 vs 1024 tokens
+
+
+def test_per_phase_count_equals_whole_model_count(sdxl):
+    runner = ac.apply(sdxl, "uniform")
+    try:
+        runner.start(1)
+        with FlopCounterMode(display=False) as counter:
+            sdxl(**unet_inputs(sdxl, 2, 64, 64))
+    finally:
+        ac.remove(sdxl)
+    report = count_phases(sdxl, ac.make_schedule("uniform", 1), height=512, width=512)
+    assert counter.get_total_flops() == report.phases[0].flops_with_scoring
+    assert round(report.full_tmacs, 3) == 1.589
+
+
+def test_dagger_is_about_4_5(sdxl):
+    report = count_phases(sdxl, ac.make_schedule("atedm-dagger", 50, prune_less_steps=0), height=1024, width=1024)
+    assert report.phases[0].tmacs == pytest.approx(4.5, abs=0.06)
+
+
+def test_solve_keep_ratio_meets_the_budget():
+    unet = build_unet("tiny", device="meta")
+    full = count_phases(unet, ac.make_schedule("none", 1), height=256, width=256).full_tmacs
+    target = 0.8 * full
+    keep, report = solve_keep_ratio(unet, target, "uniform", 1, height=256, width=256, tolerance=0.01)
+    assert 0 < keep < 1 and report.average_tmacs <= target
+    looser = count_phases(unet, ac.make_schedule("uniform", 1, keep_ratio=min(1.0, keep + 0.05)), height=256,
+                          width=256)
+    assert looser.average_tmacs > report.average_tmacs
+
+
+def test_unreachable_budget():
+    with pytest.raises(ValueError, match="below what preset 'uniform' reaches"):
+        solve_keep_ratio(build_unet("tiny", device="meta"), 1e-9, "uniform", 1, height=256, width=256)
+
+
+def test_bad_image_size():
+    with pytest.raises(ValueError, match="1000x1024 is not a positive multiple of 32"):
+        count_phases(build_unet("tiny", device="meta"), ac.make_schedule("none", 1), height=1000, width=1024)
+
+
+def test_cross_attention_scorer_cost_is_counted_apart():
+    unet = build_unet("tiny", device="meta")
+    report = count_phases(unet, ac.make_schedule("uniform", 1), PruningConfig(scorer="ca-power"), 256, 256)
+    assert report.phases[0].tmacs_with_scoring > report.phases[0].tmacs
+    assert isinstance(torch.tensor(0), torch.Tensor)

@@ -1,0 +1,142 @@
+import pytest
+import torch
+
+from atedm_compile.config import SCORERS, PruningConfig
+from atedm_compile.models import build_unet
+from atedm_compile.modules import TokenSelector
+from atedm_compile.passes import (expose_attention_map, insert_token_pruning, insert_token_recovery,
+                                  pruning_passes, run_passes)
+from atedm_compile.tracing import node_with_role, trace_block
+
+from reference import pruned_block
+
+
+def _pruned(block, keep, config=PruningConfig()):
+    return run_passes(trace_block(block), pruning_passes(keep, config))
+
+
+def test_keep_one_is_identity(level2_block, block_inputs):
+    gm = _pruned(level2_block, 1.0)
+    assert node_with_role(gm, "kept_indices") is None
+    torch.testing.assert_close(gm(*block_inputs)[0], level2_block(*block_inputs, return_dict=False)[0],
+                               atol=1e-5, rtol=0)
+
+
+def test_matches_independent_eager_reference(level2_block, block_inputs):
+    expected, expected_index = pruned_block(level2_block, *block_inputs, keep_ratio=0.37)
+    gm = _pruned(level2_block, 0.37)
+    with torch.no_grad():
+        (out,) = gm(*block_inputs)
+    selector = gm.get_submodule("atedm_selector")
+    captured = {}
+    selector.capture = captured
+    gm(*block_inputs)
+    selector.capture = None
+    assert torch.equal(captured[""], expected_index)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_matches_reference_level3_with_direct_copy(tiny_unet):
+    block = tiny_unet.mid_block.attentions[0]
+    x, text = torch.randn(1, 128, 8, 8), torch.randn(1, 77, 64)
+    expected, _ = pruned_block(block, x, text, keep_ratio=0.5, recovery="direct-copy")
+    (out,) = _pruned(block, 0.5, PruningConfig(recovery="direct-copy"))(x, text)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_later_layers_run_on_kept_tokens_only(level2_block, block_inputs):
+    gm = _pruned(level2_block, 0.25)
+    seen = []
+    hook = level2_block.transformer_blocks[1].register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
+    try:
+        out = gm(*block_inputs)[0]
+    finally:
+        hook.remove()
+    assert seen == [torch.Size([2, 64, 64])]  # k = 0.25 * 256
+    assert out.shape == block_inputs[0].shape
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("prune_point", ["after-ff", "before-ff"])
+def test_every_scorer_runs(level2_block, block_inputs, scorer, prune_point):
+    gm = _pruned(level2_block, 0.37, PruningConfig(scorer=scorer, prune_point=prune_point))
+    captured = {}
+    gm.get_submodule("atedm_selector").capture = captured
+    (out,) = gm(*block_inputs)
+    assert out.shape == block_inputs[0].shape and torch.isfinite(out).all()
+    index = captured[""]
+    assert index.shape == (2, 95) and index.dtype == torch.int64
+    assert all(len(set(row.tolist())) == 95 for row in index)
+
+
+def test_before_ff_runs_the_first_ff_on_kept_tokens(level2_block, block_inputs):
+    gm = _pruned(level2_block, 0.25, PruningConfig(prune_point="before-ff"))
+    seen = []
+    hook = level2_block.transformer_blocks[0].ff.register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
+    try:
+        gm(*block_inputs)
+    finally:
+        hook.remove()
+    assert seen == [torch.Size([2, 64, 64])]
+
+
+def test_kept_set_follows_the_scores(level2_block, block_inputs):
+    gm = _pruned(level2_block, 0.37)
+    captured = {}
+    gm.get_submodule("atedm_selector").capture = captured
+    gm(*block_inputs)
+    first = captured[""].clone()
+    gm(block_inputs[0].flip(-1), block_inputs[1])
+    assert not torch.equal(first, captured[""])
+    gm(*block_inputs)
+    assert torch.equal(first, captured[""])
+
+
+def test_random_scorer_follows_its_seed(level2_block, block_inputs):
+    kept = []
+    for seed in (0, 0, 1):
+        gm = _pruned(level2_block, 0.37, PruningConfig(scorer="random", seed=seed))
+        captured = {}
+        gm.get_submodule("atedm_selector").capture = captured
+        gm(*block_inputs)
+        kept.append(captured[""])
+    assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])
+
+
+def test_skips_single_layer_blocks():
+    unet = build_unet({**build_unet("tiny", device="meta").config, "transformer_layers_per_block": [1, 1, 1]})
+    gm = _pruned(unet.down_blocks[1].attentions[0], 0.37)
+    assert node_with_role(gm, "kept_indices") is None
+    assert not any(isinstance(m, TokenSelector) for m in gm.modules())
+
+
+def test_idempotent(level2_block, block_inputs):
+    gm = _pruned(level2_block, 0.37)
+    code = gm.code
+    again = run_passes(gm, pruning_passes(0.37))
+    assert again.code == code
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.1, 1.5, float("nan"), True])
+def test_keep_ratio_outside_range_is_refused(level2_block, keep):
+    gm = expose_attention_map(trace_block(level2_block))
+    with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+        insert_token_pruning(gm, keep)
+
+
+def test_pruning_needs_the_exposed_map(level2_block):
+    with pytest.raises(ValueError, match="expose_attention_map"):
+        insert_token_pruning(trace_block(level2_block), 0.5)
+
+
+def test_recovery_without_pruning_changes_nothing(level2_block):
+    gm = trace_block(level2_block)
+    code = gm.code
+    assert insert_token_recovery(gm).code == code
+
+
+@pytest.mark.parametrize("field,value", [("scorer", "pagerank"), ("recovery", "copy"), ("prune_point", "middle"),
+                                         ("head_reduction", "max"), ("similarity", "l2"), ("iterations", 0)])
+def test_bad_config_names_the_value(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        PruningConfig(**{field: value})

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from atedm_compile import ops
+
+
+@pytest.mark.parametrize("tokens,keep,expected", [(4096, 0.37, 1516), (1024, 0.37, 379), (10, 0.25, 3),
+                                                  (10, 0.001, 1), (7, 1.0, 7)])
+def test_keep_count_rounds_half_up(tokens, keep, expected):
+    assert ops.keep_count(tokens, keep) == expected
+
+
+def test_gwpr_ranks_the_token_everyone_attends_to_first():
+    attn = torch.full((1, 5, 5), 0.05)
+    attn[0, :, 3] = 0.8  # every query looks at token 3
+    scores = ops.gwpr_self_attention(attn, iterations=5)
+    assert scores.argmax().item() == 3
+    torch.testing.assert_close(scores.sum(), torch.tensor(1.0))
+
+
+def test_gwpr_weighs_votes_by_the_voters_importance():
+    # Tokens 0 and 1 each get one vote; 0's voter (2) is itself important, 1's voter (4) is not.
+    attn = torch.zeros(1, 5, 5)
+    attn[0, 2, 0] = attn[0, 4, 1] = 1.0
+    attn[0, 0, 2] = attn[0, 1, 2] = attn[0, 3, 2] = 1.0
+    one = ops.gwpr_self_attention(attn, iterations=1)
+    assert one[0, 0] == one[0, 1]
+    more = ops.gwpr_self_attention(attn, iterations=2)
+    assert more[0, 0] > more[0, 1]
+
+
+@pytest.mark.parametrize("method", ops.CROSS_ATTENTION_SCORERS)
+def test_cross_attention_scorers_prefer_focused_queries(method):
+    # Query 0 puts all its attention on one key; query 1 spreads it uniformly.
+    attn = torch.full((1, 3, 8), 0.125)
+    attn[0, 0] = torch.tensor([0.93] + [0.01] * 7)
+    scores = ops.gwpr_cross_attention(attn, 3, method)
+    assert scores.shape == (1, 3)
+    assert scores[0, 0] > scores[0, 1]
+
+
+def test_unknown_cross_attention_scorer():
+    with pytest.raises(ValueError, match="ca-max"):
+        ops.gwpr_cross_attention(torch.rand(1, 2, 3), 1, "ca-max")
+
+
+def test_rms_reduction_differs_from_mean():
+    probs = torch.softmax(torch.randn(1, 4, 6, 6), -1)
+    assert torch.allclose(ops.reduce_heads(probs, "mean"), probs.mean(1))
+    torch.testing.assert_close(ops.reduce_heads(probs, "rms"), probs.pow(2).mean(1).sqrt())
+    with pytest.raises(ValueError, match="'max'"):
+        ops.reduce_heads(probs, "max")
+
+
+def test_attention_matches_sdpa():
+    q, k, v = torch.randn(2, 7, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    probs = ops.attention_probs(q, k, heads=2)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        ops.split_heads(q, 2), ops.split_heads(k, 2), ops.split_heads(v, 2)).transpose(1, 2).reshape(2, 7, 8)
+    torch.testing.assert_close(ops.attend(probs, v, heads=2), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_similarity_copy_takes_the_most_similar_kept_token():
+    kept = torch.tensor([[[10.0], [20.0]]])  # final values of tokens 1 and 3
+    index = torch.tensor([[1, 3]])
+    similarity = torch.tensor([[[0.0, 0.9, 0.0, 0.1],   # token 0 is closest to 1
+                                [0.0, 0.1, 0.0, 0.9],   # token 1 is kept: keeps its own even so
+                                [0.0, 0.2, 0.0, 0.8],   # token 2 -> 3
+                                [0.0, 0.0, 0.0, 1.0]]])
+    out = ops.copy_from_most_similar(kept, index, similarity)
+    assert out.flatten().tolist() == [10.0, 10.0, 20.0, 20.0]
+
+
+def test_key_cosine_copy():
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])
+    kept = torch.tensor([[[5.0], [7.0]]])
+    out = ops.copy_from_most_similar_key(kept, torch.tensor([[0, 2]]), keys)
+    assert out.flatten().tolist() == [5.0, 5.0, 7.0, 7.0]
+
+
+def test_baseline_recoveries():
+    kept = torch.tensor([[[1.0], [2.0]]])
+    index = torch.tensor([[0, 3]])
+    assert ops.recover_zeros(kept, index, 4).flatten().tolist() == [1.0, 0.0, 0.0, 2.0]
+    before = torch.tensor([[[9.0], [8.0], [7.0], [6.0]]])
+    assert ops.recover_direct_copy(kept, index, before).flatten().tolist() == [1.0, 8.0, 7.0, 2.0]
+    grid = ops.recover_interpolation(torch.ones(1, 8, 3), torch.arange(0, 16, 2).view(1, 8), 4, 4)
+    assert grid.shape == (1, 16, 3)
+    assert torch.equal(grid[0, ::2], torch.ones(8, 3))
+    assert (grid[0, 1::2] != 0).all() and (grid[0, 1::2] < 1).all()
+
+
+def test_random_scores_depend_on_seed_only():
+    like = torch.zeros(2, 10, 3)
+    assert torch.equal(ops.random_scores(like, 3), ops.random_scores(like, 3))
+    assert not torch.equal(ops.random_scores(like, 3), ops.random_scores(like, 4))
