@@ -1,0 +1,110 @@
+"""ONNX Runtime backend: one session per phase graph, all sharing the weights in memory.
+
+``weights.bin`` is memory-mapped once; every weight is handed to every session that names it with
+``SessionOptions.add_initializer``, which makes the session use that buffer instead of reading
+its own copy. MatMul weight pre-packing is turned off because it would give each session a
+private re-laid-out copy of every matrix (measured: see benchmarks/export_memory.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+def resolve_providers(providers: list[str] | None) -> list[str]:
+    """ONNX Runtime provider names for short or full names; the default is CUDA when present, else CPU.
+
+    Raises ValueError for a provider that this onnxruntime build does not have.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers is None:
+        return [PROVIDERS["cuda"], PROVIDERS["cpu"]] if PROVIDERS["cuda"] in available else [PROVIDERS["cpu"]]
+    resolved = [PROVIDERS.get(p, p) for p in providers]
+    missing = [p for p in resolved if p not in available]
+    if missing:
+        raise ValueError(f"execution providers {missing} are not in this onnxruntime build; available: {available}")
+    return resolved
+
+
+class SharedWeights:
+    """The tensors of ``weights.bin`` as ONNX Runtime values over one read-only memory map."""
+
+    def __init__(self, path: Path, index: dict[str, dict]):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self.arrays: dict[str, np.ndarray] = {}
+        for entry in index.values():
+            raw = self._map[entry["offset"]:entry["offset"] + entry["length"]]
+            self.arrays[entry["name"]] = raw.view(_NUMPY_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.arrays.items()}
+
+
+class OrtEngine:
+    """One phase graph in an ONNX Runtime session. ``infer`` takes and returns named torch tensors.
+
+    With CUDA the inputs and output are bound to torch's GPU buffers (IO binding, no host copies).
+    """
+
+    def __init__(self, path: Path, shared: SharedWeights | None = None, providers: list[str] | None = None,
+                 threads: int = 0):
+        import onnx
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        # The session reads the shared buffers in place: they must live as long as it does.
+        self.shared = shared
+        self.providers = resolve_providers(providers)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        if shared is not None:
+            graph = onnx.load(str(self.path), load_external_data=False)
+            for tensor in graph.graph.initializer:
+                if tensor.name in shared.values:
+                    options.add_initializer(tensor.name, shared.values[tensor.name])
+        self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = {o.name: o for o in self.session.get_outputs()}
+        self.on_cuda = self.session.get_providers()[0] in (PROVIDERS["cuda"], PROVIDERS["tensorrt"])
+
+    def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        missing = [name for name in self.inputs if name not in feed]
+        if missing:
+            raise ValueError(f"{self.path.name}: inputs {missing} are missing; the graph takes {self.inputs}")
+        if self.on_cuda:
+            return self._infer_bound(feed)
+        arrays = {name: feed[name].detach().cpu().contiguous().numpy() for name in self.inputs}
+        results = self.session.run(list(self.outputs), arrays)
+        return {name: torch.from_numpy(value) for name, value in zip(self.outputs, results)}
+
+    def _infer_bound(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        binding = self.session.io_binding()
+        device = torch.device("cuda", torch.cuda.current_device())
+        kept = []  # the bound tensors must outlive the run
+        for name in self.inputs:
+            tensor = feed[name].to(device).contiguous()
+            kept.append(tensor)
+            binding.bind_input(name, "cuda", device.index, _numpy_dtype(tensor.dtype), list(tensor.shape),
+                               tensor.data_ptr())
+        results = {}
+        for name, meta in self.outputs.items():
+            dtype = torch.float16 if "float16" in meta.type else torch.float32
+            results[name] = torch.empty(meta.shape, dtype=dtype, device=device)
+            binding.bind_output(name, "cuda", device.index, _numpy_dtype(dtype), list(meta.shape),
+                                results[name].data_ptr())
+        self.session.run_with_iobinding(binding)
+        return results
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[dtype]

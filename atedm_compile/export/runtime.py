@@ -1,0 +1,215 @@
+"""Run the exported phase graphs as a diffusers pipeline's U-Net.
+
+``ExportedUNet`` is a ``torch.nn.Module`` with the U-Net's config, called like the U-Net. It
+feeds each call, as a dict of named tensors, to the engine of the phase that owns the current
+step; the step follows the pipeline's scheduler (``attach``) or ``start`` / ``set_step``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from ..config import PruningConfig
+from ..runner import PhaseCall, apply
+from ..schedule import make_schedule
+from .manifest import WEIGHTS, Manifest, read_manifest, verify_artefacts
+
+ON_MISMATCH = ("error", "fallback")
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class ExportedUNet(torch.nn.Module):
+    """The phase engines of a build directory behind a ``UNet2DConditionModel``-like interface.
+
+    ``calls`` records (step, phase) of every call; a call that fell back to PyTorch is recorded
+    with phase ``"<phase> (pytorch)"``.
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest, engines: dict, backend: str = "onnxruntime",
+                 fallback: torch.nn.Module | None = None, on_mismatch: str = "error"):
+        super().__init__()
+        if on_mismatch not in ON_MISMATCH:
+            raise ValueError(f"on_mismatch={on_mismatch!r} is not allowed; choose one of {list(ON_MISMATCH)}")
+        if on_mismatch == "fallback" and fallback is None:
+            raise ValueError("on_mismatch='fallback' needs the PyTorch U-Net to fall back to (fallback=pipe.unet)")
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.engines = engines
+        self.on_mismatch = on_mismatch
+        self.fallback = fallback
+        self.calls: list[PhaseCall] = []
+        self.step = 0
+        self.num_steps: int | None = None
+        self._fallback_runner = None
+        self._scheduler = None
+        from diffusers.configuration_utils import FrozenDict
+
+        self._config = FrozenDict(manifest.model["config"])
+        phase = manifest.phases[0]
+        self._inputs = phase.inputs
+        device = "cuda" if backend == "tensorrt" else "cpu"
+        # An empty buffer gives .device and .dtype the meaning diffusers pipelines expect.
+        self.register_buffer("_anchor", torch.empty(0, dtype=_TORCH_DTYPES[phase.inputs["sample"].dtype],
+                                                    device=device), persistent=False)
+        if self._config.get("addition_embed_type") == "text_time":
+            # SD-XL pipelines read this to check their time ids against the U-Net.
+            width = self._config["projection_class_embeddings_input_dim"]
+            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
+
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def start(self, num_steps: int) -> None:
+        """Begin a sampling run of ``num_steps`` steps (must be the built count, or fall back)."""
+        self.num_steps = num_steps
+        self._fallback_runner = None
+        if num_steps != self.manifest.num_steps:
+            self._mismatch(f"{num_steps} sampling steps were asked for, but the phase graphs in {self.directory} "
+                           f"were built for {self.manifest.num_steps} steps (phase boundaries "
+                           f"{[(p.name, p.start, p.stop) for p in self.manifest.phases]})")
+        self.set_step(0)
+
+    def set_step(self, step: int) -> None:
+        if self.num_steps is None:
+            raise RuntimeError("no sampling run started: call start(num_steps) or attach(pipe) first")
+        if not 0 <= step < self.num_steps:
+            raise ValueError(f"step {step} is outside 0..{self.num_steps - 1}")
+        self.step = step
+        if self._fallback_runner is not None:
+            self._fallback_runner.set_step(step)
+
+    def attach(self, pipe) -> ExportedUNet:
+        """Make this the U-Net of ``pipe`` and follow its scheduler's steps (as ``apply`` does)."""
+        scheduler = pipe.scheduler
+        set_timesteps, step = scheduler.set_timesteps, scheduler.step
+
+        def hooked_set_timesteps(*args, **kwargs):
+            out = set_timesteps(*args, **kwargs)
+            self.start(len(scheduler.timesteps))
+            return out
+
+        def hooked_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            if self.num_steps is not None and self.step + 1 < self.num_steps:
+                self.set_step(self.step + 1)
+            return out
+
+        scheduler.set_timesteps, scheduler.step = hooked_set_timesteps, hooked_step
+        self._scheduler = scheduler
+        pipe.unet = self
+        return self
+
+    def _mismatch(self, message: str) -> None:
+        if self.on_mismatch == "error":
+            raise ValueError(message + "; rebuild with matching settings, or load with on_mismatch='fallback'")
+        if self._fallback_runner is None:
+            warnings.warn(f"{message}: falling back to the PyTorch runner (slower)", stacklevel=3)
+            options = dict(self.manifest.schedule["options"])
+            schedule = make_schedule(self.manifest.schedule["preset"], self.num_steps or self.manifest.num_steps,
+                                     **options)
+            self._fallback_runner = apply(self.fallback, schedule, PruningConfig(**self.manifest.pruning))
+            self._fallback_runner.start(schedule.num_steps)
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None, return_dict: bool = True,
+                **unsupported):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        given = sorted(k for k, v in unsupported.items() if v is not None)
+        if given:
+            raise ValueError(f"the exported U-Net takes sample, timestep, encoder_hidden_states and "
+                             f"added_cond_kwargs only; got {given}")
+        if self.num_steps is None:
+            raise RuntimeError("no sampling run started: attach(pipe) before sampling, or call start(num_steps)")
+        feed = {"sample": sample, "encoder_hidden_states": encoder_hidden_states, **(added_cond_kwargs or {})}
+        problems = [f"{name} {tuple(feed[name].shape)} (expected {spec.shape})" for name, spec in self._inputs.items()
+                    if name != "timestep" and (name not in feed or tuple(feed[name].shape) != spec.shape)]
+        if problems and self._fallback_runner is None:
+            self._mismatch(f"inputs do not match the built shapes: {', '.join(problems)} (build: batch "
+                           f"{self.manifest.batch}, {self.manifest.height}x{self.manifest.width} px)")
+        if self._fallback_runner is not None:
+            self._fallback_runner.set_step(self.step)
+            out = self.fallback(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                                added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+            self.calls.append(PhaseCall(self.step, f"{self._fallback_runner.phase.name} (pytorch)"))
+        else:
+            phase = self.manifest.phase_at(self.step)
+            feed["timestep"] = _scalar_timestep(timestep)
+            feed = {name: feed[name].to(self.device, _TORCH_DTYPES[spec.dtype]) for name, spec in phase.inputs.items()}
+            out = self.engines[phase.name].infer(feed)["latent"].to(sample.device, sample.dtype)
+            self.calls.append(PhaseCall(self.step, phase.name))
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def _scalar_timestep(timestep) -> torch.Tensor:
+    t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
+    if t.numel() > 1 and not bool((t == t[0]).all()):
+        raise ValueError(f"the phase graphs take one timestep for the whole batch; got different ones: {t.tolist()}")
+    return t[0]
+
+
+def load(
+    directory: str | Path,
+    backend: str | None = None,
+    providers: list[str] | None = None,
+    fallback: torch.nn.Module | None = None,
+    on_mismatch: str = "error",
+    verify: bool = True,
+    cuda_graphs: bool = False,
+) -> ExportedUNet:
+    """Load a build directory as a U-Net for a diffusers pipeline.
+
+    Args:
+        directory: made by ``build`` / ``atedm-compile build``.
+        backend: ``onnxruntime`` or ``tensorrt``; default: the one it was built for.
+        providers: ONNX Runtime execution providers (``cpu``, ``cuda``, ``tensorrt`` or full names);
+            default CUDA when present, else CPU.
+        fallback, on_mismatch: with ``on_mismatch="fallback"``, a step count or input shape that does
+            not match the build warns and runs ``fallback`` (the PyTorch U-Net the build came from)
+            under the AT-EDM runner instead of raising ValueError.
+        verify: check every artefact's sha256 against the manifest first.
+        cuda_graphs: TensorRT only: replay each phase's launch as a CUDA graph.
+
+    Example:
+        >>> from atedm_compile.export import build, BuildConfig, load  # doctest: +SKIP
+        >>> build(BuildConfig(model="tiny", num_steps=4), "out/tiny")  # doctest: +SKIP
+        >>> pipe = tiny_sdxl_pipeline()  # doctest: +SKIP
+        >>> load("out/tiny").attach(pipe)  # doctest: +SKIP
+        >>> image = pipe("a red cube", num_inference_steps=4, height=256, width=256).images[0]  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if verify:
+        verify_artefacts(directory, manifest, engines=(backend or manifest.backend) == "tensorrt")
+    backend = backend or manifest.backend
+    if backend == "onnxruntime":
+        from .onnxruntime import OrtEngine, SharedWeights
+
+        shared = SharedWeights(directory / WEIGHTS, manifest.weights_index) if manifest.weights else None
+        engines = {p.name: OrtEngine(directory / p.onnx.file, shared, providers) for p in manifest.phases}
+    elif backend == "tensorrt":
+        if manifest.backend != "tensorrt":
+            raise ValueError(f"{directory} was built for {manifest.backend!r}: it has no TensorRT engines; "
+                             f"rebuild with --backend tensorrt")
+        from .tensorrt import load_engines
+
+        engines = load_engines({p.name: directory / p.engine.file for p in manifest.phases}, cuda_graphs)
+    else:
+        raise ValueError(f"backend={backend!r} is not allowed; choose 'onnxruntime' or 'tensorrt'")
+    return ExportedUNet(directory, manifest, engines, backend, fallback, on_mismatch)
