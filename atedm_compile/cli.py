@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", default="out", help="folder for image.png and masks.png")
     _add_pruning_options(generate)
     generate.set_defaults(func=cmd_generate)
+
+    from .export.cli import add_export_commands
+
+    add_export_commands(sub)
     return parser
 
 
