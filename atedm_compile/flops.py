@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import PruningConfig
 from .modules import TokenRecovery, TokenSelector
+from .passes.insert_token_merging import TokenMatching, TokenMerge, TokenUnmerge, ToMeConfig
 from .runner import apply, latent_multiple, remove
 from .schedule import Schedule, make_schedule
 
@@ -36,6 +37,11 @@ def unet_inputs(unet, batch: int, latent_height: int, latent_width: int, device=
             "time_ids": torch.randn(batch, time_ids, device=device, dtype=dtype),
         }
     return inputs
+
+
+# The work a method adds to the model's own: AT-EDM's scoring and recovery, ToMe's matching,
+# merging and unmerging. Counted apart as "scoring".
+OVERHEAD_MODULES = (TokenSelector, TokenRecovery, TokenMatching, TokenMerge, TokenUnmerge)
 
 
 def _count(fn) -> tuple[int, dict[str, int]]:
@@ -71,6 +77,7 @@ class FlopsReport:
     width: int
     images: int
     full_tmacs: float
+    full_flops: int
     average_tmacs: float
     average_tmacs_with_scoring: float
     phases: list[PhaseCost]
@@ -82,16 +89,18 @@ class FlopsReport:
 def count_phases(
     unet,
     schedule: Schedule,
-    config: PruningConfig = PruningConfig(),
+    config: PruningConfig | ToMeConfig = PruningConfig(),
     height: int = 1024,
     width: int = 1024,
     images: int = 1,
     vae_factor: int = 8,
     model_name: str = "",
+    full_flops: int | None = None,
 ) -> FlopsReport:
     """Cost of one U-Net call (CFG pair: batch ``2 * images``) in every phase of ``schedule``.
 
-    ``unet`` is best on the meta device (no memory). It is left as it was.
+    ``unet`` is best on the meta device (no memory). It is left as it was. ``full_flops``, when
+    known from an earlier count at the same size, saves counting the full model again.
     """
     multiple = latent_multiple(unet) * vae_factor
     if height % multiple or width % multiple or height <= 0 or width <= 0:
@@ -101,7 +110,8 @@ def count_phases(
     macs = 2 * 1e12  # FLOPs per TMAC
 
     remove(unet)
-    full_flops, _ = _count(lambda: unet(**inputs))
+    if full_flops is None:
+        full_flops, _ = _count(lambda: unet(**inputs))
     runner = apply(unet, schedule, config)
     try:
         runner.start(schedule.num_steps)
@@ -111,7 +121,7 @@ def count_phases(
             captured = []
             hooks = [
                 m.register_forward_hook(lambda mod, args, out: captured.append((mod, args)))
-                for gm in runner._graphs.values() for m in gm.modules() if isinstance(m, (TokenSelector, TokenRecovery))
+                for gm in runner._graphs.values() for m in gm.modules() if isinstance(m, OVERHEAD_MODULES)
             ]
             try:
                 total, by_module = _count(lambda: unet(**inputs))
@@ -143,7 +153,7 @@ def count_phases(
     def average(attr: str) -> float:
         return sum(getattr(p, attr) * (p.steps[1] - p.steps[0]) for p in phases) / schedule.num_steps
 
-    return FlopsReport(model_name, schedule.name, height, width, images, full_flops / macs,
+    return FlopsReport(model_name, schedule.name, height, width, images, full_flops / macs, full_flops,
                        average("tmacs"), average("tmacs_with_scoring"), phases)
 
 
@@ -155,17 +165,22 @@ def solve_keep_ratio(
     config: PruningConfig = PruningConfig(),
     height: int = 1024,
     width: int = 1024,
-    tolerance: float = 1e-3,
+    tolerance: float = 2e-3,
     **preset_options,
 ) -> tuple[float, FlopsReport]:
     """The largest keep ratio whose schedule-average ``tmacs`` is at most ``target_tmacs``.
 
-    Bisection (cost grows with the keep ratio). Raises ValueError for an unreachable target.
+    Bisection to ``tolerance`` (cost grows with the keep ratio). Raises ValueError for an
+    unreachable target.
     """
+    full_flops = None
 
     def report(keep: float) -> FlopsReport:
+        nonlocal full_flops
         schedule = make_schedule(preset, num_steps, keep_ratio=keep, **preset_options)
-        return count_phases(unet, schedule, config, height, width)
+        result = count_phases(unet, schedule, config, height, width, full_flops=full_flops)
+        full_flops = result.full_flops
+        return result
 
     low, high = 0.01, 1.0
     lowest = report(low)

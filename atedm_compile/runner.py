@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from .config import PruningConfig
 from .modules import TokenSelector
-from .passes import pruning_passes, run_passes
+from .passes import ToMeConfig, pruning_passes, run_passes
 from .schedule import Phase, Schedule, make_schedule
 from .tracing import BlockInfo, attention_blocks, trace_block
 
@@ -45,7 +45,7 @@ class Runner:
 
     unet: torch.nn.Module = field(repr=False)
     schedule_spec: Schedule | str
-    config: PruningConfig
+    config: PruningConfig | ToMeConfig
     preset_options: dict = field(default_factory=dict)
     blocks: list[BlockInfo] = field(init=False)
     schedule: Schedule | None = field(init=False, default=None)
@@ -93,8 +93,12 @@ class Runner:
         self.use_phase(self.schedule.phase_at(step).name)
         self.step = step
 
-    def use_phase(self, name: str) -> None:
-        """Run every following U-Net call with phase ``name``."""
+    def use_phase(self, name: str | None) -> None:
+        """Run every following U-Net call with phase ``name``; ``None`` runs the unpruned model."""
+        if name is None:
+            self._phase = None
+            self._active = dict.fromkeys(self._active)
+            return
         if self.schedule is None:
             raise RuntimeError("no sampling run started: call start(num_steps) first")
         phases = {p.name: p for p in self.schedule.phases}
@@ -183,12 +187,12 @@ class Runner:
     def _before_unet_call(self, unet, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         check_latent(unet, sample)
-        if self._phase is None:
+        if self.schedule is None:
             raise RuntimeError(
                 "AT-EDM runner has no current step: sampling must go through the pipeline's scheduler "
                 "(apply after setting pipe.scheduler), or call runner.start(num_steps) / set_step(i)"
             )
-        self.calls.append(PhaseCall(self.step, self._phase.name))
+        self.calls.append(PhaseCall(self.step, self._phase.name if self._phase else "full"))
 
 
 _UNSUPPORTED = ("timestep", "added_cond_kwargs", "class_labels", "attention_mask", "encoder_attention_mask")
@@ -245,7 +249,7 @@ def _unet_and_scheduler(target):
 def apply(
     target,
     schedule: Schedule | str = "atedm",
-    config: PruningConfig | None = None,
+    config: PruningConfig | ToMeConfig | None = None,
     **preset_options,
 ) -> Runner:
     """Prune the attention blocks of a pipeline's (or a bare U-Net's) U-Net with AT-EDM.
@@ -256,6 +260,7 @@ def apply(
         schedule: a preset name (built for whatever step count the pipeline is called with) or
             a ``Schedule`` (its step count must match the pipeline's).
         config: scoring, recovery and pruning point; ``PruningConfig()`` is the paper's setting.
+            A ``ToMeConfig`` runs the ToMe baseline instead, merging ``1 - keep`` of the tokens.
         **preset_options: passed to ``make_schedule`` with a preset name (``keep_ratio``,
             ``prune_less_fraction``, ``prune_less_blocks``...).
 

@@ -83,7 +83,7 @@ def attention_blocks(unet: torch.nn.Module) -> list[BlockInfo]:
     return found
 
 
-def _check_first_layer(layer: torch.nn.Module, where: str) -> None:
+def _check_layer(layer: torch.nn.Module, where: str) -> None:
     unsupported = {
         "norm_type": (layer.norm_type, "layer_norm"),
         "pos_embed": (layer.pos_embed, None),
@@ -97,30 +97,38 @@ def _check_first_layer(layer: torch.nn.Module, where: str) -> None:
             )
 
 
-def _open_first_layer(gm: fx.GraphModule, where: str) -> None:
-    """Replace the call of ``transformer_blocks.0`` by the sub-layer calls of its forward."""
-    (node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "transformer_blocks.0"]
-    layer = gm.get_submodule("transformer_blocks.0")
-    _check_first_layer(layer, where)
+def open_layer(gm: fx.GraphModule, index: int, where: str = "block") -> None:
+    """Replace the leaf call of ``transformer_blocks.{index}`` by the sub-layer calls of its forward
+    (norm1, attn1, norm2, attn2, norm3, ff, residual adds). Layer 0's nodes get roles
+    (``self_attention``, ``cross_attention``, ``before_ff``, ``layer_out``). No-op when the layer is
+    already open."""
+    target = f"transformer_blocks.{index}"
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
+    if not calls:
+        return
+    (node,) = calls
+    layer = gm.get_submodule(target)
+    _check_layer(layer, f"{where} layer {index}")
     graph = gm.graph
     hidden = node.args[0]
     context = node.kwargs["encoder_hidden_states"]
 
-    def sub(name, *args, role=None, **kwargs):
-        new = graph.call_module(f"transformer_blocks.0.{name}", args, kwargs)
-        if role:
+    def mark(new, role):
+        if index == 0:
             new.meta[ROLE] = role
         return new
 
+    def sub(name, *args, **kwargs):
+        return graph.call_module(f"{target}.{name}", args, kwargs)
+
     with graph.inserting_before(node):
-        attn = sub("attn1", sub("norm1", hidden), role="self_attention")
+        attn = mark(sub("attn1", sub("norm1", hidden)), "self_attention")
         hidden = graph.call_function(operator.add, (attn, hidden))
         if layer.attn2 is not None:
-            attn = sub("attn2", sub("norm2", hidden), encoder_hidden_states=context, role="cross_attention")
+            attn = mark(sub("attn2", sub("norm2", hidden), encoder_hidden_states=context), "cross_attention")
             hidden = graph.call_function(operator.add, (attn, hidden))
-        hidden.meta[ROLE] = "before_ff"
-        out = graph.call_function(operator.add, (sub("ff", sub("norm3", hidden)), hidden))
-        out.meta[ROLE] = "layer_out"
+        mark(hidden, "before_ff")
+        out = mark(graph.call_function(operator.add, (sub("ff", sub("norm3", hidden)), hidden)), "layer_out")
     node.replace_all_uses_with(out)
     graph.erase_node(node)
 
@@ -163,7 +171,7 @@ def trace_block(block: torch.nn.Module, where: str = "block") -> fx.GraphModule:
     graph = _BlockTracer().trace(block, concrete_args=concrete)
     gm = fx.GraphModule(block, graph, class_name="AttentionBlock")
     _drop_fixed_arguments(gm)
-    _open_first_layer(gm, where)
+    open_layer(gm, 0, where)
     finalize(gm)
     return gm
 

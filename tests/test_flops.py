@@ -93,3 +93,12 @@ def test_cross_attention_scorer_cost_is_counted_apart():
     report = count_phases(unet, ac.make_schedule("uniform", 1), PruningConfig(scorer="ca-power"), 256, 256)
     assert report.phases[0].tmacs_with_scoring > report.phases[0].tmacs
     assert isinstance(torch.tensor(0), torch.Tensor)
+
+
+def test_tome_at_half_ratio_meets_the_4_1_budget(sdxl):
+    from atedm_compile.passes import ToMeConfig
+
+    report = count_phases(sdxl, ac.make_schedule("uniform", 1, keep_ratio=0.5), ToMeConfig(), 1024, 1024)
+    # supp. B.1: ToMe at 50% on self-attention, cross-attention and FF for the 4.1 budget.
+    assert report.phases[0].tmacs == pytest.approx(4.1, abs=0.05)
+    assert report.phases[0].tmacs_with_scoring > report.phases[0].tmacs

@@ -170,3 +170,15 @@ def test_stable_diffusion_pipeline():
                output_type="latent").images
     assert [c.phase for c in runner.calls] == ["prune-less", "pruned", "pruned"]
     assert out.shape == expected.shape and not torch.allclose(out, expected)
+
+
+def test_tome_baseline_runs_in_the_same_schedules(pipe):
+    from atedm_compile.passes import ToMeConfig
+
+    expected = _sample(pipe)
+    runner = ac.apply(pipe, "atedm", ToMeConfig(destination="fixed"), keep_ratio=0.5)
+    out = _sample(pipe)
+    assert [c.phase for c in runner.calls] == ["prune-less", "pruned", "pruned", "pruned"]
+    assert out.shape == expected.shape and not torch.allclose(out, expected)
+    with pytest.raises(ValueError, match="merge ratio"):
+        ac.apply(pipe, "uniform", ToMeConfig(), keep_ratio=0.2).start(1)

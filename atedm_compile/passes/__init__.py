@@ -14,13 +14,16 @@ import torch.fx as fx
 from ..config import PruningConfig
 from .expose_attention_map import expose_attention_map
 from .insert_token_pruning import insert_token_pruning
+from .insert_token_merging import ToMeConfig, insert_token_merging
 from .insert_token_recovery import insert_token_recovery
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
 
 __all__ = [
     "Pass",
+    "ToMeConfig",
     "expose_attention_map",
+    "insert_token_merging",
     "insert_token_pruning",
     "insert_token_recovery",
     "pruning_passes",
@@ -28,8 +31,16 @@ __all__ = [
 ]
 
 
-def pruning_passes(keep_ratio: float, config: PruningConfig = PruningConfig(), block_name: str = "") -> list[Pass]:
-    """The ordered passes that prune one block at ``keep_ratio`` as ``config`` says."""
+def pruning_passes(
+    keep_ratio: float, config: PruningConfig | ToMeConfig = PruningConfig(), block_name: str = ""
+) -> list[Pass]:
+    """The ordered passes that prune one block at ``keep_ratio`` as ``config`` says.
+
+    With a ``ToMeConfig`` the block merges instead (the ToMe baseline) at merge ratio
+    ``1 - keep_ratio``, so that schedules and budgets serve both methods alike.
+    """
+    if isinstance(config, ToMeConfig):
+        return [partial(insert_token_merging, ratio=1.0 - keep_ratio, config=config, block_name=block_name)]
     passes: list[Pass] = [partial(expose_attention_map, which="self")]
     if config.uses_cross_attention:
         passes.append(partial(expose_attention_map, which="cross"))

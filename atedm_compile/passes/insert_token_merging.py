@@ -3,7 +3,6 @@ chosen sub-layers of every layer of a block, as ``tomesd.apply_patch`` does."""
 
 from __future__ import annotations
 
-import operator
 import warnings
 from dataclasses import dataclass
 
@@ -11,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from .. import tome
-from ..tracing import ROLE, _check_first_layer, finalize, node_with_role
+from ..tracing import ROLE, finalize, node_with_role, open_layer
 
 SUBLAYERS = {"self-attention": "attn1", "cross-attention": "attn2", "ff": "ff"}
 DESTINATIONS = ("random", "fixed")
@@ -113,32 +112,6 @@ def _layer_indices(gm: fx.GraphModule) -> list[int]:
     return sorted({int(t[1]) for t in targets if len(t) > 1 and t[0] == "transformer_blocks"})
 
 
-def _open_layer(gm: fx.GraphModule, index: int, where: str) -> None:
-    """Replace a leaf call of ``transformer_blocks.{index}`` by its sub-layer calls, as tracing
-    opens layer 0 (without its roles, which name layer 0 only)."""
-    target = f"transformer_blocks.{index}"
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
-    if not calls:
-        return
-    (node,) = calls
-    layer = gm.get_submodule(target)
-    _check_first_layer(layer, f"{where} layer {index}")
-    graph = gm.graph
-    hidden, context = node.args[0], node.kwargs["encoder_hidden_states"]
-
-    def sub(name, *args, **kwargs):
-        return graph.call_module(f"{target}.{name}", args, kwargs)
-
-    with graph.inserting_before(node):
-        hidden = graph.call_function(operator.add, (sub("attn1", sub("norm1", hidden)), hidden))
-        if layer.attn2 is not None:
-            attn = sub("attn2", sub("norm2", hidden), encoder_hidden_states=context)
-            hidden = graph.call_function(operator.add, (attn, hidden))
-        out = graph.call_function(operator.add, (sub("ff", sub("norm3", hidden)), hidden))
-    node.replace_all_uses_with(out)
-    graph.erase_node(node)
-
-
 def _sublayer_call(gm: fx.GraphModule, target: str) -> fx.Node | None:
     found = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
     return found[0] if found else None
@@ -183,7 +156,7 @@ def insert_token_merging(
         raise ValueError("graph has no block input (role 'block_input'): trace it with tracing.trace_block")
     graph = gm.graph
     for index in _layer_indices(gm):
-        _open_layer(gm, index, block_name or "block")
+        open_layer(gm, index, block_name or "block")
         prefix = f"tome_{{}}_{index}"
         seed = None if config.destination == "fixed" else config.seed + index
         gm.add_submodule(prefix.format("match"), TokenMatching(ratio, config.sx, config.sy, seed, f"{block_name}[{index}]"))
