@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import PruningConfig
 from .modules import TokenRecovery, TokenSelector
 from .passes.insert_token_merging import TokenMatching, TokenMerge, TokenUnmerge, ToMeConfig
-from .runner import apply, latent_multiple, remove
+from .runner import apply, latent_multiple, remove, runner_of
 from .schedule import Schedule, make_schedule
 
 
@@ -109,6 +109,7 @@ def count_phases(
     inputs = unet_inputs(unet, 2 * images, height // vae_factor, width // vae_factor, device=device)
     macs = 2 * 1e12  # FLOPs per TMAC
 
+    previous = runner_of(unet)
     remove(unet)
     if full_flops is None:
         full_flops, _ = _count(lambda: unet(**inputs))
@@ -149,6 +150,8 @@ def count_phases(
                                     total - overhead, total, blocks))
     finally:
         remove(unet)
+        if previous is not None:
+            previous._install(previous._scheduler)
 
     def average(attr: str) -> float:
         return sum(getattr(p, attr) * (p.steps[1] - p.steps[0]) for p in phases) / schedule.num_steps

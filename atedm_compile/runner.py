@@ -82,8 +82,9 @@ class Runner:
         self.schedule = schedule
 
     def start(self, num_steps: int) -> None:
-        """Begin a sampling run of ``num_steps`` steps at step 0."""
+        """Begin a sampling run of ``num_steps`` steps at step 0 (``calls`` starts afresh)."""
         self._resolve(num_steps)
+        self.calls.clear()
         self.set_step(0)
 
     def set_step(self, step: int) -> None:

@@ -102,3 +102,11 @@ def test_tome_at_half_ratio_meets_the_4_1_budget(sdxl):
     # supp. B.1: ToMe at 50% on self-attention, cross-attention and FF for the 4.1 budget.
     assert report.phases[0].tmacs == pytest.approx(4.1, abs=0.05)
     assert report.phases[0].tmacs_with_scoring > report.phases[0].tmacs
+
+
+def test_counting_keeps_an_applied_runner():
+    unet = build_unet("tiny", device="meta")
+    runner = ac.apply(unet, "uniform")
+    count_phases(unet, ac.make_schedule("none", 1), height=256, width=256)
+    assert ac.runner_of(unet) is runner
+    ac.remove(unet)
