@@ -169,6 +169,12 @@ class _Build:
         self.config = config
         self.directory = Path(directory)
         self.log = log
+        if config.backend == "tensorrt":
+            from .tensorrt import tensorrt_missing_reason
+
+            reason = tensorrt_missing_reason()  # before any export: fail in seconds, not after minutes
+            if reason:
+                raise RuntimeError(reason)
         self.identity, self.unet_config = model_identity(config.model, config.seed)
         height = config.height or self.unet_config["sample_size"] * config.vae_factor
         width = config.width or self.unet_config["sample_size"] * config.vae_factor
@@ -194,7 +200,8 @@ class _Build:
             raise ValueError(f"output directory {directory} is not empty and was not made by atedm-compile build "
                              f"(no {MARKER} in it): refusing to write there; pick an empty or new directory")
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / MARKER).write_text("atedm-compile export directory\n")
+        if not (directory / MARKER).exists():
+            (directory / MARKER).write_text("atedm-compile export directory\n")
 
     def _settings(self) -> dict:
         # What the weights depend on: when it changes, nothing of an older build is reused.

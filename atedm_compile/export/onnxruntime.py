@@ -67,6 +67,9 @@ class OrtEngine:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.disable_prepacking", "1")
+        # Spinning worker threads keep the cores busy between calls and starve the rest of the
+        # pipeline (text encoders, VAE, scheduler) running in PyTorch on the same cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if shared is not None:
             graph = onnx.load(str(self.path), load_external_data=False)
             for tensor in graph.graph.initializer:

@@ -45,7 +45,7 @@ class ExportedUNet(torch.nn.Module):
         self.step = 0
         self.num_steps: int | None = None
         self._fallback_runner = None
-        self._scheduler = None
+        self._attached: dict | None = None
         from diffusers.configuration_utils import FrozenDict
 
         self._config = FrozenDict(manifest.model["config"])
@@ -109,10 +109,22 @@ class ExportedUNet(torch.nn.Module):
                 self.set_step(self.step + 1)
             return out
 
+        self.detach(pipe)
         scheduler.set_timesteps, scheduler.step = hooked_set_timesteps, hooked_step
-        self._scheduler = scheduler
+        # A plain dict: assigning the replaced U-Net to an attribute would make it a submodule.
+        self._attached = {"scheduler": scheduler, "unet": pipe.unet}
         pipe.unet = self
         return self
+
+    def detach(self, pipe) -> None:
+        """Undo ``attach``: ``pipe`` gets its previous U-Net and scheduler back. No-op if not attached."""
+        if self._attached is None:
+            return
+        self._attached["scheduler"].__dict__.pop("set_timesteps", None)
+        self._attached["scheduler"].__dict__.pop("step", None)
+        if pipe.unet is self:
+            pipe.unet = self._attached["unet"]
+        self._attached = None
 
     def _mismatch(self, message: str) -> None:
         if self.on_mismatch == "error":

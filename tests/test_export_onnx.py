@@ -1,0 +1,244 @@
+"""Step-specialised ONNX export of the tiny SD-XL U-Net and its ONNX Runtime backend.
+
+One build (4 steps, ``atedm`` preset: phases prune-less at step 0, pruned at steps 1-3) is shared
+by every test here; tests that alter a build work on a copy.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import atedm_compile as ac
+from atedm_compile.export import BuildConfig, ManifestError, build, load
+from atedm_compile.export.build import _Build
+from atedm_compile.export.manifest import MANIFEST, WEIGHTS
+from atedm_compile.export.onnx import example_inputs, external_initializers
+from atedm_compile.models import build_unet, tiny_sdxl_pipeline
+
+STEPS = 4
+CONFIG = BuildConfig(model="tiny", schedule="atedm", num_steps=STEPS)
+PROMPT = dict(prompt="a red cube", height=256, width=256, output_type="np")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("export") / "tiny"
+    manifest, records = build(CONFIG, directory, log=lambda _: None)
+    return directory, manifest, records
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """One tiny pipeline for the module (PyTorch sampling is the slow part); tests give back its U-Net."""
+    return tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="module")
+def reference(pipe):
+    """The PyTorch runner's image and (step, phase) calls for the build's step count."""
+    runner = ac.apply(pipe, "atedm")
+    try:
+        return _sample(pipe), [(c.step, c.phase) for c in runner.calls]
+    finally:
+        ac.remove(pipe)
+
+
+@pytest.fixture
+def exported(built, pipe):
+    """``make(**load_options)`` attaches a loaded build to the shared pipeline, detached after the test."""
+    attached = []
+
+    def make(**options):
+        unet = load(built[0], **options).attach(pipe)
+        attached.append(unet)
+        return unet
+
+    yield make
+    for unet in attached:
+        unet.detach(pipe)
+
+
+@pytest.fixture
+def copy_of(built, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(built[0], target)
+    return target
+
+
+def _sample(pipe, steps=STEPS, **kwargs):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(num_inference_steps=steps, generator=generator, **{**PROMPT, **kwargs}).images[0]
+
+
+def test_both_phases_export_with_the_contract(built):
+    directory, manifest, records = built
+    assert [(p.name, p.start, p.stop) for p in manifest.phases] == [("prune-less", 0, 1), ("pruned", 1, STEPS)]
+    assert all(r.ran for r in records if r.name.startswith("export ONNX"))
+    for phase in manifest.phases:
+        model = onnx.load(str(directory / phase.onnx.file), load_external_data=False)
+        inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+        assert inputs == {"sample": [2, 4, 32, 32], "timestep": [], "encoder_hidden_states": [2, 77, 64],
+                          "text_embeds": [2, 32], "time_ids": [2, 6]}
+        assert [o.name for o in model.graph.output] == ["latent"]
+        assert phase.lint == phase.onnx.sha256  # checker and TensorRT lint passed
+        ops = {n.op_type for n in model.graph.node}
+        assert {"TopK", "GatherElements", "ScatterElements"} <= ops and "NonZero" not in ops
+    data = json.loads((directory / MANIFEST).read_text())
+    assert data["format_version"] == 1 and data["complete"] and data["tools"]["torch"]
+
+
+def test_each_phase_graph_matches_its_pytorch_phase(built, pipe):
+    directory, manifest, _ = built
+    unet = load(directory)
+    runner = ac.apply(pipe.unet, ac.make_schedule("atedm", STEPS))
+    runner.start(STEPS)
+    feed = example_inputs(manifest.phases[0].inputs, seed=3)
+    outputs = {}
+    try:
+        for phase in manifest.phases:
+            runner.use_phase(phase.name)
+            with torch.no_grad():
+                reference = pipe.unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"],
+                                      added_cond_kwargs={"text_embeds": feed["text_embeds"],
+                                                         "time_ids": feed["time_ids"]}).sample
+            outputs[phase.name] = unet.engines[phase.name].infer(feed)["latent"]
+            assert (outputs[phase.name] - reference).abs().max().item() <= 1e-4
+    finally:
+        ac.remove(pipe.unet)
+    # The phases are different graphs: a test that compared one graph twice would not see this.
+    assert (outputs["prune-less"] - outputs["pruned"]).abs().max().item() > 1e-3
+
+
+def test_sampling_switches_sessions_at_the_manifest_boundaries(built, pipe, reference, exported):
+    _, manifest, _ = built
+    unet = exported()
+    sessions = {name: 0 for name in unet.engines}
+    for name, engine in unet.engines.items():
+        infer = engine.infer
+
+        def counted(feed, name=name, infer=infer):
+            sessions[name] += 1
+            return infer(feed)
+
+        engine.infer = counted
+    image = _sample(pipe)
+    assert sessions == {p.name: p.stop - p.start for p in manifest.phases} == {"prune-less": 1, "pruned": 3}
+    assert [(c.step, c.phase) for c in unet.calls] == reference[1]
+    assert np.abs(image - reference[0]).max() <= 1e-4
+
+
+def test_phases_store_weights_once(built):
+    directory, manifest, _ = built
+    param_bytes = sum(p.numel() * 4 for p in build_unet("tiny").parameters())
+    weights = (directory / WEIGHTS).stat().st_size
+    graphs = [directory / p.onnx.file for p in manifest.phases]
+    # Every parameter is in weights.bin once (tied or folded copies may add a little, not a second set).
+    assert param_bytes * 0.95 <= weights <= param_bytes * 1.05
+    one_phase = weights + graphs[0].stat().st_size
+    all_phases = weights + sum(g.stat().st_size for g in graphs)
+    assert all_phases <= 1.1 * one_phase
+    placements = []
+    for graph in graphs:
+        model = onnx.load(str(graph), load_external_data=False)
+        places = {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer
+                  if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert {p["location"] for p in places.values()} == {WEIGHTS}
+        placements.append(places)
+    shared = placements[0].keys() & placements[1].keys()
+    assert len(shared) >= 0.95 * len(placements[0])
+    assert all(placements[0][name] == placements[1][name] for name in shared)
+    # In memory: both sessions are handed the same mapped buffers.
+    unet = load(directory)
+    first, second = unet.engines.values()
+    assert first.shared is second.shared
+    assert set(external_initializers(onnx.load(str(graphs[1]), load_external_data=False))) <= set(first.shared.values)
+
+
+def test_second_build_reexports_nothing(built):
+    directory, _, _ = built
+    stamps = {p: p.stat().st_mtime_ns for p in directory.iterdir()}
+    messages = []
+    _, records = build(CONFIG, directory, log=messages.append)
+    assert [r.name for r in records if r.ran] == ["manifest"]
+    assert any("load model: skipped" in m for m in messages)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name != MANIFEST)
+
+
+def test_altered_artefact_is_refused_then_rebuilt(copy_of):
+    graph = copy_of / "prune-less.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    with pytest.raises(ManifestError, match="prune-less.onnx was altered"):
+        load(copy_of)
+    _, records = build(CONFIG, copy_of, log=lambda _: None)
+    ran = {r.name for r in records if r.ran}
+    assert {"export ONNX: prune-less", "clean up: prune-less"} <= ran
+    assert "export ONNX: pruned" not in ran
+    load(copy_of)
+
+
+def test_missing_artefact_is_refused(copy_of):
+    (copy_of / WEIGHTS).unlink()
+    with pytest.raises(ManifestError, match="weights.bin is missing"):
+        load(copy_of)
+
+
+def test_other_format_version_is_refused_and_rebuilt(copy_of):
+    data = json.loads((copy_of / MANIFEST).read_text())
+    data["format_version"] = 99
+    (copy_of / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="format version 99.*reads version 1"):
+        load(copy_of)
+    messages = []
+    job = _Build(CONFIG, copy_of, messages.append)
+    assert any("not reused" in m for m in messages)
+    exports = [s for s in job.steps() if s.name.startswith("export ONNX")]
+    assert exports and all(s.skip() is None for s in exports)
+
+
+def test_refuses_a_foreign_non_empty_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and was not made by atedm-compile"):
+        build(CONFIG, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(steps=5), "5 sampling steps were asked for.*built for 4 steps"),
+    (dict(height=128, width=128), r"sample \(2, 4, 16, 16\) \(expected \(2, 4, 32, 32\)\)"),
+    (dict(guidance_scale=1.0), r"sample \(1, 4, 32, 32\) \(expected \(2, 4, 32, 32\)\).*batch 2"),
+])
+def test_mismatched_request_names_expected_and_given(pipe, exported, change, message):
+    exported()
+    with pytest.raises(ValueError, match=message):
+        _sample(pipe, **change)
+
+
+def test_opt_in_fallback_warns_and_runs_pytorch(pipe, exported):
+    # 2 steps (the build has 4): the PyTorch runner's atedm schedule for 2 steps is 1 + 1.
+    ac.apply(pipe, "atedm")
+    reference = _sample(pipe, steps=2)
+    ac.remove(pipe)
+    unet = exported(fallback=pipe.unet, on_mismatch="fallback")
+    with pytest.warns(UserWarning, match="2 sampling steps.*falling back to the PyTorch runner"):
+        image = _sample(pipe, steps=2)
+    assert [c.phase for c in unet.calls] == ["prune-less (pytorch)", "pruned (pytorch)"]
+    assert np.array_equal(image, reference)
+    ac.remove(unet.fallback)
+
+
+def test_cli_check_and_run(built, tmp_path, capsys):
+    from atedm_compile.cli import main
+
+    assert main(["check", str(built[0])]) == 0
+    out = capsys.readouterr().out
+    assert "lint ok" in out and "TensorRT vs ONNX Runtime: skipped" in out and "check passed" in out
+    assert main(["run", str(built[0]), "--steps", "5", "--out", str(tmp_path / "x.png")]) == 2
+    assert "steps: built 4, given 5" in capsys.readouterr().err
+    assert main(["run", str(built[0]), "--out", str(tmp_path / "image.png")]) == 0
+    out = capsys.readouterr().out
+    assert "prune-less: steps 0-0, 1 calls" in out and "pruned: steps 1-3, 3 calls" in out
+    assert (tmp_path / "image.png").stat().st_size > 0
