@@ -177,8 +177,12 @@ def trace_block(block: torch.nn.Module, where: str = "block") -> fx.GraphModule:
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """The common end of every graph change: drop dead nodes, check, regenerate code."""
-    gm.graph.eliminate_dead_code()
+    """The common end of every graph change: drop dead nodes, check, regenerate code.
+
+    Nodes with a role are the anchors later passes look for (an exposed map nobody reads yet,
+    say): they stay even when unused.
+    """
+    gm.graph.eliminate_dead_code(is_impure_node=lambda node: ROLE in node.meta or node.is_impure())
     gm.graph.lint()
     gm.recompile()
     return gm

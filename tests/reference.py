@@ -7,7 +7,7 @@ from the layer's own projections, top-k by a full sort, recovery by explicit loo
 import torch
 
 
-def self_attention_map(layer, hidden):
+def self_attention_map(layer, hidden, reduction="mean"):
     attn = layer.attn1
     normed = layer.norm1(hidden)
     q, k = attn.to_q(normed), attn.to_k(normed)
@@ -16,7 +16,10 @@ def self_attention_map(layer, hidden):
     q = q.view(batch, tokens, heads, width // heads)
     k = k.view(batch, tokens, heads, width // heads)
     logits = torch.einsum("bihd,bjhd->bhij", q, k) / (width // heads) ** 0.5
-    return logits.softmax(-1).mean(1)  # [B, N, N], heads averaged
+    probs = logits.softmax(-1)
+    if reduction == "rms":
+        return probs.pow(2).mean(1).sqrt()
+    return probs.mean(1)  # [B, N, N], heads averaged
 
 
 def gwpr(attn, iterations):

@@ -29,17 +29,19 @@ def test_output_unchanged(level2_block, block_inputs, which):
                                atol=1e-5, rtol=0)
 
 
-def test_map_is_the_layers_own_softmax_qk(level2_block, block_inputs):
-    gm = expose_attention_map(trace_block(level2_block))
+@pytest.mark.parametrize("reduction", ["mean", "rms"])
+def test_map_is_the_layers_own_softmax_qk(level2_block, block_inputs, reduction):
+    gm = expose_attention_map(trace_block(level2_block), head_reduction=reduction)
     assert node_with_role(gm, "self_attention") is None
     seen = _capture(gm, "self_attention_map")
     gm(*block_inputs)
-    probs = seen["value"]  # [B, h, N, N]
-    assert probs.shape == (2, level2_block.transformer_blocks[0].attn1.heads, 256, 256)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-5, rtol=0)
+    combined = seen["value"]  # [B, N, N]
+    assert combined.shape == (2, 256, 256)
     hidden = level2_block.proj_in(level2_block.norm(block_inputs[0]).permute(0, 2, 3, 1).reshape(2, 256, 64))
-    expected = self_attention_map(level2_block.transformer_blocks[0], hidden)
-    torch.testing.assert_close(probs.mean(1), expected, atol=1e-6, rtol=1e-5)
+    expected = self_attention_map(level2_block.transformer_blocks[0], hidden, reduction)
+    torch.testing.assert_close(combined, expected, atol=1e-6, rtol=1e-5)
+    if reduction == "mean":
+        torch.testing.assert_close(combined.sum(-1), torch.ones(2, 256), atol=1e-5, rtol=0)
 
 
 def test_no_second_projection(level2_block):
@@ -53,6 +55,8 @@ def test_idempotent(level2_block):
     once = expose_attention_map(trace_block(level2_block))
     code = once.code
     assert expose_attention_map(once).code == code
+    with pytest.raises(ValueError, match="already exposed with head_reduction='mean', not 'rms'"):
+        expose_attention_map(once, head_reduction="rms")
 
 
 def test_bad_which(level2_block):

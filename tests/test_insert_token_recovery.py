@@ -37,6 +37,7 @@ def test_key_cosine_recovery_uses_the_first_layers_keys(level2_block):
 
 def test_scoring_and_recovery_share_one_head_combined_map(level2_block):
     gm = _pruned(level2_block, PruningConfig())
-    combined = node_with_role(gm, "self_attention_map_mean")
+    combined = node_with_role(gm, "self_attention_map")
+    assert combined.meta["head_reduction"] == "mean"
     assert node_with_role(gm, "kept_indices").args[1] is combined
     assert node_with_role(gm, "recovered").args[-1] is combined

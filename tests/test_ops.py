@@ -94,3 +94,22 @@ def test_random_scores_depend_on_seed_only():
     like = torch.zeros(2, 10, 3)
     assert torch.equal(ops.random_scores(like, 3), ops.random_scores(like, 3))
     assert not torch.equal(ops.random_scores(like, 3), ops.random_scores(like, 4))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_with_map_eager_loop_equals_batched_form(reduction, dtype):
+    q, k, v = (torch.randn(2, 9, 12, dtype=dtype) for _ in range(3))
+    out, combined = ops.attention_with_map(q, k, v, 3, reduction)
+    probs = ops.attention_probs(q, k, 3)
+    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out, ops.attend(probs, v, 3), **tolerance)
+    torch.testing.assert_close(combined, ops.reduce_heads(probs, reduction), **tolerance)
+    assert out.dtype == combined.dtype == dtype
+
+
+def test_attention_with_map_cross_shapes():
+    out, combined = ops.attention_with_map(torch.randn(1, 6, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8), 2)
+    assert out.shape == (1, 6, 8) and combined.shape == (1, 6, 4)
+    with pytest.raises(ValueError, match="'max'"):
+        ops.attention_with_map(torch.randn(1, 6, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8), 2, "max")

@@ -41,9 +41,10 @@ def pruning_passes(
     """
     if isinstance(config, ToMeConfig):
         return [partial(insert_token_merging, ratio=1.0 - keep_ratio, config=config, block_name=block_name)]
-    passes: list[Pass] = [partial(expose_attention_map, which="self")]
+    reduction = config.head_reduction
+    passes: list[Pass] = [partial(expose_attention_map, which="self", head_reduction=reduction)]
     if config.uses_cross_attention:
-        passes.append(partial(expose_attention_map, which="cross"))
+        passes.append(partial(expose_attention_map, which="cross", head_reduction=reduction))
     passes.append(partial(insert_token_pruning, keep_ratio=keep_ratio, config=config, block_name=block_name))
     passes.append(partial(insert_token_recovery, config=config))
     return passes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 
 from .. import ops
@@ -25,23 +27,30 @@ def _check_plain_attention(attn, where: str) -> None:
             raise NotImplementedError(f"{where}: attention with {field}={value!r} is not supported ({expected!r})")
 
 
-def expose_attention_map(gm: fx.GraphModule, which: str = "self") -> fx.GraphModule:
+def expose_attention_map(gm: fx.GraphModule, which: str = "self", head_reduction: str = "mean") -> fx.GraphModule:
     """Replace the first layer's ``attn1`` (``which="self"``) or ``attn2`` (``"cross"``) call by its
-    projections, the map softmax(Q K^T / sqrt(d)) and the product with V.
+    projections and ``ops.attention_with_map``: the layer's output and its map
+    softmax(Q K^T / sqrt(d)) with heads combined by ``head_reduction`` (``mean`` or ``rms``).
 
-    The map comes from the layer's own Q and K and is then used for the layer's output, so
-    exposing it costs no second projection or Q K^T. Adds nodes with roles
-    ``{which}_attention_map`` ([B, h, N, M]) and ``{which}_attention_keys`` ([B, M, h*d]).
-    Idempotent: a graph whose map is already exposed is returned unchanged.
+    The map comes from the layer's own Q and K, which also make the layer's output, so exposing it
+    costs no second projection or Q K^T. Adds nodes with roles ``{which}_attention_map``
+    ([B, N, M], ``meta["head_reduction"]`` says how) and ``{which}_attention_keys`` ([B, M, h*d]).
+    Idempotent: a graph whose map is already exposed the same way is returned unchanged.
     """
     if which not in _WHICH:
         raise ValueError(f"which={which!r} is not one of {list(_WHICH)}")
+    if head_reduction not in ops.HEAD_REDUCTIONS:
+        raise ValueError(f"head_reduction={head_reduction!r} is not one of {list(ops.HEAD_REDUCTIONS)}")
     role, _ = _WHICH[which]
     node = node_with_role(gm, role)
     if node is None:
-        if node_with_role(gm, f"{which}_attention_map") is not None:
-            return gm
-        raise ValueError(f"graph has no first-layer {which}-attention to expose")
+        exposed = node_with_role(gm, f"{which}_attention_map")
+        if exposed is None:
+            raise ValueError(f"graph has no first-layer {which}-attention to expose")
+        if exposed.meta["head_reduction"] != head_reduction:
+            raise ValueError(f"the {which}-attention map is already exposed with head_reduction="
+                             f"{exposed.meta['head_reduction']!r}, not {head_reduction!r}")
+        return gm
     attn = gm.get_submodule(node.target)
     _check_plain_attention(attn, node.target)
     graph = gm.graph
@@ -52,10 +61,12 @@ def expose_attention_map(gm: fx.GraphModule, which: str = "self") -> fx.GraphMod
         query = graph.call_module(f"{node.target}.to_q", (hidden,))
         key = graph.call_module(f"{node.target}.to_k", (context,))
         value = graph.call_module(f"{node.target}.to_v", (context,))
-        probs = graph.call_function(ops.attention_probs, (query, key, attn.heads))
-        mixed = graph.call_function(ops.attend, (probs, value, attn.heads))
+        both = graph.call_function(ops.attention_with_map, (query, key, value, attn.heads, head_reduction))
+        mixed = graph.call_function(operator.getitem, (both, 0))
+        attention_map = graph.call_function(operator.getitem, (both, 1))
         out = graph.call_module(f"{node.target}.to_out.1", (graph.call_module(f"{node.target}.to_out.0", (mixed,)),))
-    probs.meta[ROLE] = f"{which}_attention_map"
+    attention_map.meta[ROLE] = f"{which}_attention_map"
+    attention_map.meta["head_reduction"] = head_reduction
     key.meta[ROLE] = f"{which}_attention_keys"
     node.replace_all_uses_with(out)
     graph.erase_node(node)

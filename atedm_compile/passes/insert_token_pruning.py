@@ -12,20 +12,15 @@ from ..tracing import ROLE, finalize, last_layer_node, node_with_role
 SELECTOR = "atedm_selector"
 
 
-def head_combined_map(gm: fx.GraphModule, which: str, how: str) -> fx.Node:
-    """The node of the first layer's ``which`` attention map with heads combined by ``how``;
-    made once and shared by scoring and recovery."""
-    role = f"{which}_attention_map_{how}"
-    existing = node_with_role(gm, role)
-    if existing is not None:
-        return existing
-    probs = node_with_role(gm, f"{which}_attention_map")
-    if probs is None:
+def exposed_map(gm: fx.GraphModule, which: str, how: str) -> fx.Node:
+    """The node of the first layer's ``which`` attention map, heads combined by ``how``."""
+    node = node_with_role(gm, f"{which}_attention_map")
+    if node is None:
         raise ValueError(f"the {which}-attention map is not exposed: run expose_attention_map(which={which!r}) first")
-    with gm.graph.inserting_after(probs):
-        combined = gm.graph.call_function(ops.reduce_heads, (probs, how))
-    combined.meta[ROLE] = role
-    return combined
+    if node.meta["head_reduction"] != how:
+        raise ValueError(f"the {which}-attention map was exposed with head_reduction="
+                         f"{node.meta['head_reduction']!r}, but {how!r} is asked for")
+    return node
 
 
 def insert_token_pruning(
@@ -48,9 +43,9 @@ def insert_token_pruning(
         return gm
     attention_map = None
     if config.scorer == "gwpr":
-        attention_map = head_combined_map(gm, "self", config.head_reduction)
+        attention_map = exposed_map(gm, "self", config.head_reduction)
     elif config.uses_cross_attention:
-        attention_map = head_combined_map(gm, "cross", config.head_reduction)
+        attention_map = exposed_map(gm, "cross", config.head_reduction)
 
     point = node_with_role(gm, "layer_out" if config.prune_point == "after-ff" else "before_ff")
     gm.add_submodule(SELECTOR, TokenSelector(keep_ratio, config, block_name))

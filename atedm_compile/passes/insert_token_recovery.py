@@ -7,7 +7,7 @@ import torch.fx as fx
 from ..config import PruningConfig
 from ..modules import TokenRecovery
 from ..tracing import ROLE, finalize, last_layer_node, node_with_role
-from .insert_token_pruning import head_combined_map
+from .insert_token_pruning import exposed_map
 
 RECOVERY = "atedm_recovery"
 
@@ -25,7 +25,7 @@ def insert_token_recovery(gm: fx.GraphModule, config: PruningConfig = PruningCon
     grid = node_with_role(gm, "block_input")
     similarity = None
     if config.recovery == "similarity" and config.similarity == "attention":
-        similarity = head_combined_map(gm, "self", config.head_reduction)
+        similarity = exposed_map(gm, "self", config.head_reduction)
     elif config.recovery == "similarity":
         similarity = node_with_role(gm, "self_attention_keys")
         if similarity is None:
