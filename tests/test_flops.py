@@ -110,3 +110,15 @@ def test_counting_keeps_an_applied_runner():
     count_phases(unet, ac.make_schedule("none", 1), height=256, width=256)
     assert ac.runner_of(unet) is runner
     ac.remove(unet)
+
+
+@pytest.mark.parametrize("model,size", [("sdxl-turbo", 512), ("sd15", 512), ("sd21", 768)])
+def test_real_configs_trace_and_prune(model, size):
+    unet = build_unet(model, device="meta")
+    report = count_phases(unet, ac.make_schedule("uniform", 1, keep_ratio=0.5), height=size, width=size)
+    pruned = report.phases[0]
+    if model == "sdxl-turbo":
+        assert pruned.tmacs < report.full_tmacs
+    else:
+        # SD 1.x / 2.x blocks have one layer: nothing after the pruning point, left alone.
+        assert pruned.tmacs == report.full_tmacs
