@@ -2,8 +2,9 @@
 
 ``weights.bin`` is memory-mapped once; every weight is handed to every session that names it with
 ``SessionOptions.add_initializer``, which makes the session use that buffer instead of reading
-its own copy. MatMul weight pre-packing is turned off because it would give each session a
-private re-laid-out copy of every matrix (measured: see benchmarks/export_memory.py).
+its own copy. Weight pre-packing is turned off because pre-packed weights are private to each
+session. The sharing is partial on the CPU provider: a second phase session still costs about a
+third of the weights' size (measured in benchmarks/export_benchmark.py, not explained yet).
 """
 
 from __future__ import annotations
