@@ -27,6 +27,17 @@ def _check_plain_attention(attn, where: str) -> None:
             raise NotImplementedError(f"{where}: attention with {field}={value!r} is not supported ({expected!r})")
 
 
+def exposed_map(gm: fx.GraphModule, which: str, how: str) -> fx.Node:
+    """The node of the first layer's ``which`` attention map, heads combined by ``how``."""
+    node = node_with_role(gm, f"{which}_attention_map")
+    if node is None:
+        raise ValueError(f"the {which}-attention map is not exposed: run expose_attention_map(which={which!r}) first")
+    if node.meta["head_reduction"] != how:
+        raise ValueError(f"the {which}-attention map is already exposed with head_reduction="
+                         f"{node.meta['head_reduction']!r}, not {how!r}")
+    return node
+
+
 def expose_attention_map(gm: fx.GraphModule, which: str = "self", head_reduction: str = "mean") -> fx.GraphModule:
     """Replace the first layer's ``attn1`` (``which="self"``) or ``attn2`` (``"cross"``) call by its
     projections and ``ops.attention_with_map``: the layer's output and its map
@@ -44,12 +55,9 @@ def expose_attention_map(gm: fx.GraphModule, which: str = "self", head_reduction
     role, _ = _WHICH[which]
     node = node_with_role(gm, role)
     if node is None:
-        exposed = node_with_role(gm, f"{which}_attention_map")
-        if exposed is None:
+        if node_with_role(gm, f"{which}_attention_map") is None:
             raise ValueError(f"graph has no first-layer {which}-attention to expose")
-        if exposed.meta["head_reduction"] != head_reduction:
-            raise ValueError(f"the {which}-attention map is already exposed with head_reduction="
-                             f"{exposed.meta['head_reduction']!r}, not {head_reduction!r}")
+        exposed_map(gm, which, head_reduction)
         return gm
     attn = gm.get_submodule(node.target)
     _check_plain_attention(attn, node.target)

@@ -8,19 +8,9 @@ from .. import ops
 from ..config import PruningConfig, check_keep_ratio
 from ..modules import TokenSelector
 from ..tracing import ROLE, finalize, last_layer_node, node_with_role
+from .expose_attention_map import exposed_map
 
 SELECTOR = "atedm_selector"
-
-
-def exposed_map(gm: fx.GraphModule, which: str, how: str) -> fx.Node:
-    """The node of the first layer's ``which`` attention map, heads combined by ``how``."""
-    node = node_with_role(gm, f"{which}_attention_map")
-    if node is None:
-        raise ValueError(f"the {which}-attention map is not exposed: run expose_attention_map(which={which!r}) first")
-    if node.meta["head_reduction"] != how:
-        raise ValueError(f"the {which}-attention map was exposed with head_reduction="
-                         f"{node.meta['head_reduction']!r}, but {how!r} is asked for")
-    return node
 
 
 def insert_token_pruning(

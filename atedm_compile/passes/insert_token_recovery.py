@@ -7,7 +7,7 @@ import torch.fx as fx
 from ..config import PruningConfig
 from ..modules import TokenRecovery
 from ..tracing import ROLE, finalize, last_layer_node, node_with_role
-from .insert_token_pruning import exposed_map
+from .expose_attention_map import exposed_map
 
 RECOVERY = "atedm_recovery"
 
