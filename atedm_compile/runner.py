@@ -160,19 +160,7 @@ class Runner:
         self._hook = self.unet.register_forward_pre_hook(self._before_unet_call, with_kwargs=True)
         if scheduler is not None:
             self._scheduler = scheduler
-            set_timesteps, step = scheduler.set_timesteps, scheduler.step
-
-            def hooked_set_timesteps(*args, **kwargs):
-                out = set_timesteps(*args, **kwargs)
-                self.start(len(scheduler.timesteps))
-                return out
-
-            def hooked_step(*args, **kwargs):
-                out = step(*args, **kwargs)
-                self._advance()
-                return out
-
-            scheduler.set_timesteps, scheduler.step = hooked_set_timesteps, hooked_step
+            follow_scheduler(scheduler, self.start, self._advance)
         object.__setattr__(self.unet, _RUNNER_ATTR, self)
 
     def _uninstall(self) -> None:
@@ -181,8 +169,7 @@ class Runner:
         if self._hook is not None:
             self._hook.remove()
         if self._scheduler is not None:
-            self._scheduler.__dict__.pop("set_timesteps", None)
-            self._scheduler.__dict__.pop("step", None)
+            unfollow_scheduler(self._scheduler)
         self.unet.__dict__.pop(_RUNNER_ATTR, None)
 
     def _before_unet_call(self, unet, args, kwargs):
@@ -194,6 +181,30 @@ class Runner:
                 "(apply after setting pipe.scheduler), or call runner.start(num_steps) / set_step(i)"
             )
         self.calls.append(PhaseCall(self.step, self._phase.name if self._phase else "full"))
+
+
+def follow_scheduler(scheduler, start, advance) -> None:
+    """Hook a diffusers scheduler instance: after ``set_timesteps``, ``start(len(timesteps))``;
+    after each ``step``, ``advance()``. That is the pipeline's loop index, whatever the scheduler."""
+    set_timesteps, step = scheduler.set_timesteps, scheduler.step
+
+    def hooked_set_timesteps(*args, **kwargs):
+        out = set_timesteps(*args, **kwargs)
+        start(len(scheduler.timesteps))
+        return out
+
+    def hooked_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        advance()
+        return out
+
+    scheduler.set_timesteps, scheduler.step = hooked_set_timesteps, hooked_step
+
+
+def unfollow_scheduler(scheduler) -> None:
+    """Undo ``follow_scheduler``: the instance's class methods are visible again."""
+    scheduler.__dict__.pop("set_timesteps", None)
+    scheduler.__dict__.pop("step", None)
 
 
 _UNSUPPORTED = ("timestep", "added_cond_kwargs", "class_labels", "attention_mask", "encoder_attention_mask")

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from ..config import PruningConfig
-from ..runner import PhaseCall, apply
+from ..runner import PhaseCall, apply, follow_scheduler, unfollow_scheduler
 from ..schedule import make_schedule
 from .manifest import WEIGHTS, Manifest, read_manifest, verify_artefacts
 
@@ -96,21 +96,13 @@ class ExportedUNet(torch.nn.Module):
     def attach(self, pipe) -> ExportedUNet:
         """Make this the U-Net of ``pipe`` and follow its scheduler's steps (as ``apply`` does)."""
         scheduler = pipe.scheduler
-        set_timesteps, step = scheduler.set_timesteps, scheduler.step
 
-        def hooked_set_timesteps(*args, **kwargs):
-            out = set_timesteps(*args, **kwargs)
-            self.start(len(scheduler.timesteps))
-            return out
-
-        def hooked_step(*args, **kwargs):
-            out = step(*args, **kwargs)
+        def advance():
             if self.num_steps is not None and self.step + 1 < self.num_steps:
                 self.set_step(self.step + 1)
-            return out
 
         self.detach(pipe)
-        scheduler.set_timesteps, scheduler.step = hooked_set_timesteps, hooked_step
+        follow_scheduler(scheduler, self.start, advance)
         # A plain dict: assigning the replaced U-Net to an attribute would make it a submodule.
         self._attached = {"scheduler": scheduler, "unet": pipe.unet}
         pipe.unet = self
@@ -120,8 +112,7 @@ class ExportedUNet(torch.nn.Module):
         """Undo ``attach``: ``pipe`` gets its previous U-Net and scheduler back. No-op if not attached."""
         if self._attached is None:
             return
-        self._attached["scheduler"].__dict__.pop("set_timesteps", None)
-        self._attached["scheduler"].__dict__.pop("step", None)
+        unfollow_scheduler(self._attached["scheduler"])
         if pipe.unet is self:
             pipe.unet = self._attached["unet"]
         self._attached = None
