@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -164,13 +164,7 @@ class Detection:
     colour: str
     shape: str
     position: str
-    mask: np.ndarray
-
-    def __eq__(self, other):  # the mask is evidence, not identity
-        return isinstance(other, Detection) and (self.colour, self.shape, self.position) == (
-            other.colour, other.shape, other.position)
-
-    __hash__ = None
+    mask: np.ndarray = field(repr=False, compare=False)
 
 
 def _palette() -> tuple[list[str], np.ndarray]:
