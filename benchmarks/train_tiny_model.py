@@ -1,0 +1,355 @@
+"""Train the shipped ``tiny-shapes`` model from scratch on the synthetic shapes data set.
+
+Three stages, seeded and single-threaded so that a rerun on the same machine gives the same weights:
+
+1. VAE: a 3-level ``AutoencoderKL`` (64 x 64 px -> 4 x 16 x 16 latent, factor 4) on
+   reconstruction (L1 + MSE) with a tiny KL term; its latent scale is set to 1 / std of the
+   data's latents, as SD does.
+2. Text encoders + U-Net, jointly, on the frozen VAE's latents: epsilon prediction under the
+   pipeline's own noise schedule, Min-SNR-5 weighting, captions dropped 10% of the time (to the
+   zero embeddings the SD-XL pipeline uses for an empty negative prompt, so CFG works), EMA weights.
+3. Decoder: the VAE decoder alone, on the frozen encoder's latents, from the saved model; stage 1
+   left edges soft (square corners round off), and the latent space the U-Net learned stays put.
+
+Weights are saved (fp16, atomically) every ``--save-every`` steps and at the end into
+``atedm_compile/weights/tiny-shapes``; ``config.json`` records the settings, steps and losses.
+At the end it writes ``docs/samples.png`` and prints the detector's accuracy on held-out captions,
+rendered and generated (``--evaluate-only`` does just that for a saved model).
+
+    nice -n 19 python benchmarks/train_tiny_model.py
+
+Run with ``nice``: it takes about 45 minutes of one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from atedm_compile import synthetic
+from atedm_compile.models import SDXL_BASE_UNET, tiny_tokenizer
+from atedm_compile.trained import TINY_SHAPES, build_pipeline, save_model, state_dict
+
+IMAGE_SIZE = 64
+TEXT_HIDDEN = 32
+TIME_EMBED = 8
+
+UNET = {
+    **SDXL_BASE_UNET,
+    "attention_head_dim": [2, 2, 4],
+    "block_out_channels": [24, 48, 96],
+    "cross_attention_dim": 2 * TEXT_HIDDEN,
+    "norm_num_groups": 8,
+    "addition_time_embed_dim": TIME_EMBED,
+    "projection_class_embeddings_input_dim": 6 * TIME_EMBED + TEXT_HIDDEN,
+    "sample_size": IMAGE_SIZE // 4,
+    "transformer_layers_per_block": [1, 2, 2],
+}
+
+VAE = {
+    "block_out_channels": [16, 32, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": IMAGE_SIZE,
+    "force_upcast": False,
+}
+
+
+def text_encoder_config(vocab_size: int, projection: bool) -> dict:
+    config = dict(
+        vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_attention_heads=2,
+        num_hidden_layers=3, max_position_embeddings=77,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    )
+    if projection:
+        config["projection_dim"] = TEXT_HIDDEN
+    return config
+
+
+# The scheduler of models.tiny_sdxl_pipeline: SD's scaled-linear betas; training uses the same.
+SCHEDULER = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1,
+}
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def warmup_cosine(optimizer, steps: int, warmup: int = 100):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
+def train_vae(vae, images: np.ndarray, steps: int, batch: int, rng: np.random.Generator) -> float:
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, steps)
+    progress = tqdm(range(steps), desc="vae", mininterval=5)
+    running = None
+    for _ in progress:
+        x = to_pixels(images[rng.integers(len(images), size=batch)])
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        progress.set_postfix(loss=f"{running:.4f}")
+    vae.eval().requires_grad_(False)
+    return running
+
+
+def finetune_decoder(directory: Path, images: np.ndarray, steps: int, batch: int, seed: int) -> float:
+    """Stage 3: sharpen the decoder on the frozen encoder's latents (the U-Net's latent space does
+    not move), starting from the model saved in ``directory``, and save it back."""
+    from safetensors.torch import load_file
+
+    config = json.loads((directory / "config.json").read_text())
+    pipe = build_pipeline(config, load_file(directory / "model.safetensors"))
+    vae = pipe.vae
+    decoder = torch.nn.ModuleList([vae.post_quant_conv, vae.decoder]).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=5e-4, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, steps, warmup=20)
+    rng = np.random.default_rng(seed)
+    progress = tqdm(range(steps), desc="decoder", mininterval=5)
+    running = None
+    for _ in progress:
+        x = to_pixels(images[rng.integers(len(images), size=batch)])
+        with torch.no_grad():
+            latent = vae.encode(x).latent_dist.mode()
+        reconstruction = vae.decode(latent).sample
+        loss = F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        progress.set_postfix(loss=f"{running:.4f}")
+    config["training"].update(decoder_steps=steps, decoder_loss=round(running, 5))
+    save_model(directory, config, state_dict(pipe))
+    return running
+
+
+@torch.no_grad()
+def encode_all(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(to_pixels(images[i:i + batch])).latent_dist.mode()
+                      for i in range(0, len(images), batch)])
+
+
+def encode_text(pipe, ids: torch.Tensor, keep: torch.Tensor):
+    """SD-XL's conditioning: penultimate hidden states of both encoders, concatenated, and encoder
+    2's projected pooled output; rows where ``keep`` is False get zeros (the empty prompt)."""
+    first = pipe.text_encoder(ids, output_hidden_states=True)
+    second = pipe.text_encoder_2(ids, output_hidden_states=True)
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    pooled = second.text_embeds
+    mask = keep.float()
+    return hidden * mask[:, None, None], pooled * mask[:, None]
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
+SAMPLE_CAPTIONS = (
+    "a large red square in the center on a plain white background",
+    "a small red triangle at the top left on a striped blue background",
+    "a large blue circle at the bottom right on a checkered yellow background",
+    "a large green triangle on the left on a plain gray background",
+    "a small yellow square at the top on a striped green background",
+    "a large yellow circle at the bottom on a plain blue background",
+    "a small blue square on the right on a checkered white background",
+    "a large green circle at the top right on a striped red background",
+)
+
+
+def sample(pipe, captions, seeds, steps: int, guidance: float) -> list:
+    """One image per (caption, seed), sampled with the pipeline's own loop."""
+    return [pipe(list(captions), height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps,
+                 guidance_scale=guidance, generator=[torch.Generator().manual_seed(seed) for _ in captions]).images
+            for seed in seeds]
+
+
+def write_sample_grid(pipe, path: Path, steps: int, guidance: float, seeds=(0, 1, 2, 3), zoom: int = 2) -> None:
+    """A PNG grid: one row per caption of ``SAMPLE_CAPTIONS``, the training data's rendering of
+    it first, then one sample per seed."""
+    from PIL import Image, ImageDraw
+
+    samples = sample(pipe, SAMPLE_CAPTIONS, seeds, steps, guidance)
+    tile, label = IMAGE_SIZE * zoom, 14
+    grid = Image.new("RGB", (tile * (1 + len(seeds)), (tile + label) * len(SAMPLE_CAPTIONS)), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, caption in enumerate(SAMPLE_CAPTIONS):
+        top = row * (tile + label)
+        draw.text((2, top + 1), caption, fill="black")
+        real, _ = synthetic.render(synthetic.parse_caption(caption), IMAGE_SIZE)
+        tiles = [Image.fromarray(real)] + [samples[column][row] for column in range(len(seeds))]
+        for column, image in enumerate(tiles):
+            grid.paste(image.resize((tile, tile), Image.Resampling.NEAREST), (column * tile, top + label))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def detector_accuracy(pipe, count: int, steps: int, guidance: float, seed: int = 1234, batch: int = 16) -> dict:
+    """Share of images whose largest object the detector reads as the caption says, for ``count``
+    held-out captions: on the rendered data, on its VAE round trip (the ceiling for samples) and on
+    the pipeline's samples of the same captions."""
+    images, _, captions, _ = synthetic.make_dataset(count, seed=seed, size=IMAGE_SIZE)
+    generated = []
+    for start in range(0, count, batch):
+        generated += sample(pipe, captions[start:start + batch], [seed + start], steps, guidance)[0]
+    with torch.no_grad():
+        decoded = pipe.vae.decode(pipe.vae.encode(to_pixels(images)).latent_dist.mode()).sample
+    reconstructed = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    result = {}
+    for name, pictures in (("rendered", images), ("vae-reconstructed", reconstructed), ("generated", generated)):
+        scores = [synthetic.score(picture, caption) for picture, caption in zip(pictures, captions)]
+        result[name] = {key: sum(s[key] for s in scores) / count for key in ("colour", "shape", "position")}
+        result[name]["all"] = sum(all(s.values()) for s in scores) / count
+    return result
+
+
+def evaluate(directory: Path, grid: Path, steps: int, guidance: float, count: int) -> None:
+    from atedm_compile.trained import load_trained_pipeline
+
+    pipe = load_trained_pipeline(directory)
+    write_sample_grid(pipe, grid, steps, guidance)
+    print(f"wrote {grid}")
+    for name, accuracy in detector_accuracy(pipe, count, steps, guidance).items():
+        print(name, {k: round(v, 3) for k, v in accuracy.items()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(TINY_SHAPES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-size", type=int, default=16000)
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--decoder-steps", type=int, default=600)
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="run stage 3 alone, on the model saved in --out")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="skip training: sample grid and detector accuracy of the model in --out")
+    parser.add_argument("--grid", default=str(Path(__file__).parents[1] / "docs" / "samples.png"))
+    parser.add_argument("--sample-steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--eval-count", type=int, default=64)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    if args.evaluate_only:
+        evaluate(Path(args.out), Path(args.grid), args.sample_steps, args.guidance, args.eval_count)
+        return
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    started = time.time()
+
+    images, _, captions, _ = synthetic.make_dataset(args.data_size, seed=args.seed, size=IMAGE_SIZE)
+    if args.decoder_only:
+        loss = finetune_decoder(Path(args.out), images, args.decoder_steps, args.vae_batch, args.seed + 1)
+        print(f"decoder: loss {loss:.4f}, {time.time() - started:.0f} s")
+        return
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    config = {
+        "unet": UNET, "vae": VAE, "scheduler": SCHEDULER,
+        "text_encoder": text_encoder_config(len(tokenizer), projection=False),
+        "text_encoder_2": text_encoder_config(len(tokenizer), projection=True),
+        "image_size": IMAGE_SIZE,
+    }
+    pipe = build_pipeline(config)
+
+    vae_loss = train_vae(pipe.vae, images, args.vae_steps, args.vae_batch, rng)
+    latents = encode_all(pipe.vae, images)
+    scale = 1 / latents.std().item()
+    pipe.vae.register_to_config(scaling_factor=scale)
+    config["vae"] = {**VAE, "scaling_factor": scale}
+    latents = latents * scale
+    print(f"vae: loss {vae_loss:.4f}, latent scale {scale:.4f}, {time.time() - started:.0f} s")
+
+    trained = torch.nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder,
+                                   "text_encoder_2": pipe.text_encoder_2})
+    trained.train().requires_grad_(True)
+    ema = copy.deepcopy(trained).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr, weight_decay=1e-2)
+    schedule = warmup_cosine(optimizer, args.steps)
+    alphas_cumprod = pipe.scheduler.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    loss_weight = torch.clamp(snr, max=5.0) / snr  # Min-SNR-gamma (gamma 5) for epsilon prediction
+    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
+
+    def save(step: int, loss: float) -> None:
+        live = {name: getattr(pipe, name) for name in trained}
+        for name in trained:
+            setattr(pipe, name, ema[name])
+        config["training"] = {
+            "seed": args.seed, "data_size": args.data_size, "vae_steps": args.vae_steps, "vae_loss": round(vae_loss, 5),
+            "steps": step, "of_steps": args.steps, "batch": args.batch, "lr": args.lr, "loss": round(loss, 5),
+            "seconds": round(time.time() - started), "threads": args.threads,
+        }
+        save_model(args.out, config, state_dict(pipe))
+        for name, module in live.items():
+            setattr(pipe, name, module)
+
+    progress = tqdm(range(1, args.steps + 1), desc="unet", mininterval=5)
+    running = None
+    for step in progress:
+        index = torch.from_numpy(rng.integers(len(images), size=args.batch))
+        x0 = latents[index]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, len(alphas_cumprod), (args.batch,))
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        keep = torch.rand(args.batch) >= 0.1
+        hidden, pooled = encode_text(pipe, ids[index], keep)
+        prediction = pipe.unet(noisy, t, encoder_hidden_states=hidden,
+                               added_cond_kwargs={"text_embeds": pooled,
+                                                  "time_ids": time_ids.expand(args.batch, -1)}).sample
+        loss = ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (loss * loss_weight[t]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        ema_update(ema, trained, min(0.999, (1 + step) / (10 + step)))
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        progress.set_postfix(loss=f"{running:.4f}")
+        if step % args.save_every == 0 or step == args.steps:
+            save(step, running)
+    print(f"unet: {args.steps} steps, loss {running:.4f}, {time.time() - started:.0f} s")
+    loss = finetune_decoder(Path(args.out), images, args.decoder_steps, args.vae_batch, args.seed + 1)
+    print(f"decoder: loss {loss:.4f}, {time.time() - started:.0f} s; wrote {Path(args.out)}")
+    evaluate(Path(args.out), Path(args.grid), args.sample_steps, args.guidance, args.eval_count)
+
+
+if __name__ == "__main__":
+    main()
