@@ -3,8 +3,12 @@
 ``weights.bin`` is memory-mapped once; every weight is handed to every session that names it with
 ``SessionOptions.add_initializer``, which makes the session use that buffer instead of reading
 its own copy. Weight pre-packing is turned off because pre-packed weights are private to each
-session. The sharing is partial on the CPU provider: a second phase session still costs about a
-third of the weights' size (measured in benchmarks/export_benchmark.py, not explained yet).
+session, and on the CPU all sessions allocate activations from one arena registered with the
+environment. What still grows per session is ONNX Runtime's own graph optimisation: at
+``ORT_ENABLE_ALL`` the layout transformer writes blocked (NCHWc) copies of convolution weights
+for each session. Measured on the tiny model: all phases cost 1.29 x one phase (1.49 x without
+the shared weights and arena); at ``ORT_ENABLE_EXTENDED`` 1.16 x, but each call was about 20%
+slower, so the default stays at ``ORT_ENABLE_ALL`` (benchmarks/export_benchmark.py).
 """
 
 from __future__ import annotations
@@ -50,6 +54,22 @@ class SharedWeights:
         self.values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.arrays.items()}
 
 
+_SHARED_ARENA = False
+
+
+def _register_shared_arena() -> None:
+    """One CPU arena for every session of this process (``session.use_env_allocators``): phases run
+    one at a time, so their activations can live in the same memory."""
+    global _SHARED_ARENA
+    if _SHARED_ARENA:
+        return
+    import onnxruntime as ort
+
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+    _SHARED_ARENA = True
+
+
 class OrtEngine:
     """One phase graph in an ONNX Runtime session. ``infer`` takes and returns named torch tensors.
 
@@ -71,6 +91,9 @@ class OrtEngine:
         # Spinning worker threads keep the cores busy between calls and starve the rest of the
         # pipeline (text encoders, VAE, scheduler) running in PyTorch on the same cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.providers[0] == PROVIDERS["cpu"]:
+            _register_shared_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
         if shared is not None:
             graph = onnx.load(str(self.path), load_external_data=False)
             for tensor in graph.graph.initializer:
