@@ -11,6 +11,7 @@ every phase session.
 from __future__ import annotations
 
 import hashlib
+import warnings
 import os
 import shutil
 import tempfile
@@ -82,7 +83,10 @@ def export_phase(
     args = tuple(example_inputs(inputs, device=device).values())
     wrapper = UNetSignature(unet, list(inputs))
     names = dict(input_names=list(inputs), output_names=[OUTPUT_NAME])
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Static shapes are the point of a step-specialised graph: the tracer's warnings that a
+        # size became a constant say nothing new.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         if exporter == "torchscript":
             torch.onnx.export(wrapper, args, str(path), opset_version=opset, dynamo=False,
                               do_constant_folding=True, **names)
