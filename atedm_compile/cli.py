@@ -161,10 +161,10 @@ def cmd_generate(args) -> int:
     rows = []
     for phase in cost.phases:
         seconds = [t for name, t in timings if name == phase.name]
-        rows.append([phase.name, f"{phase.steps[0]}-{phase.steps[1] - 1}", f"{phase.tmacs:.4f}",
+        rows.append([phase.name, f"{phase.steps[0]}-{phase.steps[1] - 1}", f"{phase.tmacs:.4g}",
                      f"{sum(seconds) / max(1, len(seconds)):.4f}"])
     print(f"{args.model}: {args.steps} steps at {width}x{height}, schedule {schedule.name}, "
-          f"full model {cost.full_tmacs:.4f} TMACs per step")
+          f"full model {cost.full_tmacs:.4g} TMACs per step")
     _print_table(["phase", "steps", "TMACs", "seconds per step"], rows)
 
     out = Path(args.out)
@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     flops = sub.add_parser("flops", help="FLOPs per phase of a schedule, on the meta device")
-    flops.add_argument("--model", default="sdxl-base", help="config name: sdxl-base, sdxl-turbo, sd15, sd21, tiny")
+    flops.add_argument("--model", default="sdxl-base",
+                       help="config name: sdxl-base, sdxl-turbo, sd15, sd21, tiny, tiny-sd15, tiny-shapes")
     flops.add_argument("--height", type=int, default=1024)
     flops.add_argument("--width", type=int, default=1024)
     flops.add_argument("--json", action="store_true", help="print a JSON object")
@@ -193,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     flops.set_defaults(func=cmd_flops)
 
     generate = sub.add_parser("generate", help="sample an image with the AT-EDM runner")
-    generate.add_argument("--model", default="tiny", help="'tiny' (built in, random weights) or a path / hub id")
+    generate.add_argument("--model", default="tiny-shapes",
+                          help="'tiny-shapes' (shipped, trained on synthetic shapes, 64 px), 'tiny' (built in, "
+                               "random weights) or a path / hub id")
     generate.add_argument("--prompt", default="a small red triangle at the top left on a striped blue background")
     generate.add_argument("--height", type=int, default=None)
     generate.add_argument("--width", type=int, default=None)

@@ -108,10 +108,17 @@ TINY_VAE = {
 }
 
 
+TRAINED_MODELS = ("tiny-shapes",)
+
+
 def unet_config(name: str) -> dict:
-    """The U-Net config called ``name`` (one of ``UNET_CONFIGS``)."""
+    """The U-Net config called ``name`` (one of ``UNET_CONFIGS``, or a shipped trained model)."""
+    if name in TRAINED_MODELS:
+        from .trained import TINY_SHAPES, read_config
+
+        return dict(read_config(TINY_SHAPES)["unet"])
     if name not in UNET_CONFIGS:
-        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(UNET_CONFIGS)}")
+        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(UNET_CONFIGS) + list(TRAINED_MODELS)}")
     return dict(UNET_CONFIGS[name])
 
 
@@ -222,8 +229,13 @@ def tiny_sd15_pipeline(seed: int = 0):
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """The pipeline for ``model``: ``"tiny"`` (built in) or a local path / hub id loaded with
-    diffusers' ``DiffusionPipeline.from_pretrained`` (SD-XL and SD 1.x / 2.x pipelines)."""
+    """The pipeline for ``model``: ``"tiny-shapes"`` (shipped, trained on synthetic shapes),
+    ``"tiny"`` (built in, random weights) or a local path / hub id loaded with diffusers'
+    ``DiffusionPipeline.from_pretrained`` (SD-XL and SD 1.x / 2.x pipelines)."""
+    if model == "tiny-shapes":
+        from .trained import load_trained_pipeline
+
+        return load_trained_pipeline(device=device)
     if model == "tiny":
         return tiny_sdxl_pipeline().to(device)
     from diffusers import DiffusionPipeline

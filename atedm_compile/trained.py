@@ -79,6 +79,11 @@ def save_model(directory: str | Path, config: dict, weights: dict[str, torch.Ten
     _write_atomically(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
 
 
+def read_config(directory: str | Path = TINY_SHAPES) -> dict:
+    """The component configs of a shipped model (``config.json``)."""
+    return json.loads((Path(directory) / "config.json").read_text())
+
+
 def load_trained_pipeline(directory: str | Path = TINY_SHAPES, device: str | torch.device = "cpu"):
     """The trained pipeline shipped in the package (or the one in ``directory``), in float32.
 
@@ -97,6 +102,5 @@ def load_trained_pipeline(directory: str | Path = TINY_SHAPES, device: str | tor
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
-    pipe = build_pipeline(config, load_file(directory / "model.safetensors"))
+    pipe = build_pipeline(read_config(directory), load_file(directory / "model.safetensors"))
     return pipe.to(device)

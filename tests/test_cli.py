@@ -23,11 +23,12 @@ def test_flops_target(capsys):
     assert "keep ratio for an average of at most 0.0018 TMACs per step" in capsys.readouterr().out
 
 
-def test_generate_writes_image_and_masks(tmp_path, capsys):
-    assert main(["generate", "--steps", "4", "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("model,size", [("tiny-shapes", 64), ("tiny", 256)])
+def test_generate_writes_image_and_masks(tmp_path, capsys, model, size):
+    assert main(["generate", "--model", model, "--steps", "4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "prune-less" in out and "seconds per step" in out
-    assert Image.open(tmp_path / "image.png").size == (256, 256)
+    assert Image.open(tmp_path / "image.png").size == (size, size)
     assert Image.open(tmp_path / "masks.png").size[0] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "masks.png"]
 
@@ -35,7 +36,7 @@ def test_generate_writes_image_and_masks(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["flops", "--model", "tiny", "--keep-ratio", "1.5"], "keep_ratio=1.5 is outside (0, 1]"),
     (["flops", "--model", "sdxl-huge"], "unknown model config 'sdxl-huge'"),
-    (["generate", "--steps", "2", "--height", "240"], "image size 240x240 is not a positive multiple of 32"),
+    (["generate", "--steps", "2", "--height", "72"], "image size 72x72 is not a positive multiple of 16"),
 ])
 def test_bad_input_exits_2_with_a_message(argv, message, capsys, tmp_path):
     assert main(argv + (["--out", str(tmp_path)] if argv[0] == "generate" else [])) == 2
