@@ -100,10 +100,10 @@ def cmd_flops(args) -> int:
         return 0
     print(f"{args.model} at {args.height}x{args.width}, schedule {args.schedule}, keep ratio {keep}, "
           f"{args.steps} steps. TMACs of one U-Net call on the CFG pair.")
-    rows = [["full model", f"0-{args.steps - 1}", f"{report.full_tmacs:.3f}", f"{report.full_tmacs:.3f}"]]
-    rows += [[p.name, f"{p.steps[0]}-{p.steps[1] - 1}", f"{p.tmacs:.3f}", f"{p.tmacs_with_scoring:.3f}"]
+    rows = [["full model", f"0-{args.steps - 1}", f"{report.full_tmacs:.4g}", f"{report.full_tmacs:.4g}"]]
+    rows += [[p.name, f"{p.steps[0]}-{p.steps[1] - 1}", f"{p.tmacs:.4g}", f"{p.tmacs_with_scoring:.4g}"]
              for p in report.phases]
-    rows.append(["average per step", "", f"{report.average_tmacs:.3f}", f"{report.average_tmacs_with_scoring:.3f}"])
+    rows.append(["average per step", "", f"{report.average_tmacs:.4g}", f"{report.average_tmacs_with_scoring:.4g}"])
     _print_table(["phase", "steps", "TMACs", "TMACs with scoring"], rows)
     if args.target_tflops is not None:
         print(f"keep ratio for an average of at most {args.target_tflops} TMACs per step: {keep}")
