@@ -92,6 +92,20 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def optimise(loss, optimizer, schedule, running, progress, clip=None):
+    """One optimiser step (gradients clipped to norm 1 over ``clip`` when given); returns the
+    smoothed loss, which the progress bar shows."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    optimizer.step()
+    schedule.step()
+    running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+    progress.set_postfix(loss=f"{running:.4f}")
+    return running
+
+
 def warmup_cosine(optimizer, steps: int, warmup: int = 100):
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
     return torch.optim.lr_scheduler.LambdaLR(
@@ -109,12 +123,7 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, rng: np.random.Ge
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        progress.set_postfix(loss=f"{running:.4f}")
+        running = optimise(loss, optimizer, schedule, running, progress)
     vae.eval().requires_grad_(False)
     return running
 
@@ -139,12 +148,7 @@ def finetune_decoder(directory: Path, images: np.ndarray, steps: int, batch: int
             latent = vae.encode(x).latent_dist.mode()
         reconstruction = vae.decode(latent).sample
         loss = F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        progress.set_postfix(loss=f"{running:.4f}")
+        running = optimise(loss, optimizer, schedule, running, progress)
     config["training"].update(decoder_steps=steps, decoder_loss=round(running, 5))
     save_model(directory, config, state_dict(pipe))
     return running
@@ -335,14 +339,8 @@ def main() -> None:
                                                   "time_ids": time_ids.expand(args.batch, -1)}).sample
         loss = ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (loss * loss_weight[t]).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        running = optimise(loss, optimizer, schedule, running, progress, clip=trained.parameters())
         ema_update(ema, trained, min(0.999, (1 + step) / (10 + step)))
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        progress.set_postfix(loss=f"{running:.4f}")
         if step % args.save_every == 0 or step == args.steps:
             save(step, running)
     print(f"unet: {args.steps} steps, loss {running:.4f}, {time.time() - started:.0f} s")
