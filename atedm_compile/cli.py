@@ -45,6 +45,11 @@ def _schedule(args, keep_ratio=None):
     )
 
 
+def _sig(value: float) -> float:
+    """Six significant digits: enough for SD-XL's TMACs and for a tiny model's."""
+    return float(f"{value:.6g}")
+
+
 def _print_table(headers: list[str], rows: list[list]) -> None:
     widths = [max(len(str(x)) for x in [h] + [r[i] for r in rows]) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
@@ -56,18 +61,20 @@ def _print_table(headers: list[str], rows: list[list]) -> None:
 
 def cmd_flops(args) -> int:
     from .flops import count_phases, solve_keep_ratio
-    from .models import build_unet
+    from .models import build_unet, vae_factor
 
     unet = build_unet(args.model, device="meta")
+    factor = vae_factor(args.model)
     config = _pruning_config(args)
     keep = args.keep_ratio
     if args.target_tflops is not None:
         keep, report = solve_keep_ratio(
             unet, args.target_tflops, args.schedule, args.steps, config, args.height, args.width,
-            prune_less_blocks=args.prune_less_blocks,
+            vae_factor=factor, prune_less_blocks=args.prune_less_blocks,
         )
     else:
-        report = count_phases(unet, _schedule(args), config, args.height, args.width, model_name=args.model)
+        report = count_phases(unet, _schedule(args), config, args.height, args.width, vae_factor=factor,
+                              model_name=args.model)
     report.model = args.model
     if args.json:
         out = {
@@ -78,18 +85,18 @@ def cmd_flops(args) -> int:
             "width": args.width,
             "keep_ratio": keep,
             "unit": "TMACs of one U-Net call on the CFG pair (FLOPs / 2 / 1e12, batch 2)",
-            "full_tmacs": round(report.full_tmacs, 4),
-            "average_tmacs": round(report.average_tmacs, 4),
-            "average_tmacs_with_scoring": round(report.average_tmacs_with_scoring, 4),
+            "full_tmacs": _sig(report.full_tmacs),
+            "average_tmacs": _sig(report.average_tmacs),
+            "average_tmacs_with_scoring": _sig(report.average_tmacs_with_scoring),
             "phases": {
                 p.name: {
                     "steps": list(p.steps),
-                    "tmacs": round(p.tmacs, 4),
-                    "tmacs_with_scoring": round(p.tmacs_with_scoring, 4),
+                    "tmacs": _sig(p.tmacs),
+                    "tmacs_with_scoring": _sig(p.tmacs_with_scoring),
                     "flops": p.flops,
                     "flops_with_scoring": p.flops_with_scoring,
-                    "blocks": {b.name: {"keep_ratio": b.keep_ratio, "tmacs": round(b.tmacs, 5),
-                                        "scoring_tmacs": round(b.scoring_tmacs, 6)} for b in p.blocks},
+                    "blocks": {b.name: {"keep_ratio": b.keep_ratio, "tmacs": _sig(b.tmacs),
+                                        "scoring_tmacs": _sig(b.scoring_tmacs)} for b in p.blocks},
                 }
                 for p in report.phases
             },

@@ -169,6 +169,7 @@ def solve_keep_ratio(
     height: int = 1024,
     width: int = 1024,
     tolerance: float = 2e-3,
+    vae_factor: int = 8,
     **preset_options,
 ) -> tuple[float, FlopsReport]:
     """The largest keep ratio whose schedule-average ``tmacs`` is at most ``target_tmacs``.
@@ -181,7 +182,7 @@ def solve_keep_ratio(
     def report(keep: float) -> FlopsReport:
         nonlocal full_flops
         schedule = make_schedule(preset, num_steps, keep_ratio=keep, **preset_options)
-        result = count_phases(unet, schedule, config, height, width, full_flops=full_flops)
+        result = count_phases(unet, schedule, config, height, width, vae_factor=vae_factor, full_flops=full_flops)
         full_flops = result.full_flops
         return result
 

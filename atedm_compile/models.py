@@ -122,6 +122,17 @@ def unet_config(name: str) -> dict:
     return dict(UNET_CONFIGS[name])
 
 
+def vae_factor(name: str) -> int:
+    """Pixels per latent cell, per side, of the pipeline a named config belongs to (8 for the
+    SD families and ``tiny``; the shipped trained models say in their config)."""
+    if name in TRAINED_MODELS:
+        from .trained import TINY_SHAPES, read_config
+
+        return 2 ** (len(read_config(TINY_SHAPES)["vae"]["block_out_channels"]) - 1)
+    unet_config(name)  # a clear error for an unknown name
+    return 8
+
+
 def build_unet(name_or_config: str | dict, device: str | torch.device = "cpu", seed: int = 0):
     """A ``UNet2DConditionModel`` from a named or given config, randomly initialised.
 

@@ -42,3 +42,17 @@ def test_bad_input_exits_2_with_a_message(argv, message, capsys, tmp_path):
     assert main(argv + (["--out", str(tmp_path)] if argv[0] == "generate" else [])) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_flops_of_the_shipped_model_use_its_vae_factor(capsys):
+    assert main(["flops", "--model", "tiny-shapes", "--height", "64", "--width", "64", "--steps", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # latent 16 x 16 (VAE factor 4): the same cost generate reports for 64 px
+    from atedm_compile.flops import count_phases
+    from atedm_compile.models import build_unet
+    from atedm_compile.schedule import make_schedule
+
+    expected = count_phases(build_unet("tiny-shapes", device="meta"), make_schedule("none", 1), height=64, width=64,
+                            vae_factor=4).full_tmacs
+    assert out["full_tmacs"] == pytest.approx(expected, abs=1e-4)
+    assert out["full_tmacs"] > 3e-4
