@@ -57,6 +57,7 @@ class Runner:
         self._modules = {b.name: self.unet.get_submodule(b.path) for b in self.blocks}
         self._graphs: dict[tuple[str, float], fx.GraphModule] = {}
         self._capture: dict | None = None
+        self._phase_graphs: dict[str, tuple[Phase, dict[str, fx.GraphModule | None]]] = {}
         self._active: dict[str, fx.GraphModule | None] = {b.name: None for b in self.blocks}
         self._phase: Phase | None = None
         self._scheduler = None
@@ -76,9 +77,11 @@ class Runner:
             schedule = self.schedule_spec
         else:
             schedule = make_schedule(self.schedule_spec, num_steps, **self.preset_options)
-        for phase in schedule.phases:
-            for name, keep in phase.keep_ratios(self.blocks).items():
-                self.graph(name, keep)
+        # Resolved once per run, so that switching phase inside the sampling loop is a lookup.
+        self._phase_graphs = {
+            phase.name: (phase, {name: self.graph(name, keep) for name, keep in phase.keep_ratios(self.blocks).items()})
+            for phase in schedule.phases
+        }
         self.schedule = schedule
 
     def start(self, num_steps: int) -> None:
@@ -102,12 +105,10 @@ class Runner:
             return
         if self.schedule is None:
             raise RuntimeError("no sampling run started: call start(num_steps) first")
-        phases = {p.name: p for p in self.schedule.phases}
-        if name not in phases:
-            raise ValueError(f"unknown phase {name!r}; this schedule has {list(phases)}")
-        self._phase = phases[name]
-        for block, keep in self._phase.keep_ratios(self.blocks).items():
-            self._active[block] = self._graphs.get((block, keep))
+        if name not in self._phase_graphs:
+            raise ValueError(f"unknown phase {name!r}; this schedule has {list(self._phase_graphs)}")
+        self._phase, graphs = self._phase_graphs[name]
+        self._active = dict(graphs)
 
     @property
     def phase(self) -> Phase | None:
