@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
+        # OSError: an output path that is a file, a folder we may not write, a full disk.
         print(f"atedm-compile {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -56,3 +56,11 @@ def test_flops_of_the_shipped_model_use_its_vae_factor(capsys):
                             vae_factor=4).full_tmacs
     assert out["full_tmacs"] == pytest.approx(expected, abs=1e-4)
     assert out["full_tmacs"] > 3e-4
+
+
+def test_output_path_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "out"
+    target.write_text("mine")
+    assert main(["generate", "--model", "tiny", "--steps", "1", "--out", str(target)]) == 2
+    assert "File exists" in capsys.readouterr().err
+    assert target.read_text() == "mine"
