@@ -8,6 +8,8 @@ and tiny SD-XL-topology models with random weights (for tests and the embedded d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 SDXL_BASE_UNET = {
@@ -152,17 +154,46 @@ def build_unet(name_or_config: str | dict, device: str | torch.device = "cpu", s
     return unet.eval().requires_grad_(False)
 
 
-def tiny_tokenizer():
-    """A real ``CLIPTokenizer`` over a byte-level vocabulary with no merges: every byte is a token,
-    with and without the end-of-word marker. Needs no download."""
+def tiny_tokenizer(words: Sequence[str] = ()):
+    """A real ``CLIPTokenizer`` over a byte-level vocabulary: every byte is a token, with and
+    without the end-of-word marker, and each of ``words`` is one token more (BPE merges that
+    build it). Any other text still tokenizes, byte by byte. Needs no download.
+
+    Example:
+        >>> tokenizer = tiny_tokenizer(["red", "square"])
+        >>> tokenizer.tokenize("a red square")
+        ['a</w>', 'red</w>', 'square</w>']
+    """
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
     symbols = sorted(ByteLevel.alphabet())
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    base = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    merges: list[tuple[str, str]] = []
+
+    def build():
+        vocab = dict(base)
+        for a, b in merges:
+            vocab.setdefault(a + b, len(vocab))
+        vocab["<|startoftext|>"] = len(vocab)
+        vocab["<|endoftext|>"] = len(vocab)
+        return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77)
+
+    # BPE applies its merges by rank, so one word's merges can split another: add merges that
+    # join whatever pieces a word still falls into, until every word is one token.
+    tokenizer = build()
+    for _ in range(len(words) + 1):
+        split = [pieces for pieces in map(tokenizer.tokenize, words) if len(pieces) > 1]
+        if not split:
+            return tokenizer
+        for pieces in split:
+            joined = pieces[0]
+            for piece in pieces[1:]:
+                if (joined, piece) not in merges:
+                    merges.append((joined, piece))
+                joined += piece
+        tokenizer = build()
+    raise ValueError(f"could not make single tokens of {[w for w in words if len(tokenizer.tokenize(w)) > 1]}")
 
 
 def _tiny_text_encoders(vocab_size: int):

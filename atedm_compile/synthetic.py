@@ -40,6 +40,10 @@ _POSITION_PHRASES = {
 PATTERNS = ("plain", "striped", "checkered")
 _NEUTRALS = {"white": ((245, 245, 245), (215, 215, 215)), "gray": ((150, 150, 150), (185, 185, 185))}
 BACKGROUND_COLOURS = (*_NEUTRALS, *COLOURS)
+# Every word a caption can use, in a fixed order (the trained model's tokenizer makes each one token).
+VOCABULARY = tuple(dict.fromkeys(
+    " ".join(("a on background", *SIZES, *COLOURS, *SHAPES, *_POSITION_PHRASES.values(), *PATTERNS,
+              *BACKGROUND_COLOURS)).split()))
 # Stripe width and checker cell, as a share of the image side.
 _TEXTURE_PERIOD = 1 / 8
 # Anti-aliased drawing: render this many times larger, then box-downsample.

@@ -27,7 +27,7 @@ def build_pipeline(config: dict, weights: dict[str, torch.Tensor] | None = None)
 
     from .models import build_unet, tiny_tokenizer
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(config.get("tokenizer_words", ()))
     parts = {
         "unet": build_unet(config["unet"]),
         "vae": AutoencoderKL.from_config(config["vae"]),

@@ -40,7 +40,7 @@ from atedm_compile.models import SDXL_BASE_UNET, tiny_tokenizer
 from atedm_compile.trained import TINY_SHAPES, build_pipeline, save_model, state_dict
 
 IMAGE_SIZE = 64
-TEXT_HIDDEN = 32
+TEXT_HIDDEN = 48
 TIME_EMBED = 8
 
 UNET = {
@@ -154,6 +154,25 @@ def finetune_decoder(directory: Path, images: np.ndarray, steps: int, batch: int
     return running
 
 
+def reuse_vae(pipe, config: dict, directory: Path) -> float:
+    """Load the VAE of the model saved in ``directory`` into ``pipe`` (stages 1 and 3 done
+    there); returns that model's VAE loss."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    saved = json.loads((directory / "config.json").read_text())
+    prefix = "vae."
+    weights = {k[len(prefix):]: v.float() for k, v in load_file(directory / "model.safetensors").items()
+               if k.startswith(prefix)}
+    pipe.vae = AutoencoderKL.from_config(saved["vae"])
+    pipe.vae.load_state_dict(weights, strict=True)
+    pipe.vae.eval().requires_grad_(False)
+    config["vae"] = saved["vae"]
+    config["training"] = {key: saved["training"][key] for key in ("vae_steps", "vae_loss", "decoder_steps",
+                                                                 "decoder_loss") if key in saved["training"]}
+    return saved["training"]["vae_loss"]
+
+
 @torch.no_grad()
 def encode_all(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     return torch.cat([vae.encode(to_pixels(images[i:i + batch])).latent_dist.mode()
@@ -257,6 +276,9 @@ def main() -> None:
     parser.add_argument("--decoder-steps", type=int, default=600)
     parser.add_argument("--decoder-only", action="store_true",
                         help="run stage 3 alone, on the model saved in --out")
+    parser.add_argument("--reuse-vae", metavar="DIR",
+                        help="take the VAE (config, latent scale and weights, decoder stage included) from the "
+                             "model saved in DIR and train only the text encoders and the U-Net")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
@@ -281,21 +303,30 @@ def main() -> None:
         loss = finetune_decoder(Path(args.out), images, args.decoder_steps, args.vae_batch, args.seed + 1)
         print(f"decoder: loss {loss:.4f}, {time.time() - started:.0f} s")
         return
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(synthetic.VOCABULARY)
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     config = {
         "unet": UNET, "vae": VAE, "scheduler": SCHEDULER,
         "text_encoder": text_encoder_config(len(tokenizer), projection=False),
         "text_encoder_2": text_encoder_config(len(tokenizer), projection=True),
         "image_size": IMAGE_SIZE,
+        "tokenizer_words": list(synthetic.VOCABULARY),
     }
     pipe = build_pipeline(config)
 
-    vae_loss = train_vae(pipe.vae, images, args.vae_steps, args.vae_batch, rng)
+    vae_record = {}
+    if args.reuse_vae:
+        vae_loss = reuse_vae(pipe, config, Path(args.reuse_vae))
+        vae_record = {**config.pop("training"), "vae_from": "an earlier run (--reuse-vae)"}
+    else:
+        vae_loss = train_vae(pipe.vae, images, args.vae_steps, args.vae_batch, rng)
     latents = encode_all(pipe.vae, images)
-    scale = 1 / latents.std().item()
-    pipe.vae.register_to_config(scaling_factor=scale)
-    config["vae"] = {**VAE, "scaling_factor": scale}
+    if args.reuse_vae:
+        scale = pipe.vae.config.scaling_factor
+    else:
+        scale = 1 / latents.std().item()
+        pipe.vae.register_to_config(scaling_factor=scale)
+        config["vae"] = {**VAE, "scaling_factor": scale}
     latents = latents * scale
     print(f"vae: loss {vae_loss:.4f}, latent scale {scale:.4f}, {time.time() - started:.0f} s")
 
@@ -318,6 +349,7 @@ def main() -> None:
             "seed": args.seed, "data_size": args.data_size, "vae_steps": args.vae_steps, "vae_loss": round(vae_loss, 5),
             "steps": step, "of_steps": args.steps, "batch": args.batch, "lr": args.lr, "loss": round(loss, 5),
             "seconds": round(time.time() - started), "threads": args.threads,
+            **vae_record,
         }
         save_model(args.out, config, state_dict(pipe))
         for name, module in live.items():
@@ -344,6 +376,9 @@ def main() -> None:
         if step % args.save_every == 0 or step == args.steps:
             save(step, running)
     print(f"unet: {args.steps} steps, loss {running:.4f}, {time.time() - started:.0f} s")
+    if args.reuse_vae:
+        evaluate(Path(args.out), Path(args.grid), args.sample_steps, args.guidance, args.eval_count)
+        return
     loss = finetune_decoder(Path(args.out), images, args.decoder_steps, args.vae_batch, args.seed + 1)
     print(f"decoder: loss {loss:.4f}, {time.time() - started:.0f} s; wrote {Path(args.out)}")
     evaluate(Path(args.out), Path(args.grid), args.sample_steps, args.guidance, args.eval_count)

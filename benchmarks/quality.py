@@ -1,0 +1,349 @@
+"""Quality at matched FLOPs on the trained ``tiny-shapes`` model: AT-EDM against ToMe, random
+pruning and the recovery baselines, side by side in one run.
+
+Budgets. The paper's budgets are SD-XL figures: 2.9, 3.6, 4.1 and 4.5 TMACs per pruned step of
+6.7 (43%, 54%, 61%, 67%). The tiny model cannot reach those shares: its transformer blocks hold
+less of its MACs than SD-XL's, and the first layer of each block is never pruned. So each budget
+is carried over as the keep ratio that gives SD-XL's all-pruned phase that cost (the paper's 4.1
+is keep 0.37), counted here on the SD-XL config on the meta device. Every method then runs the
+DSAP schedule (``atedm`` preset: the first 30% of steps leave F-L unpruned) on the tiny model:
+AT-EDM, random pruning and the recovery baselines at that keep ratio (the same MACs), ToMe at the
+merge ratio whose schedule-average MACs on the tiny model match AT-EDM's (solved by bisection).
+
+Metrics, over ``--prompts`` held-out captions, one fixed seed per prompt, the same noise for
+every method:
+- PSNR and SSIM against the full model's image from the same noise (fidelity);
+- the detector's colour / shape / position / all-three accuracy against the caption (alignment,
+  the CLIP-score analogue);
+- Frechet distance of a small classifier's features (``atedm_compile.quality``, trained in the
+  run on the synthetic data) of the samples against the rendered images of the same captions
+  (the FID analogue; lower is better);
+- where the pruning lands: the share of the kept tokens' area that the object covers (object
+  mask: the detector's, on the method's own image; the conditional half of the CFG batch; every
+  pruned block of every step) next to the object's share of all tokens. Their ratio is 1 for a
+  choice blind to the object.
+
+Prints one table, writes ``results.json`` and a figure (full model, AT-EDM with its kept tokens
+and ToMe, for a few prompts) into ``--out``.
+
+    python benchmarks/quality.py                       # 256 prompts, about 25 min on 2 cores
+    python benchmarks/quality.py --prompts 16 --budgets 4.1 --jobs 1    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+import atedm_compile as ac  # noqa: E402
+from atedm_compile import quality, synthetic  # noqa: E402
+from atedm_compile.config import PruningConfig  # noqa: E402
+from atedm_compile.flops import count_phases, solve_keep_ratio  # noqa: E402
+from atedm_compile.models import build_unet  # noqa: E402
+from atedm_compile.passes import ToMeConfig  # noqa: E402
+from atedm_compile.trained import TINY_SHAPES, load_trained_pipeline, read_config  # noqa: E402
+
+SDXL_FULL_TMACS = 6.7  # the paper's label of the full model; shares below use our own count
+BUDGETS = (2.9, 3.6, 4.1, 4.5)
+METHODS = {
+    "AT-EDM": PruningConfig(),
+    "ToMe": ToMeConfig(),
+    "random": PruningConfig(scorer="random"),
+    "zeros recovery": PruningConfig(recovery="zeros"),
+    "interpolation recovery": PruningConfig(recovery="interpolation"),
+    "direct-copy recovery": PruningConfig(recovery="direct-copy"),
+}
+TOME_MIN_KEEP = 0.25  # ToMe merges at most 75% with 2 x 2 cells
+
+
+# -- budgets -----------------------------------------------------------------------------------
+
+def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir: Path) -> list[dict]:
+    """Per budget: SD-XL's keep ratio, the tiny model's DSAP-average MACs for AT-EDM at that keep
+    ratio, and ToMe's merge ratio matching them."""
+    sdxl = build_unet("sdxl-base", device="meta")
+    tiny = build_unet(read_config(model_dir)["unet"], device="meta")
+    size = dict(height=image_size, width=image_size, vae_factor=vae_factor)
+    full = count_phases(tiny, ac.make_schedule("none", steps), **size).full_tmacs
+    plan = []
+    for budget in budgets:
+        keep, sdxl_report = solve_keep_ratio(sdxl, budget, preset="uniform", num_steps=1, tolerance=1e-3)
+        atedm = count_phases(tiny, ac.make_schedule("atedm", steps, keep_ratio=keep), PruningConfig(), **size)
+
+        def tome(k: float):
+            return count_phases(tiny, ac.make_schedule("atedm", steps, keep_ratio=k), ToMeConfig(), **size)
+
+        low, high = TOME_MIN_KEEP, 1.0  # ToMe's cost grows with its keep ratio (1 - merge ratio)
+        best = tome(low)
+        if best.average_tmacs <= atedm.average_tmacs:
+            while high - low > 1e-3:
+                middle = (low + high) / 2
+                report = tome(middle)
+                if report.average_tmacs <= atedm.average_tmacs:
+                    low, best = middle, report
+                else:
+                    high = middle
+        plan.append({
+            "budget": budget, "keep_ratio": keep, "sdxl_pruned_tmacs": sdxl_report.average_tmacs,
+            "sdxl_full_tmacs": sdxl_report.full_tmacs,
+            "tiny_full_gmacs": full * 1e3, "atedm_share": atedm.average_tmacs / full,
+            "atedm_share_with_scoring": atedm.average_tmacs_with_scoring / full,
+            "tome_ratio": round(1 - low, 4), "tome_share": best.average_tmacs / full,
+            "tome_share_with_merging": best.average_tmacs_with_scoring / full,
+            "tome_matched": best.average_tmacs <= atedm.average_tmacs,
+        })
+    return plan
+
+
+# -- sampling (in worker processes) ------------------------------------------------------------
+
+_PIPE = None
+
+
+def _init_worker(model_dir: str) -> None:
+    global _PIPE
+    torch.set_num_threads(1)
+    _PIPE = load_trained_pipeline(model_dir)
+
+
+def _grids(runner, latent: int) -> dict[str, tuple[int, int]]:
+    sides = {b.name: latent // 2 ** (b.level - 1) for b in runner.blocks}
+    return {name: (side, side) for name, side in sides.items()}
+
+
+def sample_method(task: dict) -> dict:
+    """Images of every prompt under one method and budget, and where its kept tokens landed."""
+    pipe, started = _PIPE, time.process_time()
+    prompts, seeds, steps = task["prompts"], task["seeds"], task["steps"]
+    method, keep = task["method"], task["keep_ratio"]
+    size, latent = task["image_size"], task["image_size"] // task["vae_factor"]
+    runner = None
+    if method != "full":
+        runner = ac.apply(pipe, "atedm", METHODS[method], keep_ratio=keep)
+    images, kept_share, area_share, kept_maps = [], [], [], []
+    track = runner is not None and not isinstance(runner.config, ToMeConfig)
+    try:
+        for start in range(0, len(prompts), task["batch"]):
+            batch = prompts[start:start + task["batch"]]
+            steps_kept: list[dict[str, np.ndarray]] = []
+            with (runner.capture_kept_tokens() if track else _nothing()) as captured:
+                def on_step_end(pipeline, step, timestep, kwargs):
+                    if captured:
+                        # The conditional half of the CFG batch (diffusers puts it second).
+                        steps_kept.append({name: index[len(batch):].numpy() for name, index in captured.items()})
+                        captured.clear()
+                    return kwargs
+
+                out = pipe(batch, height=size, width=size, num_inference_steps=steps, guidance_scale=task["guidance"],
+                           generator=[torch.Generator().manual_seed(s) for s in seeds[start:start + len(batch)]],
+                           output_type="np", callback_on_step_end=on_step_end)
+            batch_images = (out.images * 255).round().astype(np.uint8)
+            images.append(batch_images)
+            if track:
+                grids = _grids(runner, latent)
+                finest = max(grids.values())
+                for i, image in enumerate(batch_images):
+                    found = synthetic.detect(image)
+                    frequency = np.zeros(finest, np.float64)
+                    count = 0
+                    if found is not None:
+                        shares, areas = [], []
+                        for step in steps_kept:
+                            for name, index in step.items():
+                                coverage = quality.token_coverage(found.mask, grids[name])
+                                shares.append(quality.kept_share(index[i], coverage))
+                                areas.append(float(coverage.mean()))
+                        kept_share.append(float(np.mean(shares)))
+                        area_share.append(float(np.mean(areas)))
+                    for step in steps_kept:  # kept frequency on the finest grid, for the figure
+                        for name, index in step.items():
+                            if grids[name] == frequency.shape:
+                                flat = np.zeros(frequency.size)
+                                flat[index[i]] = 1
+                                frequency += flat.reshape(frequency.shape)
+                                count += 1
+                    if start + i < task["figure_prompts"]:
+                        kept_maps.append(frequency / max(count, 1))
+    finally:
+        if runner is not None:
+            ac.remove(pipe)
+    return {"method": method, "budget": task["budget"], "images": np.concatenate(images),
+            "kept_share": kept_share, "area_share": area_share, "kept_maps": kept_maps,
+            "cpu_seconds": time.process_time() - started}
+
+
+class _nothing:
+    def __enter__(self):
+        return {}
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- metrics, table, figure --------------------------------------------------------------------
+
+def metrics(result: dict, full: np.ndarray, captions, classifier, reference_features) -> dict:
+    images = result["images"]
+    scores = [synthetic.score(image, caption) for image, caption in zip(images, captions)]
+    row = {key: float(np.mean([s[key] for s in scores])) for key in ("colour", "shape", "position")}
+    row["all"] = float(np.mean([all(s.values()) for s in scores]))
+    if result["method"] != "full":
+        psnrs = [synthetic.psnr(a, b) for a, b in zip(images, full)]
+        row["psnr"] = float(np.mean([min(p, 100.0) for p in psnrs]))  # identical images: capped at 100 dB
+        row["ssim"] = float(np.mean([synthetic.ssim(a, b) for a, b in zip(images, full)]))
+    row["frechet"] = synthetic.frechet_distance(quality.features(classifier, images), reference_features)
+    if result["kept_share"]:
+        row["kept_in_object"] = float(np.mean(result["kept_share"]))
+        row["object_area"] = float(np.mean(result["area_share"]))
+        row["enrichment"] = row["kept_in_object"] / row["object_area"]
+    return row
+
+
+def print_table(rows: list[dict], plan: list[dict]) -> None:
+    print("\nBudgets (paper's SD-XL TMACs per pruned step -> keep ratio -> this model's share of full MACs, DSAP average)")
+    print(f"{'budget':>6} {'SD-XL keep':>10} {'SD-XL pruned':>12} {'AT-EDM share':>12} {'ToMe ratio':>10} {'ToMe share':>10}")
+    for p in plan:
+        print(f"{p['budget']:>6} {p['keep_ratio']:>10.4f} {p['sdxl_pruned_tmacs']:>12.3f} {p['atedm_share']:>12.3f} "
+              f"{p['tome_ratio']:>10.3f} {p['tome_share']:>10.3f}{'' if p['tome_matched'] else ' (cap)'}")
+    header = (f"\n{'budget':>6} {'method':<24} {'PSNR':>6} {'SSIM':>6} {'colour':>6} {'shape':>6} {'pos.':>6} "
+              f"{'all':>6} {'Frechet':>8} {'kept in obj':>11} {'obj area':>8} {'ratio':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        cell = lambda key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
+        print(f"{r['budget']:>6} {r['method']:<24} {cell('psnr', '6.2f'):>6} {cell('ssim', '6.3f'):>6} "
+              f"{r['colour']:>6.3f} {r['shape']:>6.3f} {r['position']:>6.3f} {r['all']:>6.3f} {r['frechet']:>8.2f} "
+              f"{cell('kept_in_object', '11.3f'):>11} {cell('object_area', '8.3f'):>8} {cell('enrichment', '6.2f'):>6}")
+
+
+def write_figure(path: Path, captions, results: dict, budgets, count: int, zoom: int = 2) -> None:
+    """Rows: prompts. Columns: the full model, then per budget AT-EDM, AT-EDM with its pruned tokens
+    darkened (kept frequency over the pruned steps, finest attention level), and ToMe."""
+    full = results[("full", None)]["images"]
+    columns = [("full model", full[:count], None)]
+    for budget in budgets:
+        atedm = results[("AT-EDM", budget)]
+        columns += [(f"AT-EDM {budget}", atedm["images"][:count], None),
+                    (f"kept {budget}", atedm["images"][:count], atedm["kept_maps"]),
+                    (f"ToMe {budget}", results[("ToMe", budget)]["images"][:count], None)]
+    tile, label = full.shape[1] * zoom, 12
+    figure = Image.new("RGB", (tile * len(columns), label + count * (tile + label)), "white")
+    draw = ImageDraw.Draw(figure)
+    for c, (title, images, maps) in enumerate(columns):
+        draw.text((c * tile + 2, 0), title, fill="black")
+        for r in range(count):
+            picture = Image.fromarray(images[r]).resize((tile, tile), Image.Resampling.NEAREST)
+            if maps is not None:
+                weight = Image.fromarray((maps[r] * 255).astype(np.uint8), "L").resize((tile, tile), Image.Resampling.NEAREST)
+                dark = Image.blend(picture, Image.new("RGB", picture.size, "black"), 0.75)
+                picture = Image.composite(picture, dark, weight)
+            top = label + r * (tile + label)
+            if c == 0:
+                draw.text((2, top), captions[r], fill="black")
+            figure.paste(picture, (c * tile, top + label))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part.png")
+    figure.save(tmp)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(TINY_SHAPES), help="trained model folder")
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=2024, help="seed of the held-out captions and of the noise")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each")
+    parser.add_argument("--figure-prompts", type=int, default=6)
+    parser.add_argument("--figure-budgets", type=float, nargs="+", default=[4.1, 2.9])
+    parser.add_argument("--out", default="out/quality")
+    args = parser.parse_args()
+    for budget in args.budgets:
+        if not 0 < budget < SDXL_FULL_TMACS:
+            raise SystemExit(f"budget {budget} is not in (0, {SDXL_FULL_TMACS}) SD-XL TMACs")
+    if args.prompts < 2:
+        raise SystemExit(f"--prompts {args.prompts}: need at least 2 for a Frechet distance")
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    config = read_config(args.model)
+    image_size = config["image_size"]
+    vae_factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
+    # Solving the budgets counts SD-XL's FLOPs a few dozen times (minutes): reuse a plan made for
+    # the same budgets, steps and model.
+    key = {"budgets": args.budgets, "steps": args.steps, "unet": config["unet"], "image_size": image_size}
+    cached = out / "plan.json"
+    plan = None
+    if cached.exists():
+        saved = json.loads(cached.read_text())
+        plan = saved["plan"] if saved.get("key") == key else None
+    if plan is None:
+        plan = budget_plan(args.budgets, args.steps, image_size, vae_factor, Path(args.model))
+        (out / "plan.json.part").write_text(json.dumps({"key": key, "plan": plan}, indent=1))
+        os.replace(out / "plan.json.part", cached)
+        print(f"budgets solved in {time.time() - started:.0f} s")
+    else:
+        print(f"budgets: reusing {cached}")
+
+    rendered, _, captions, _ = synthetic.make_dataset(args.prompts, seed=args.seed, size=image_size)
+    seeds = [args.seed + i for i in range(args.prompts)]
+    common = dict(prompts=captions, seeds=seeds, steps=args.steps, guidance=args.guidance, batch=args.batch,
+                  image_size=image_size, vae_factor=vae_factor, figure_prompts=args.figure_prompts)
+    tasks = [dict(common, method="full", budget=None, keep_ratio=1.0)]
+    for p in plan:
+        for method in args.methods:
+            keep = 1 - p["tome_ratio"] if method == "ToMe" else p["keep_ratio"]
+            tasks.append(dict(common, method=method, budget=p["budget"], keep_ratio=keep))
+
+    with ProcessPoolExecutor(args.jobs, initializer=_init_worker, initargs=(args.model,)) as pool:
+        futures = [pool.submit(sample_method, task) for task in tasks]
+        classifier, accuracy = quality.train_classifier(progress=False)
+        print(f"classifier trained: held-out accuracy {accuracy}")
+        reference = quality.features(classifier, rendered)
+        results = {}
+        from tqdm import tqdm
+
+        for future in tqdm(futures, desc="methods x budgets"):
+            result = future.result()
+            results[(result["method"], result["budget"])] = result
+
+    full = results[("full", None)]["images"]
+    rows = []
+    for (method, budget), result in results.items():
+        row = {"method": method, "budget": budget if budget is not None else "full",
+               "cpu_seconds": round(result["cpu_seconds"], 1)}
+        row.update(metrics(result, full, captions, classifier, reference))
+        rows.append(row)
+    print_table(rows, plan)
+    figure_budgets = [b for b in args.figure_budgets if ("AT-EDM", b) in results and ("ToMe", b) in results]
+    if figure_budgets:
+        figure = out / "quality.png"
+        write_figure(figure, captions, results, figure_budgets, min(args.figure_prompts, args.prompts))
+        print(f"wrote {figure}")
+    record = {"settings": {k: v for k, v in vars(args).items()}, "classifier_accuracy": accuracy,
+              "plan": plan, "rows": rows, "seconds": round(time.time() - started)}
+    tmp = out / "results.json.part"
+    tmp.write_text(json.dumps(record, indent=1, default=lambda v: None if isinstance(v, float) and math.isinf(v) else v))
+    os.replace(tmp, out / "results.json")
+    print(f"wrote {out / 'results.json'} ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
