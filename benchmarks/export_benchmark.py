@@ -3,9 +3,11 @@
     python benchmarks/export_benchmark.py --out /tmp/export-bench [--exporters] [--repeats 20]
 
 Prints: build time (cold, then cached), bytes on disk (all phases vs one phase), resident memory
-after loading all phase sessions vs one and running each once (each in a fresh process), ONNX Runtime seconds per U-Net call
-per phase next to the unpruned U-Net, and with --exporters the time of both torch.onnx.export
-paths on the pruned phase.
+after loading all phase sessions vs one and running each once (each in a fresh process; three
+ways of loading, on the tiny model and on one with --wide times its channels, whose weights
+outweigh ONNX Runtime's fixed cost per graph), ONNX Runtime seconds per U-Net call per phase next
+to the unpruned U-Net and to sessions that optimise at load, and with --exporters the time of
+both torch.onnx.export paths on the pruned phase.
 """
 
 from __future__ import annotations
@@ -25,35 +27,62 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 _MEMORY_PROBE = r"""
 import json, sys
 from atedm_compile.export import read_manifest
-from atedm_compile.export.onnxruntime import OrtEngine, SharedWeights
+from atedm_compile.export.onnxruntime import OrtEngine, SharedWeights, optimize_for_cpu
 from atedm_compile.export.onnx import example_inputs
 
 def rss_kib():  # resident set now, file-backed pages of the mapped weights included
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
 
-directory, count, share = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+directory, count, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 manifest = read_manifest(directory)
 feed = example_inputs(manifest.phases[0].inputs)
+phases = manifest.phases[:count]
 before = rss_kib()
-shared = SharedWeights(f"{directory}/weights.bin", manifest.weights_index) if share else None
-engines = [OrtEngine(f"{directory}/{p.onnx.file}", shared) for p in manifest.phases[:count]]
+if mode == "cpu-cache":  # made beforehand: this only reads it
+    paths, shared = optimize_for_cpu(directory, manifest)
+    engines = [OrtEngine(paths[p.name], shared, optimized=True) for p in phases]
+else:
+    shared = SharedWeights(f"{directory}/weights.bin", manifest.weights_index) if mode == "shared" else None
+    engines = [OrtEngine(f"{directory}/{p.onnx.file}", shared) for p in phases]
 for engine in engines:
     engine.infer(feed)
 print(json.dumps({"baseline_kib": before, "peak_kib": rss_kib()}))
 """
 
+MODES = {
+    "cpu-cache": "optimised once for this CPU, weights shared (the default)",
+    "shared": "optimised in each session, weights shared",
+    "own": "optimised in each session, each its own weights",
+}
 
-def _memory(directory: Path, count: int, share: bool) -> dict:
-    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(directory), str(count), "1" if share else "0"],
+
+def _memory(directory: Path, count: int, mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(directory), str(count), mode],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _step_times(directory: Path, repeats: int) -> dict[str, float]:
+def _memory_table(directory: Path, manifest, label: str) -> None:
+    from atedm_compile.export.onnxruntime import optimize_for_cpu
+
+    started = time.perf_counter()
+    optimize_for_cpu(directory, manifest)
+    print(f"{label}: optimising the phase graphs for this CPU (first load only) took {time.perf_counter() - started:.1f} s")
+    for mode, text in MODES.items():
+        one_phase = _memory(directory, 1, mode)
+        all_phases = _memory(directory, len(manifest.phases), mode)
+        grow_one = one_phase["peak_kib"] - one_phase["baseline_kib"]
+        grow_all = all_phases["peak_kib"] - all_phases["baseline_kib"]
+        print(f"  RSS after loading and one call per phase, {text}: one phase +{grow_one / 1024:.1f} MiB, "
+              f"all {len(manifest.phases)} phases +{grow_all / 1024:.1f} MiB over imports; all / one = "
+              f"{grow_all / grow_one:.3f}")
+
+
+def _step_times(directory: Path, repeats: int, cpu_cache: bool = True) -> dict[str, float]:
     from atedm_compile.export import load
     from atedm_compile.export.onnx import example_inputs
 
-    unet = load(directory)
+    unet = load(directory, cpu_cache=cpu_cache)
     feed = example_inputs(unet.manifest.phases[0].inputs)
     times: dict[str, list[float]] = {name: [] for name in unet.engines}
     for name, engine in unet.engines.items():
@@ -98,6 +127,8 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/atedm-export-bench")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--wide", type=int, default=4,
+                        help="also measure memory on the tiny topology with N x the channels (0: skip)")
     parser.add_argument("--exporters", action="store_true", help="also time both torch.onnx.export paths")
     args = parser.parse_args()
     out = Path(args.out)
@@ -122,18 +153,22 @@ def main() -> None:
     print(f"disk: weights.bin {weights} B; graphs {graphs}; one phase {one} B, all phases {everything} B "
           f"= {everything / one:.3f} x one phase")
 
-    for share in (True, False):
-        one_phase = _memory(pruned_dir, 1, share)
-        all_phases = _memory(pruned_dir, len(manifest.phases), share)
-        grow_one = one_phase["peak_kib"] - one_phase["baseline_kib"]
-        grow_all = all_phases["peak_kib"] - all_phases["baseline_kib"]
-        print(f"RSS after loading and one call per phase, {'shared weights' if share else 'each session its own weights'}: one phase "
-              f"{one_phase['peak_kib'] / 1024:.1f} MiB (+{grow_one / 1024:.1f} over imports), all phases "
-              f"{all_phases['peak_kib'] / 1024:.1f} MiB (+{grow_all / 1024:.1f}); growth ratio "
-              f"{grow_all / grow_one:.2f}")
+    _memory_table(pruned_dir, manifest, "tiny")
+    if args.wide:
+        # The same topology with every channel count x N: N^2 the weights, the same graph.
+        from atedm_compile.models import TINY_SDXL_UNET, build_unet
+
+        wide_model, wide_dir = out / f"wide{args.wide}-unet", out / f"wide{args.wide}"
+        if not (wide_model / "config.json").is_file():
+            channels = [c * args.wide for c in TINY_SDXL_UNET["block_out_channels"]]
+            build_unet({**TINY_SDXL_UNET, "block_out_channels": channels}).save_pretrained(wide_model)
+        wide, _ = build(BuildConfig(model=str(wide_model), num_steps=args.steps, height=256, width=256), wide_dir,
+                        log=quiet)
+        _memory_table(wide_dir, wide, f"tiny x{args.wide} channels, weights.bin {wide.weights.bytes / 2**20:.0f} MiB")
 
     times = _step_times(pruned_dir, args.repeats)
     times.update({f"unpruned ({k})": v for k, v in _step_times(full_dir, args.repeats).items()})
+    times.update({f"{k}, optimised per session": v for k, v in _step_times(pruned_dir, args.repeats, False).items()})
     print("ONNX Runtime CPU, median seconds per U-Net call (batch 2, 256 px): "
           + ", ".join(f"{k} {v:.4f}" for k, v in times.items()))
 

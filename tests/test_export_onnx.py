@@ -15,7 +15,8 @@ import torch
 import atedm_compile as ac
 from atedm_compile.export import BuildConfig, ManifestError, build, load
 from atedm_compile.export.build import _Build
-from atedm_compile.export.manifest import MANIFEST, WEIGHTS
+from atedm_compile.export.manifest import MANIFEST, WEIGHTS, read_manifest
+from atedm_compile.export.onnxruntime import CPU_CACHE, optimize_for_cpu
 from atedm_compile.export.onnx import example_inputs, external_initializers
 from atedm_compile.models import build_unet, tiny_sdxl_pipeline
 
@@ -151,11 +152,51 @@ def test_phases_store_weights_once(built):
     shared = placements[0].keys() & placements[1].keys()
     assert len(shared) >= 0.95 * len(placements[0])
     assert all(placements[0][name] == placements[1][name] for name in shared)
-    # In memory: both sessions are handed the same mapped buffers.
-    unet = load(directory)
-    first, second = unet.engines.values()
-    assert first.shared is second.shared
-    assert set(external_initializers(onnx.load(str(graphs[1]), load_external_data=False))) <= set(first.shared.values)
+    # In memory: both sessions are handed the same mapped buffers, with or without the CPU cache.
+    for cpu_cache in (True, False):
+        unet = load(directory, cpu_cache=cpu_cache)
+        first, second = unet.engines.values()
+        assert first.shared is second.shared
+        for engine in (first, second):
+            names = set(external_initializers(onnx.load(str(engine.path), load_external_data=False)))
+            assert names and names <= set(first.shared.values)
+
+
+def test_cpu_cache_holds_each_optimised_weight_once_and_is_reused(built, tmp_path):
+    directory, manifest, _ = built
+    messages = []
+    paths, shared = optimize_for_cpu(directory, manifest, cache=tmp_path / "cache", log=messages.append)
+    assert len(messages) == 1 and set(paths) == {p.name for p in manifest.phases}
+    graphs = [onnx.load(str(path), load_external_data=False) for path in paths.values()]
+    ops = {n.domain for g in graphs for n in g.graph.node}
+    assert "com.microsoft.nchwc" in ops or "com.microsoft" in ops  # ONNX Runtime's own fused / blocked ops
+    names = [set(external_initializers(g)) for g in graphs]
+    # The blocked convolution weights ONNX Runtime wrote for each phase are one set, on disk once.
+    assert len(names[0] & names[1]) >= 0.95 * len(names[0])
+    pooled = shared.path.stat().st_size
+    assert sum(a.nbytes for a in shared.arrays.values()) <= pooled <= 1.05 * (directory / WEIGHTS).stat().st_size
+    again, _ = optimize_for_cpu(directory, manifest, cache=tmp_path / "cache", log=messages.append)
+    assert again == paths and len(messages) == 1  # a cache hit: nothing optimised again
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".part-")]
+
+
+def test_cpu_cache_goes_to_the_user_cache_where_the_build_is_not_writable(copy_of, monkeypatch, tmp_path):
+    manifest = read_manifest(copy_of)
+    shutil.rmtree(copy_of / CPU_CACHE, ignore_errors=True)
+    (copy_of / CPU_CACHE).write_text("not a folder")  # mkdir there fails, as in a read-only build
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    paths, _ = optimize_for_cpu(copy_of, manifest)
+    assert all(str(path).startswith(str(tmp_path / "user" / "atedm-compile" / CPU_CACHE)) for path in paths.values())
+
+
+def test_cpu_cache_matches_sessions_that_optimise_at_load(built):
+    directory, manifest, _ = built
+    feed = example_inputs(manifest.phases[0].inputs, seed=5)
+    cached, plain = load(directory), load(directory, cpu_cache=False)
+    for phase in manifest.phases:
+        a = cached.engines[phase.name].infer(feed)["latent"]
+        b = plain.engines[phase.name].infer(feed)["latent"]
+        assert (a - b).abs().max().item() <= 1e-4
 
 
 def test_second_build_reexports_nothing(built):

@@ -4,15 +4,25 @@
 ``SessionOptions.add_initializer``, which makes the session use that buffer instead of reading
 its own copy. Weight pre-packing is turned off because pre-packed weights are private to each
 session, and on the CPU all sessions allocate activations from one arena registered with the
-environment. What still grows per session is ONNX Runtime's own graph optimisation: at
-``ORT_ENABLE_ALL`` the layout transformer writes blocked (NCHWc) copies of convolution weights
-for each session. Measured on the tiny model: all phases cost 1.29 x one phase (1.49 x without
-the shared weights and arena); at ``ORT_ENABLE_EXTENDED`` 1.16 x, but each call was about 20%
-slower, so the default stays at ``ORT_ENABLE_ALL`` (benchmarks/export_benchmark.py).
+environment.
+
+ONNX Runtime's CPU graph optimisation (``ORT_ENABLE_ALL``) writes new tensors of its own: blocked
+(NCHWc) copies of convolution weights, folded constants. Done at load, each session makes its own
+(all phases cost 1.29 x one phase on the tiny model). So on the CPU ``load`` optimises the phase
+graphs once per machine instead (``optimize_for_cpu``), pools the optimised graphs' tensors by
+content into one file, and runs the optimised graphs with optimisation off: the blocked weights are
+then shared like any other. The optimised graphs hold layouts for this CPU (ONNX Runtime says so
+when it writes them), so they live in a cache keyed by the onnxruntime version and the CPU's
+feature flags, never in the portable artefacts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +87,7 @@ class OrtEngine:
     """
 
     def __init__(self, path: Path, shared: SharedWeights | None = None, providers: list[str] | None = None,
-                 threads: int = 0):
+                 threads: int = 0, optimized: bool = False):
         import onnx
         import onnxruntime as ort
 
@@ -87,6 +97,8 @@ class OrtEngine:
         self.providers = resolve_providers(providers)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        if optimized:  # optimised offline by optimize_for_cpu: optimising again would copy weights
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
         # Spinning worker threads keep the cores busy between calls and starve the rest of the
         # pipeline (text encoders, VAE, scheduler) running in PyTorch on the same cores.
@@ -135,3 +147,91 @@ class OrtEngine:
 
 def _numpy_dtype(dtype: torch.dtype):
     return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[dtype]
+
+
+CPU_CACHE = "onnxruntime-cpu"
+_INDEX = "index.json"
+
+
+def cpu_signature() -> str:
+    """What ONNX Runtime's CPU optimisations depend on: its version, the machine and the CPU's
+    feature flags (the NCHWc block size follows the vector width)."""
+    import onnxruntime as ort
+
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = platform.processor()
+    text = f"{ort.__version__}|{platform.machine()}|{' '.join(sorted(flags.split(':')[-1].split()))}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=None) -> tuple[dict[str, Path], SharedWeights]:
+    """The phase graphs of a build, optimised by ONNX Runtime for this CPU, and their pooled weights.
+
+    Made once per (phase graphs, weights, onnxruntime version, CPU) under ``cache`` (default:
+    ``DIR/onnxruntime-cpu``, or ``~/.cache/atedm-compile`` where DIR is read-only) and reused; built
+    in a temporary folder and renamed, so an interrupted run leaves nothing half-written.
+    Returns (phase name -> optimised graph, the shared weights those graphs name).
+    """
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    from .manifest import WEIGHTS, sha256_json
+    from .onnx import MIN_SHARED_BYTES, WeightStore, share_weights
+
+    directory = Path(directory)
+    key = sha256_json({"graphs": {p.name: p.onnx.sha256 for p in manifest.phases},
+                       "weights": manifest.weights.sha256 if manifest.weights else None,
+                       "cpu": cpu_signature()})[:20]
+    roots = [Path(cache)] if cache is not None else [
+        directory / CPU_CACHE,
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "atedm-compile" / CPU_CACHE]
+    for root in roots:
+        target = root / key
+        if (target / _INDEX).is_file():
+            break
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=".part-"))
+        except OSError:
+            continue  # read-only: try the next place
+        try:
+            if log:
+                log(f"optimising {len(manifest.phases)} phase graphs for this CPU (once): {target}")
+            store = WeightStore(tmp / WEIGHTS)
+            for phase in manifest.phases:
+                options = ort.SessionOptions()
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                options.optimized_model_filepath = str(tmp / f"{phase.name}.raw.onnx")
+                options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                                 f"{phase.name}.raw.bin")
+                options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                                 str(MIN_SHARED_BYTES))
+                options.log_severity_level = 3  # the "hardware specific" warning is why this is a cache
+                ort.InferenceSession(str(directory / phase.onnx.file), options, providers=[PROVIDERS["cpu"]])
+                model = onnx.load(str(tmp / f"{phase.name}.raw.onnx"), load_external_data=True)
+                onnx.save(share_weights(model, store), str(tmp / f"{phase.name}.onnx"))
+                for raw in (f"{phase.name}.raw.onnx", f"{phase.name}.raw.bin"):
+                    (tmp / raw).unlink(missing_ok=True)
+            (tmp / _INDEX).write_text(json.dumps(store.index))
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process got there first
+                if not (target / _INDEX).is_file():
+                    raise
+            for stale in root.iterdir():  # caches of earlier graphs or other machines' flags
+                if stale.name != target.name and not stale.name.startswith(".part-"):
+                    shutil.rmtree(stale, ignore_errors=True)
+            break
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        raise OSError(f"nowhere to write the optimised graphs: {[str(r) for r in roots]} are not writable")
+    index = json.loads((target / _INDEX).read_text())
+    return ({p.name: target / f"{p.name}.onnx" for p in manifest.phases},
+            SharedWeights(target / WEIGHTS, index))

@@ -7,6 +7,7 @@ step; the step follows the pipeline's scheduler (``attach``) or ``start`` / ``se
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -175,6 +176,7 @@ def load(
     on_mismatch: str = "error",
     verify: bool = True,
     cuda_graphs: bool = False,
+    cpu_cache: bool = True,
 ) -> ExportedUNet:
     """Load a build directory as a U-Net for a diffusers pipeline.
 
@@ -188,6 +190,9 @@ def load(
             under the AT-EDM runner instead of raising ValueError.
         verify: check every artefact's sha256 against the manifest first.
         cuda_graphs: TensorRT only: replay each phase's launch as a CUDA graph.
+        cpu_cache: ONNX Runtime on the CPU: run graphs optimised once for this CPU, whose weights
+            all phases share (``onnxruntime.optimize_for_cpu``; the first load makes them). False
+            optimises in every session at load, which costs memory per phase.
 
     Example:
         >>> from atedm_compile.export import build, BuildConfig, load  # doctest: +SKIP
@@ -202,10 +207,14 @@ def load(
         verify_artefacts(directory, manifest, engines=(backend or manifest.backend) == "tensorrt")
     backend = backend or manifest.backend
     if backend == "onnxruntime":
-        from .onnxruntime import OrtEngine, SharedWeights
+        from .onnxruntime import PROVIDERS, OrtEngine, SharedWeights, optimize_for_cpu, resolve_providers
 
-        shared = SharedWeights(directory / WEIGHTS, manifest.weights_index) if manifest.weights else None
-        engines = {p.name: OrtEngine(directory / p.onnx.file, shared, providers) for p in manifest.phases}
+        if cpu_cache and resolve_providers(providers)[0] == PROVIDERS["cpu"]:
+            paths, shared = optimize_for_cpu(directory, manifest, log=logging.getLogger(__name__).info)
+            engines = {name: OrtEngine(path, shared, providers, optimized=True) for name, path in paths.items()}
+        else:
+            shared = SharedWeights(directory / WEIGHTS, manifest.weights_index) if manifest.weights else None
+            engines = {p.name: OrtEngine(directory / p.onnx.file, shared, providers) for p in manifest.phases}
     elif backend == "tensorrt":
         if manifest.backend != "tensorrt":
             raise ValueError(f"{directory} was built for {manifest.backend!r}: it has no TensorRT engines; "
