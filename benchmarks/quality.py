@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -69,21 +70,40 @@ TOME_MIN_KEEP = 0.25  # ToMe merges at most 75% with 2 x 2 cells
 
 # -- budgets -----------------------------------------------------------------------------------
 
-def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir: Path) -> list[dict]:
+def sdxl_keep_ratios(budgets, cache: Path) -> dict[float, dict]:
+    """Per budget, the keep ratio whose all-pruned SD-XL phase costs that many TMACs (1024 px,
+    CFG pair), and that cost. Counting SD-XL takes a few seconds a time: the answers are kept in
+    ``cache`` and reused."""
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    missing = [b for b in budgets if str(b) not in saved]
+    if missing:
+        sdxl = build_unet("sdxl-base", device="meta")
+        for budget in missing:
+            keep, report = solve_keep_ratio(sdxl, budget, preset="uniform", num_steps=1, tolerance=1e-3)
+            saved[str(budget)] = {"keep_ratio": keep, "pruned_tmacs": report.average_tmacs,
+                                  "full_tmacs": report.full_tmacs}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".part")
+        tmp.write_text(json.dumps(saved, indent=1))
+        os.replace(tmp, cache)
+    return {b: saved[str(b)] for b in budgets}
+
+
+def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir: Path, cache: Path) -> list[dict]:
     """Per budget: SD-XL's keep ratio, the tiny model's DSAP-average MACs for AT-EDM at that keep
     ratio, and ToMe's merge ratio matching them."""
-    sdxl = build_unet("sdxl-base", device="meta")
+    sdxl = sdxl_keep_ratios(budgets, cache)
     tiny = build_unet(read_config(model_dir)["unet"], device="meta")
     size = dict(height=image_size, width=image_size, vae_factor=vae_factor)
     full = count_phases(tiny, ac.make_schedule("none", steps), **size).full_tmacs
+
+    def tome(k: float):
+        return count_phases(tiny, ac.make_schedule("atedm", steps, keep_ratio=k), ToMeConfig(), **size)
+
     plan = []
     for budget in budgets:
-        keep, sdxl_report = solve_keep_ratio(sdxl, budget, preset="uniform", num_steps=1, tolerance=1e-3)
+        keep = sdxl[budget]["keep_ratio"]
         atedm = count_phases(tiny, ac.make_schedule("atedm", steps, keep_ratio=keep), PruningConfig(), **size)
-
-        def tome(k: float):
-            return count_phases(tiny, ac.make_schedule("atedm", steps, keep_ratio=k), ToMeConfig(), **size)
-
         low, high = TOME_MIN_KEEP, 1.0  # ToMe's cost grows with its keep ratio (1 - merge ratio)
         best = tome(low)
         if best.average_tmacs <= atedm.average_tmacs:
@@ -95,8 +115,8 @@ def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir
                 else:
                     high = middle
         plan.append({
-            "budget": budget, "keep_ratio": keep, "sdxl_pruned_tmacs": sdxl_report.average_tmacs,
-            "sdxl_full_tmacs": sdxl_report.full_tmacs,
+            "budget": budget, "keep_ratio": keep, "sdxl_pruned_tmacs": sdxl[budget]["pruned_tmacs"],
+            "sdxl_full_tmacs": sdxl[budget]["full_tmacs"],
             "tiny_full_gmacs": full * 1e3, "atedm_share": atedm.average_tmacs / full,
             "atedm_share_with_scoring": atedm.average_tmacs_with_scoring / full,
             "tome_ratio": round(1 - low, 4), "tome_share": best.average_tmacs / full,
@@ -286,21 +306,8 @@ def main() -> None:
     config = read_config(args.model)
     image_size = config["image_size"]
     vae_factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
-    # Solving the budgets counts SD-XL's FLOPs a few dozen times (minutes): reuse a plan made for
-    # the same budgets, steps and model.
-    key = {"budgets": args.budgets, "steps": args.steps, "unet": config["unet"], "image_size": image_size}
-    cached = out / "plan.json"
-    plan = None
-    if cached.exists():
-        saved = json.loads(cached.read_text())
-        plan = saved["plan"] if saved.get("key") == key else None
-    if plan is None:
-        plan = budget_plan(args.budgets, args.steps, image_size, vae_factor, Path(args.model))
-        (out / "plan.json.part").write_text(json.dumps({"key": key, "plan": plan}, indent=1))
-        os.replace(out / "plan.json.part", cached)
-        print(f"budgets solved in {time.time() - started:.0f} s")
-    else:
-        print(f"budgets: reusing {cached}")
+    plan = budget_plan(args.budgets, args.steps, image_size, vae_factor, Path(args.model), out / "sdxl-keep.json")
+    print(f"budgets solved in {time.time() - started:.0f} s")
 
     rendered, _, captions, _ = synthetic.make_dataset(args.prompts, seed=args.seed, size=image_size)
     seeds = [args.seed + i for i in range(args.prompts)]
@@ -312,7 +319,9 @@ def main() -> None:
             keep = 1 - p["tome_ratio"] if method == "ToMe" else p["keep_ratio"]
             tasks.append(dict(common, method=method, budget=p["budget"], keep_ratio=keep))
 
-    with ProcessPoolExecutor(args.jobs, initializer=_init_worker, initargs=(args.model,)) as pool:
+    # Spawned, not forked: a forked torch can hang in its thread pools.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, context, initializer=_init_worker, initargs=(args.model,)) as pool:
         futures = [pool.submit(sample_method, task) for task in tasks]
         classifier, accuracy = quality.train_classifier(progress=False)
         print(f"classifier trained: held-out accuracy {accuracy}")
