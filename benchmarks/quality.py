@@ -7,8 +7,9 @@ less of its MACs than SD-XL's, and the first layer of each block is never pruned
 is carried over as the keep ratio that gives SD-XL's all-pruned phase that cost (the paper's 4.1
 is keep 0.37), counted here on the SD-XL config on the meta device. Every method then runs the
 DSAP schedule (``atedm`` preset: the first 30% of steps leave F-L unpruned) on the tiny model:
-AT-EDM, random pruning and the recovery baselines at that keep ratio (the same MACs), ToMe at the
-merge ratio whose schedule-average MACs on the tiny model match AT-EDM's (solved by bisection).
+AT-EDM, random pruning and the recovery baselines at that keep ratio (the same MACs); ToMe at the
+merge ratio, and AT-EDM-dagger (``atedm-dagger``: level 2, 4 x 4 tokens here, never pruned) at the
+keep ratio, whose schedule-average MACs on the tiny model match AT-EDM's (solved by bisection).
 
 Metrics, over ``--prompts`` held-out captions, one fixed seed per prompt, the same noise for
 every method:
@@ -57,13 +58,15 @@ from atedm_compile.trained import TINY_SHAPES, load_trained_pipeline, read_confi
 
 SDXL_FULL_TMACS = 6.7  # the paper's label of the full model; shares below use our own count
 BUDGETS = (2.9, 3.6, 4.1, 4.5)
+# name -> (schedule preset, config, keep ratio: "budget" = the budget's own, "solve" = matched MACs)
 METHODS = {
-    "AT-EDM": PruningConfig(),
-    "ToMe": ToMeConfig(),
-    "random": PruningConfig(scorer="random"),
-    "zeros recovery": PruningConfig(recovery="zeros"),
-    "interpolation recovery": PruningConfig(recovery="interpolation"),
-    "direct-copy recovery": PruningConfig(recovery="direct-copy"),
+    "AT-EDM": ("atedm", PruningConfig(), "budget"),
+    "ToMe": ("atedm", ToMeConfig(), "solve"),
+    "random": ("atedm", PruningConfig(scorer="random"), "budget"),
+    "zeros recovery": ("atedm", PruningConfig(recovery="zeros"), "budget"),
+    "interpolation recovery": ("atedm", PruningConfig(recovery="interpolation"), "budget"),
+    "direct-copy recovery": ("atedm", PruningConfig(recovery="direct-copy"), "budget"),
+    "AT-EDM-dagger": ("atedm-dagger", PruningConfig(), "solve"),
 }
 TOME_MIN_KEEP = 0.25  # ToMe merges at most 75% with 2 x 2 cells
 
@@ -89,40 +92,46 @@ def sdxl_keep_ratios(budgets, cache: Path) -> dict[float, dict]:
     return {b: saved[str(b)] for b in budgets}
 
 
-def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir: Path, cache: Path) -> list[dict]:
-    """Per budget: SD-XL's keep ratio, the tiny model's DSAP-average MACs for AT-EDM at that keep
-    ratio, and ToMe's merge ratio matching them."""
+def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir: Path, cache: Path,
+                methods=tuple(METHODS)) -> list[dict]:
+    """Per budget: SD-XL's keep ratio and, per method, the keep ratio it runs at on the tiny model
+    and its DSAP-average share of the full model's MACs. Methods marked "solve" (ToMe; AT-EDM-dagger,
+    which prunes level 2 nowhere) get the largest keep ratio whose MACs are at most AT-EDM's (bisection); ``capped``
+    where even their smallest keep ratio costs more."""
     sdxl = sdxl_keep_ratios(budgets, cache)
     tiny = build_unet(read_config(model_dir)["unet"], device="meta")
     size = dict(height=image_size, width=image_size, vae_factor=vae_factor)
     full = count_phases(tiny, ac.make_schedule("none", steps), **size).full_tmacs
 
-    def tome(k: float):
-        return count_phases(tiny, ac.make_schedule("atedm", steps, keep_ratio=k), ToMeConfig(), **size)
+    def cost(method: str, keep: float):
+        preset, config, _ = METHODS[method]
+        return count_phases(tiny, ac.make_schedule(preset, steps, keep_ratio=keep), config, **size)
 
     plan = []
     for budget in budgets:
         keep = sdxl[budget]["keep_ratio"]
-        atedm = count_phases(tiny, ac.make_schedule("atedm", steps, keep_ratio=keep), PruningConfig(), **size)
-        low, high = TOME_MIN_KEEP, 1.0  # ToMe's cost grows with its keep ratio (1 - merge ratio)
-        best = tome(low)
-        if best.average_tmacs <= atedm.average_tmacs:
-            while high - low > 1e-3:
-                middle = (low + high) / 2
-                report = tome(middle)
-                if report.average_tmacs <= atedm.average_tmacs:
-                    low, best = middle, report
-                else:
-                    high = middle
-        plan.append({
-            "budget": budget, "keep_ratio": keep, "sdxl_pruned_tmacs": sdxl[budget]["pruned_tmacs"],
-            "sdxl_full_tmacs": sdxl[budget]["full_tmacs"],
-            "tiny_full_gmacs": full * 1e3, "atedm_share": atedm.average_tmacs / full,
-            "atedm_share_with_scoring": atedm.average_tmacs_with_scoring / full,
-            "tome_ratio": round(1 - low, 4), "tome_share": best.average_tmacs / full,
-            "tome_share_with_merging": best.average_tmacs_with_scoring / full,
-            "tome_matched": best.average_tmacs <= atedm.average_tmacs,
-        })
+        target = cost("AT-EDM", keep)
+        entry = {"budget": budget, "sdxl_keep_ratio": keep, "sdxl_pruned_tmacs": sdxl[budget]["pruned_tmacs"],
+                 "sdxl_full_tmacs": sdxl[budget]["full_tmacs"], "tiny_full_gmacs": full * 1e3, "methods": {}}
+        for method in methods:
+            if METHODS[method][2] == "budget":
+                chosen, report = keep, target if METHODS[method][0] == "atedm" else cost(method, keep)
+            else:
+                # ToMe's cost grows with its keep ratio (1 - merge ratio); it merges at most 75%.
+                low, high = (TOME_MIN_KEEP if isinstance(METHODS[method][1], ToMeConfig) else 0.01), 1.0
+                chosen, report = low, cost(method, low)
+                while report.average_tmacs <= target.average_tmacs and high - low > 1e-3:
+                    middle = (low + high) / 2
+                    candidate = cost(method, middle)
+                    if candidate.average_tmacs <= target.average_tmacs:
+                        low, chosen, report = middle, middle, candidate
+                    else:
+                        high = middle
+            entry["methods"][method] = {
+                "keep_ratio": round(chosen, 4), "share": report.average_tmacs / full,
+                "share_with_overhead": report.average_tmacs_with_scoring / full,
+                "capped": report.average_tmacs > target.average_tmacs * (1 + 1e-9)}
+        plan.append(entry)
     return plan
 
 
@@ -150,7 +159,8 @@ def sample_method(task: dict) -> dict:
     size, latent = task["image_size"], task["image_size"] // task["vae_factor"]
     runner = None
     if method != "full":
-        runner = ac.apply(pipe, "atedm", METHODS[method], keep_ratio=keep)
+        preset, config, _ = METHODS[method]
+        runner = ac.apply(pipe, preset, config, keep_ratio=keep)
     images, kept_share, area_share, kept_maps = [], [], [], []
     track = runner is not None and not isinstance(runner.config, ToMeConfig)
     try:
@@ -231,25 +241,28 @@ def metrics(result: dict, full: np.ndarray, captions, classifier, reference_feat
 
 
 def print_table(rows: list[dict], plan: list[dict]) -> None:
-    print("\nBudgets (paper's SD-XL TMACs per pruned step -> keep ratio -> this model's share of full MACs, DSAP average)")
-    print(f"{'budget':>6} {'SD-XL keep':>10} {'SD-XL pruned':>12} {'AT-EDM share':>12} {'ToMe ratio':>10} {'ToMe share':>10}")
+    print("\nBudgets: the paper's SD-XL TMACs per pruned step -> SD-XL keep ratio -> per method, the keep "
+          "ratio run on this model (ToMe: 1 - merge ratio) and its DSAP-average share of the full model's MACs")
+    methods = list(plan[0]["methods"])
+    print(f"{'budget':>6} {'SD-XL keep':>10} " + " ".join(f"{m[:22]:>22}" for m in methods))
     for p in plan:
-        print(f"{p['budget']:>6} {p['keep_ratio']:>10.4f} {p['sdxl_pruned_tmacs']:>12.3f} {p['atedm_share']:>12.3f} "
-              f"{p['tome_ratio']:>10.3f} {p['tome_share']:>10.3f}{'' if p['tome_matched'] else ' (cap)'}")
-    header = (f"\n{'budget':>6} {'method':<24} {'PSNR':>6} {'SSIM':>6} {'colour':>6} {'shape':>6} {'pos.':>6} "
+        cells = [f"{c['keep_ratio']:.3f} / {c['share']:.3f}{' cap' if c['capped'] else ''}"
+                 for c in p["methods"].values()]
+        print(f"{p['budget']:>6} {p['sdxl_keep_ratio']:>10.4f} " + " ".join(f"{c:>22}" for c in cells))
+    header = (f"\n{'budget':>6} {'method':<24} {'MACs':>6} {'PSNR':>6} {'SSIM':>6} {'colour':>6} {'shape':>6} {'pos.':>6} "
               f"{'all':>6} {'Frechet':>8} {'kept in obj':>11} {'obj area':>8} {'ratio':>6}")
     print(header)
     print("-" * len(header))
     for r in rows:
         cell = lambda key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
-        print(f"{r['budget']:>6} {r['method']:<24} {cell('psnr', '6.2f'):>6} {cell('ssim', '6.3f'):>6} "
+        print(f"{r['budget']:>6} {r['method']:<24} {r['macs_share']:>6.3f} {cell('psnr', '6.2f'):>6} {cell('ssim', '6.3f'):>6} "
               f"{r['colour']:>6.3f} {r['shape']:>6.3f} {r['position']:>6.3f} {r['all']:>6.3f} {r['frechet']:>8.2f} "
               f"{cell('kept_in_object', '11.3f'):>11} {cell('object_area', '8.3f'):>8} {cell('enrichment', '6.2f'):>6}")
 
 
 def write_figure(path: Path, captions, results: dict, budgets, count: int, zoom: int = 2) -> None:
     """Rows: prompts. Columns: the full model, then per budget AT-EDM, AT-EDM with its pruned tokens
-    darkened (kept frequency over the pruned steps, finest attention level), and ToMe."""
+    darkened (kept frequency over the pruned steps, finest attention level), ToMe and AT-EDM-dagger."""
     full = results[("full", None)]["images"]
     columns = [("full model", full[:count], None)]
     for budget in budgets:
@@ -257,6 +270,8 @@ def write_figure(path: Path, captions, results: dict, budgets, count: int, zoom:
         columns += [(f"AT-EDM {budget}", atedm["images"][:count], None),
                     (f"kept {budget}", atedm["images"][:count], atedm["kept_maps"]),
                     (f"ToMe {budget}", results[("ToMe", budget)]["images"][:count], None)]
+        if ("AT-EDM-dagger", budget) in results:
+            columns.append((f"AT-EDM-dagger {budget}", results[("AT-EDM-dagger", budget)]["images"][:count], None))
     tile, label = full.shape[1] * zoom, 12
     figure = Image.new("RGB", (tile * len(columns), label + count * (tile + label)), "white")
     draw = ImageDraw.Draw(figure)
@@ -306,38 +321,49 @@ def main() -> None:
     config = read_config(args.model)
     image_size = config["image_size"]
     vae_factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
-    plan = budget_plan(args.budgets, args.steps, image_size, vae_factor, Path(args.model), out / "sdxl-keep.json")
-    print(f"budgets solved in {time.time() - started:.0f} s")
+    # Solving the budgets counts FLOPs a few dozen times (minutes): reuse a plan made for the same
+    # budgets, steps and U-Net.
+    key = {"budgets": args.budgets, "steps": args.steps, "unet": config["unet"], "image_size": image_size,
+           "methods": args.methods}
+    saved = json.loads((out / "plan.json").read_text()) if (out / "plan.json").is_file() else {}
+    if saved.get("key") == key:
+        plan = saved["plan"]
+        print(f"budgets: reusing {out / 'plan.json'}")
+    else:
+        plan = budget_plan(args.budgets, args.steps, image_size, vae_factor, Path(args.model), out / "sdxl-keep.json",
+                           args.methods)
+        (out / "plan.json.part").write_text(json.dumps({"key": key, "plan": plan}, indent=1))
+        os.replace(out / "plan.json.part", out / "plan.json")
+        print(f"budgets solved in {time.time() - started:.0f} s")
 
     rendered, _, captions, _ = synthetic.make_dataset(args.prompts, seed=args.seed, size=image_size)
     seeds = [args.seed + i for i in range(args.prompts)]
     common = dict(prompts=captions, seeds=seeds, steps=args.steps, guidance=args.guidance, batch=args.batch,
                   image_size=image_size, vae_factor=vae_factor, figure_prompts=args.figure_prompts)
-    tasks = [dict(common, method="full", budget=None, keep_ratio=1.0)]
-    for p in plan:
-        for method in args.methods:
-            keep = 1 - p["tome_ratio"] if method == "ToMe" else p["keep_ratio"]
-            tasks.append(dict(common, method=method, budget=p["budget"], keep_ratio=keep))
+    # One task per distinct (method, keep ratio): a capped method runs at the same ratio for several budgets.
+    wanted = [("full", None, 1.0)] + [(m, p["budget"], p["methods"][m]["keep_ratio"]) for p in plan for m in args.methods]
+    tasks = {}
+    for method, budget, keep in wanted:
+        tasks.setdefault((method, keep), dict(common, method=method, budget=budget, keep_ratio=keep))
 
     # Spawned, not forked: a forked torch can hang in its thread pools.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, context, initializer=_init_worker, initargs=(args.model,)) as pool:
-        futures = [pool.submit(sample_method, task) for task in tasks]
+        futures = {key: pool.submit(sample_method, task) for key, task in tasks.items()}
         classifier, accuracy = quality.train_classifier(progress=False)
         print(f"classifier trained: held-out accuracy {accuracy}")
         reference = quality.features(classifier, rendered)
-        results = {}
         from tqdm import tqdm
 
-        for future in tqdm(futures, desc="methods x budgets"):
-            result = future.result()
-            results[(result["method"], result["budget"])] = result
+        done = {key: future.result() for key, future in tqdm(futures.items(), desc="methods x budgets")}
+    results = {(method, budget): done[(method, keep)] for method, budget, keep in wanted}
+    shares = {(m, p["budget"]): p["methods"][m]["share"] for p in plan for m in args.methods}
 
     full = results[("full", None)]["images"]
     rows = []
     for (method, budget), result in results.items():
         row = {"method": method, "budget": budget if budget is not None else "full",
-               "cpu_seconds": round(result["cpu_seconds"], 1)}
+               "macs_share": shares.get((method, budget), 1.0), "cpu_seconds": round(result["cpu_seconds"], 1)}
         row.update(metrics(result, full, captions, classifier, reference))
         rows.append(row)
     print_table(rows, plan)
