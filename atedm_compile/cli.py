@@ -65,6 +65,9 @@ def cmd_flops(args) -> int:
 
     unet = build_unet(args.model, device="meta")
     factor = vae_factor(args.model)
+    # Default: the model's own size (SD-XL 1024, SD 1.5 512, tiny 256, tiny-shapes 64 px).
+    args.height = args.height or unet.config.sample_size * factor
+    args.width = args.width or args.height
     config = _pruning_config(args)
     keep = args.keep_ratio
     if args.target_tflops is not None:
@@ -193,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     flops = sub.add_parser("flops", help="FLOPs per phase of a schedule, on the meta device")
     flops.add_argument("--model", default="sdxl-base",
                        help="config name: sdxl-base, sdxl-turbo, sd15, sd21, tiny, tiny-sd15, tiny-shapes")
-    flops.add_argument("--height", type=int, default=1024)
-    flops.add_argument("--width", type=int, default=1024)
+    flops.add_argument("--height", type=int, default=None, help="default: the model's own image size")
+    flops.add_argument("--width", type=int, default=None, help="default: --height")
     flops.add_argument("--json", action="store_true", help="print a JSON object")
     flops.add_argument("--target-tflops", type=float, help="solve for the keep ratio meeting this average budget")
     _add_pruning_options(flops)

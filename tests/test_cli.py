@@ -64,3 +64,10 @@ def test_output_path_that_is_a_file(tmp_path, capsys):
     assert main(["generate", "--model", "tiny", "--steps", "1", "--out", str(target)]) == 2
     assert "File exists" in capsys.readouterr().err
     assert target.read_text() == "mine"
+
+
+@pytest.mark.parametrize("model,size", [("tiny-shapes", 64), ("tiny", 256)])
+def test_flops_default_to_the_models_own_size(capsys, model, size):
+    assert main(["flops", "--model", model, "--steps", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["height"], out["width"]) == (size, size)
