@@ -34,6 +34,7 @@ and ToMe, for a few prompts) into ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -167,7 +168,7 @@ def sample_method(task: dict) -> dict:
         for start in range(0, len(prompts), task["batch"]):
             batch = prompts[start:start + task["batch"]]
             steps_kept: list[dict[str, np.ndarray]] = []
-            with (runner.capture_kept_tokens() if track else _nothing()) as captured:
+            with (runner.capture_kept_tokens() if track else contextlib.nullcontext({})) as captured:
                 def on_step_end(pipeline, step, timestep, kwargs):
                     if captured:
                         # The conditional half of the CFG batch (diffusers puts it second).
@@ -211,14 +212,6 @@ def sample_method(task: dict) -> dict:
     return {"method": method, "budget": task["budget"], "images": np.concatenate(images),
             "kept_share": kept_share, "area_share": area_share, "kept_maps": kept_maps,
             "cpu_seconds": time.process_time() - started}
-
-
-class _nothing:
-    def __enter__(self):
-        return {}
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- metrics, table, figure --------------------------------------------------------------------
@@ -361,11 +354,11 @@ def main() -> None:
 
     full = results[("full", None)]["images"]
     rows = []
-    for (method, budget), result in results.items():
-        row = {"method": method, "budget": budget if budget is not None else "full",
-               "macs_share": shares.get((method, budget), 1.0), "cpu_seconds": round(result["cpu_seconds"], 1)}
-        row.update(metrics(result, full, captions, classifier, reference))
-        rows.append(row)
+    measured = {key: metrics(result, full, captions, classifier, reference) for key, result in done.items()}
+    for method, budget, keep in wanted:
+        rows.append({"method": method, "budget": budget if budget is not None else "full",
+                     "macs_share": shares.get((method, budget), 1.0),
+                     "cpu_seconds": round(done[(method, keep)]["cpu_seconds"], 1), **measured[(method, keep)]})
     print_table(rows, plan)
     figure_budgets = [b for b in args.figure_budgets if ("AT-EDM", b) in results and ("ToMe", b) in results]
     if figure_budgets:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from atedm_compile import synthetic
+from atedm_compile.quality import to_pixels
 from atedm_compile.models import SDXL_BASE_UNET, tiny_tokenizer
 from atedm_compile.trained import TINY_SHAPES, build_pipeline, save_model, state_dict
 
@@ -85,11 +86,6 @@ SCHEDULER = {
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
     "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1,
 }
-
-
-def to_pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def optimise(loss, optimizer, schedule, running, progress, clip=None):
