@@ -16,7 +16,7 @@ import atedm_compile as ac
 from atedm_compile.export import BuildConfig, ManifestError, build, load
 from atedm_compile.export.build import _Build
 from atedm_compile.export.manifest import MANIFEST, WEIGHTS, read_manifest
-from atedm_compile.export.onnxruntime import CPU_CACHE, optimize_for_cpu
+from atedm_compile.export.onnxruntime import CPU_CACHE, OrtEngine, optimize_for_cpu
 from atedm_compile.export.onnx import example_inputs, external_initializers
 from atedm_compile.models import build_unet, tiny_sdxl_pipeline
 
@@ -178,6 +178,23 @@ def test_cpu_cache_holds_each_optimised_weight_once_and_is_reused(built, tmp_pat
     again, _ = optimize_for_cpu(directory, manifest, cache=tmp_path / "cache", log=messages.append)
     assert again == paths and len(messages) == 1  # a cache hit: nothing optimised again
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".part-")]
+
+
+def test_an_altered_cpu_cache_is_made_again(built, tmp_path):
+    directory, manifest, _ = built
+    messages = []
+    paths, shared = optimize_for_cpu(directory, manifest, cache=tmp_path / "cache", log=messages.append)
+    feed = example_inputs(manifest.phases[0].inputs, seed=6)
+    expected = OrtEngine(paths["pruned"], shared, optimized=True).infer(feed)["latent"]
+    del shared
+    pooled = paths["pruned"].parent / WEIGHTS
+    data = bytearray(pooled.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pooled.write_bytes(bytes(data))
+    paths, shared = optimize_for_cpu(directory, manifest, cache=tmp_path / "cache", log=messages.append)
+    assert len(messages) == 3 and "altered or incomplete" in messages[1]
+    again = OrtEngine(paths["pruned"], shared, optimized=True).infer(feed)["latent"]
+    assert torch.equal(again, expected)
 
 
 def test_cpu_cache_goes_to_the_user_cache_where_the_build_is_not_writable(copy_of, monkeypatch, tmp_path):

@@ -168,20 +168,22 @@ def cpu_signature() -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=None) -> tuple[dict[str, Path], SharedWeights]:
+def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=None,
+                     verify: bool = True) -> tuple[dict[str, Path], SharedWeights]:
     """The phase graphs of a build, optimised by ONNX Runtime for this CPU, and their pooled weights.
 
     Made once per (phase graphs, weights, onnxruntime version, CPU) under ``cache`` (default:
     ``DIR/onnxruntime-cpu``, or ``~/.cache/atedm-compile`` where DIR is read-only) and reused; built
-    in a temporary folder and renamed, so an interrupted run leaves nothing half-written.
-    Returns (phase name -> optimised graph, the shared weights those graphs name).
+    in a temporary folder and renamed, so an interrupted run leaves nothing half-written. With
+    ``verify``, a cached file whose sha256 no longer matches the one recorded makes it optimise
+    again. Returns (phase name -> optimised graph, the shared weights those graphs name).
     """
     import json
 
     import onnx
     import onnxruntime as ort
 
-    from .manifest import WEIGHTS, sha256_json
+    from .manifest import WEIGHTS, sha256_file, sha256_json
     from .onnx import MIN_SHARED_BYTES, WeightStore, share_weights
 
     directory = Path(directory)
@@ -194,7 +196,11 @@ def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=N
     for root in roots:
         target = root / key
         if (target / _INDEX).is_file():
-            break
+            if not verify or _intact(target):
+                break
+            if log:
+                log(f"{target} is altered or incomplete: optimising again")
+            shutil.rmtree(target, ignore_errors=True)
         try:
             root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=".part-"))
@@ -218,7 +224,9 @@ def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=N
                 onnx.save(share_weights(model, store), str(tmp / f"{phase.name}.onnx"))
                 for raw in (f"{phase.name}.raw.onnx", f"{phase.name}.raw.bin"):
                     (tmp / raw).unlink(missing_ok=True)
-            (tmp / _INDEX).write_text(json.dumps(store.index))
+            files = [WEIGHTS] + [f"{phase.name}.onnx" for phase in manifest.phases]
+            (tmp / _INDEX).write_text(json.dumps({"tensors": store.index,
+                                                  "sha256": {f: sha256_file(tmp / f) for f in files}}))
             try:
                 os.replace(tmp, target)
             except OSError:  # another process got there first
@@ -234,4 +242,17 @@ def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=N
         raise OSError(f"nowhere to write the optimised graphs: {[str(r) for r in roots]} are not writable")
     index = json.loads((target / _INDEX).read_text())
     return ({p.name: target / f"{p.name}.onnx" for p in manifest.phases},
-            SharedWeights(target / WEIGHTS, index))
+            SharedWeights(target / WEIGHTS, index["tensors"]))
+
+
+def _intact(target: Path) -> bool:
+    """Whether every file of a CPU cache folder still has the sha256 recorded when it was made."""
+    import json
+
+    from .manifest import sha256_file
+
+    try:
+        recorded = json.loads((target / _INDEX).read_text())["sha256"]
+        return all(sha256_file(target / name) == digest for name, digest in recorded.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

@@ -188,7 +188,8 @@ def load(
         fallback, on_mismatch: with ``on_mismatch="fallback"``, a step count or input shape that does
             not match the build warns and runs ``fallback`` (the PyTorch U-Net the build came from)
             under the AT-EDM runner instead of raising ValueError.
-        verify: check every artefact's sha256 against the manifest first.
+        verify: check every artefact's sha256 against the manifest first (and the CPU cache's files
+            against the sha256 recorded when it was made: an altered cache is made again).
         cuda_graphs: TensorRT only: replay each phase's launch as a CUDA graph.
         cpu_cache: ONNX Runtime on the CPU: run graphs optimised once for this CPU, whose weights
             all phases share (``onnxruntime.optimize_for_cpu``; the first load makes them). False
@@ -210,7 +211,7 @@ def load(
         from .onnxruntime import PROVIDERS, OrtEngine, SharedWeights, optimize_for_cpu, resolve_providers
 
         if cpu_cache and resolve_providers(providers)[0] == PROVIDERS["cpu"]:
-            paths, shared = optimize_for_cpu(directory, manifest, log=logging.getLogger(__name__).info)
+            paths, shared = optimize_for_cpu(directory, manifest, log=logging.getLogger(__name__).info, verify=verify)
             engines = {name: OrtEngine(path, shared, providers, optimized=True) for name, path in paths.items()}
         else:
             shared = SharedWeights(directory / WEIGHTS, manifest.weights_index) if manifest.weights else None
