@@ -165,17 +165,19 @@ def solve_keep_ratio(
     target_tmacs: float,
     preset: str = "atedm",
     num_steps: int = 50,
-    config: PruningConfig = PruningConfig(),
+    config: PruningConfig | ToMeConfig = PruningConfig(),
     height: int = 1024,
     width: int = 1024,
     tolerance: float = 2e-3,
     vae_factor: int = 8,
+    lowest: float = 0.01,
     **preset_options,
 ) -> tuple[float, FlopsReport]:
-    """The largest keep ratio whose schedule-average ``tmacs`` is at most ``target_tmacs``.
+    """The largest keep ratio in [``lowest``, 1] whose schedule-average ``tmacs`` is at most
+    ``target_tmacs``.
 
     Bisection to ``tolerance`` (cost grows with the keep ratio). Raises ValueError for an
-    unreachable target.
+    unreachable target. ToMe (a ``ToMeConfig``, merging ``1 - keep``) needs ``lowest=0.25``.
     """
     full_flops = None
 
@@ -186,16 +188,16 @@ def solve_keep_ratio(
         full_flops = result.full_flops
         return result
 
-    low, high = 0.01, 1.0
-    lowest = report(low)
-    if lowest.average_tmacs > target_tmacs:
+    low, high = lowest, 1.0
+    bottom = report(low)
+    if bottom.average_tmacs > target_tmacs:
         raise ValueError(
             f"target {target_tmacs} TMACs is below what preset {preset!r} reaches at keep_ratio={low} "
-            f"({lowest.average_tmacs:.3f}); the full model costs {lowest.full_tmacs:.3f}"
+            f"({bottom.average_tmacs:.3f}); the full model costs {bottom.full_tmacs:.3f}"
         )
-    if lowest.full_tmacs <= target_tmacs:
+    if bottom.full_tmacs <= target_tmacs:
         return 1.0, report(1.0)
-    best = (low, lowest)
+    best = (low, bottom)
     while high - low > tolerance:
         middle = (low + high) / 2
         candidate = report(middle)

@@ -129,8 +129,9 @@ def vae_factor(name: str) -> int:
     SD families and ``tiny``; the shipped trained models say in their config)."""
     if name in TRAINED_MODELS:
         from .trained import TINY_SHAPES, read_config
+        from .trained import vae_factor as factor_of
 
-        return 2 ** (len(read_config(TINY_SHAPES)["vae"]["block_out_channels"]) - 1)
+        return factor_of(read_config(TINY_SHAPES))
     unet_config(name)  # a clear error for an unknown name
     return 8
 

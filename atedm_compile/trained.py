@@ -84,6 +84,11 @@ def read_config(directory: str | Path = TINY_SHAPES) -> dict:
     return json.loads((Path(directory) / "config.json").read_text())
 
 
+def vae_factor(config: dict) -> int:
+    """Pixels per latent cell, per side, of a model folder's config: one halving per VAE level but the last."""
+    return 2 ** (len(config["vae"]["block_out_channels"]) - 1)
+
+
 def load_trained_pipeline(directory: str | Path = TINY_SHAPES, device: str | torch.device = "cpu"):
     """The trained pipeline shipped in the package (or the one in ``directory``), in float32.
 

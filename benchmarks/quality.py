@@ -56,6 +56,7 @@ from atedm_compile.flops import count_phases, solve_keep_ratio  # noqa: E402
 from atedm_compile.models import build_unet  # noqa: E402
 from atedm_compile.passes import ToMeConfig  # noqa: E402
 from atedm_compile.trained import TINY_SHAPES, load_trained_pipeline, read_config  # noqa: E402
+from atedm_compile.trained import vae_factor as factor_of  # noqa: E402
 
 SDXL_FULL_TMACS = 6.7  # the paper's label of the full model; shares below use our own count
 BUDGETS = (2.9, 3.6, 4.1, 4.5)
@@ -118,16 +119,13 @@ def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir
             if METHODS[method][2] == "budget":
                 chosen, report = keep, target if METHODS[method][0] == "atedm" else cost(method, keep)
             else:
-                # ToMe's cost grows with its keep ratio (1 - merge ratio); it merges at most 75%.
-                low, high = (TOME_MIN_KEEP if isinstance(METHODS[method][1], ToMeConfig) else 0.01), 1.0
-                chosen, report = low, cost(method, low)
-                while report.average_tmacs <= target.average_tmacs and high - low > 1e-3:
-                    middle = (low + high) / 2
-                    candidate = cost(method, middle)
-                    if candidate.average_tmacs <= target.average_tmacs:
-                        low, chosen, report = middle, middle, candidate
-                    else:
-                        high = middle
+                preset, config, _ = METHODS[method]
+                lowest = TOME_MIN_KEEP if isinstance(config, ToMeConfig) else 0.01
+                try:
+                    chosen, report = solve_keep_ratio(tiny, target.average_tmacs, preset, steps, config,
+                                                      tolerance=1e-3, lowest=lowest, **size)
+                except ValueError:  # out of reach: run at the lowest keep ratio, flagged capped
+                    chosen, report = lowest, cost(method, lowest)
             entry["methods"][method] = {
                 "keep_ratio": round(chosen, 4), "share": report.average_tmacs / full,
                 "share_with_overhead": report.average_tmacs_with_scoring / full,
@@ -189,12 +187,12 @@ def sample_method(task: dict) -> dict:
                     frequency = np.zeros(finest, np.float64)
                     count = 0
                     if found is not None:
+                        coverage = {grid: quality.token_coverage(found.mask, grid) for grid in set(grids.values())}
                         shares, areas = [], []
                         for step in steps_kept:
                             for name, index in step.items():
-                                coverage = quality.token_coverage(found.mask, grids[name])
-                                shares.append(quality.kept_share(index[i], coverage))
-                                areas.append(float(coverage.mean()))
+                                shares.append(quality.kept_share(index[i], coverage[grids[name]]))
+                                areas.append(float(coverage[grids[name]].mean()))
                         kept_share.append(float(np.mean(shares)))
                         area_share.append(float(np.mean(areas)))
                     for step in steps_kept:  # kept frequency on the finest grid, for the figure
@@ -306,6 +304,11 @@ def main() -> None:
             raise SystemExit(f"budget {budget} is not in (0, {SDXL_FULL_TMACS}) SD-XL TMACs")
     if args.prompts < 2:
         raise SystemExit(f"--prompts {args.prompts}: need at least 2 for a Frechet distance")
+    for name in ("steps", "batch", "jobs"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} {getattr(args, name)}: must be 1 or more")
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"--model {args.model}: not a trained model folder (no config.json in it)")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,7 +316,7 @@ def main() -> None:
 
     config = read_config(args.model)
     image_size = config["image_size"]
-    vae_factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
+    vae_factor = factor_of(config)
     # Solving the budgets counts FLOPs a few dozen times (minutes): reuse a plan made for the same
     # budgets, steps and U-Net.
     key = {"budgets": args.budgets, "steps": args.steps, "unet": config["unet"], "image_size": image_size,

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from atedm_compile import synthetic
 from atedm_compile.quality import to_pixels
-from atedm_compile.models import SDXL_BASE_UNET, tiny_tokenizer
+from atedm_compile.models import SDXL_BASE_UNET, TINY_VAE, tiny_tokenizer
 from atedm_compile.trained import TINY_SHAPES, build_pipeline, save_model, state_dict
 
 IMAGE_SIZE = 64
@@ -56,15 +56,12 @@ UNET = {
     "transformer_layers_per_block": [1, 2, 2],
 }
 
+# The tiny random pipeline's VAE (models.TINY_VAE), one level fewer: factor 4, 64 px.
 VAE = {
+    **TINY_VAE,
     "block_out_channels": [16, 32, 64],
     "down_block_types": ["DownEncoderBlock2D"] * 3,
     "up_block_types": ["UpDecoderBlock2D"] * 3,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
     "sample_size": IMAGE_SIZE,
     "force_upcast": False,
 }
