@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 TINY_SHAPES = Path(__file__).parent / "weights" / "tiny-shapes"
+TINY_SHAPES_XL = Path(__file__).parent / "weights" / "tiny-shapes-xl"
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 

@@ -38,12 +38,13 @@ from tqdm import tqdm
 from atedm_compile import synthetic
 from atedm_compile.quality import to_pixels
 from atedm_compile.models import SDXL_BASE_UNET, TINY_VAE, tiny_tokenizer
-from atedm_compile.trained import TINY_SHAPES, build_pipeline, save_model, state_dict
+from atedm_compile.trained import TINY_SHAPES, TINY_SHAPES_XL, build_pipeline, save_model, state_dict
 
 IMAGE_SIZE = 64
 TEXT_HIDDEN = 48
 TIME_EMBED = 8
 
+# tiny-shapes: 2 transformer layers in every attention block, 64 px (latent 16 x 16).
 UNET = {
     **SDXL_BASE_UNET,
     "attention_head_dim": [2, 2, 4],
@@ -64,6 +65,24 @@ VAE = {
     "up_block_types": ["UpDecoderBlock2D"] * 3,
     "sample_size": IMAGE_SIZE,
     "force_upcast": False,
+}
+
+
+# tiny-shapes-xl: SD-XL's depth pattern. No attention at level 1, 2-layer blocks at level 2
+# (16 x 16 = 256 tokens), 10-layer blocks at level 3 and in the mid block (8 x 8 = 64 tokens),
+# 128 px images through the tiny-shapes VAE (factor 4, latent 32 x 32). Level 3 is 80 wide (not
+# 96) so that the fp16 weights stay under 25 MB.
+UNET_XL = {
+    **UNET,
+    "block_out_channels": [24, 48, 80],
+    "sample_size": 128 // 4,
+    "transformer_layers_per_block": [1, 2, 10],
+}
+
+# name -> (image size, U-Net config, default output folder)
+PRESETS = {
+    "tiny-shapes": (IMAGE_SIZE, UNET, TINY_SHAPES),
+    "tiny-shapes-xl": (128, UNET_XL, TINY_SHAPES_XL),
 }
 
 
@@ -201,9 +220,15 @@ SAMPLE_CAPTIONS = (
 )
 
 
+def image_size(pipe) -> int:
+    """The pixel size a trained pipeline samples at: its U-Net's latent size times the VAE factor."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
 def sample(pipe, captions, seeds, steps: int, guidance: float) -> list:
     """One image per (caption, seed), sampled with the pipeline's own loop."""
-    return [pipe(list(captions), height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps,
+    size = image_size(pipe)
+    return [pipe(list(captions), height=size, width=size, num_inference_steps=steps,
                  guidance_scale=guidance, generator=[torch.Generator().manual_seed(seed) for _ in captions]).images
             for seed in seeds]
 
@@ -214,13 +239,15 @@ def write_sample_grid(pipe, path: Path, steps: int, guidance: float, seeds=(0, 1
     from PIL import Image, ImageDraw
 
     samples = sample(pipe, SAMPLE_CAPTIONS, seeds, steps, guidance)
-    tile, label = IMAGE_SIZE * zoom, 14
+    size = image_size(pipe)
+    zoom = max(1, zoom * IMAGE_SIZE // size)
+    tile, label = size * zoom, 14
     grid = Image.new("RGB", (tile * (1 + len(seeds)), (tile + label) * len(SAMPLE_CAPTIONS)), "white")
     draw = ImageDraw.Draw(grid)
     for row, caption in enumerate(SAMPLE_CAPTIONS):
         top = row * (tile + label)
         draw.text((2, top + 1), caption, fill="black")
-        real, _ = synthetic.render(synthetic.parse_caption(caption), IMAGE_SIZE)
+        real, _ = synthetic.render(synthetic.parse_caption(caption), size)
         tiles = [Image.fromarray(real)] + [samples[column][row] for column in range(len(seeds))]
         for column, image in enumerate(tiles):
             grid.paste(image.resize((tile, tile), Image.Resampling.NEAREST), (column * tile, top + label))
@@ -232,7 +259,7 @@ def detector_accuracy(pipe, count: int, steps: int, guidance: float, seed: int =
     """Share of images whose largest object the detector reads as the caption says, for ``count``
     held-out captions: on the rendered data, on its VAE round trip (the ceiling for samples) and on
     the pipeline's samples of the same captions."""
-    images, _, captions, _ = synthetic.make_dataset(count, seed=seed, size=IMAGE_SIZE)
+    images, _, captions, _ = synthetic.make_dataset(count, seed=seed, size=image_size(pipe))
     generated = []
     for start in range(0, count, batch):
         generated += sample(pipe, captions[start:start + batch], [seed + start], steps, guidance)[0]
@@ -257,9 +284,86 @@ def evaluate(directory: Path, grid: Path, steps: int, guidance: float, count: in
         print(name, {k: round(v, 3) for k, v in accuracy.items()})
 
 
+def init_text_encoders(pipe, directory: Path) -> None:
+    """Start both text encoders from those of the model saved in ``directory`` (same configs)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(directory / "model.safetensors")
+    for name in ("text_encoder", "text_encoder_2"):
+        prefix = name + "."
+        getattr(pipe, name).load_state_dict(
+            {k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+
+
+class Checkpoint:
+    """Resumable training state in one folder: ``state.safetensors`` (model, EMA and optimiser
+    tensors, torch's RNG) and ``state.json`` (step, running loss, the data RNG, the settings it
+    was started with), each written atomically. No pickle: a resume reads tensors and JSON only."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def exists(self) -> bool:
+        return (self.directory / "state.json").is_file()
+
+    def save(self, step, running, settings, trained, ema, optimizer, schedule, rng) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.detach().contiguous() for k, v in trained.state_dict().items()}
+        tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()})
+        optim = optimizer.state_dict()
+        for index, state in optim["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).contiguous()
+        tensors["torch_rng"] = torch.get_rng_state()
+        record = {"step": step, "running": running, "settings": settings, "rng": rng.bit_generator.state,
+                  "schedule": schedule.state_dict()["last_epoch"], "param_groups": optim["param_groups"]}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.directory / "state.safetensors", lambda tmp: save_file(tensors, tmp))
+        text = json.dumps(record, default=str)
+        _write_atomically(self.directory / "state.json", lambda tmp: Path(tmp).write_text(text))
+
+    def load(self, settings, trained, ema, optimizer, schedule, rng):
+        """Restore everything ``save`` wrote; returns (step, running loss). Refuses a checkpoint
+        started with other settings."""
+        from safetensors.torch import load_file
+
+        record = json.loads((self.directory / "state.json").read_text())
+        if record["settings"] != settings:
+            changed = sorted(k for k in set(settings) | set(record["settings"])
+                             if settings.get(k) != record["settings"].get(k))
+            raise SystemExit(f"checkpoint {self.directory} was started with other settings ({', '.join(changed)}); "
+                             f"use the same ones, or another --checkpoint")
+        tensors = load_file(self.directory / "state.safetensors")
+        trained.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, strict=True)
+        state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": record["param_groups"]})
+        for _ in range(record["schedule"] - schedule.state_dict()["last_epoch"]):
+            schedule.step()
+        torch.set_rng_state(tensors["torch_rng"])
+        rng.bit_generator.state = record["rng"]
+        return record["step"], record["running"]
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(TINY_SHAPES))
+    parser.add_argument("--model", choices=sorted(PRESETS), default="tiny-shapes",
+                        help="which shipped model's architecture and image size to train (default: %(default)s)")
+    parser.add_argument("--out", help="output model folder (default: the shipped model's folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-size", type=int, default=16000)
     parser.add_argument("--vae-steps", type=int, default=800)
@@ -272,45 +376,59 @@ def main() -> None:
     parser.add_argument("--reuse-vae", metavar="DIR",
                         help="take the VAE (config, latent scale and weights, decoder stage included) from the "
                              "model saved in DIR and train only the text encoders and the U-Net")
+    parser.add_argument("--init-text-from", metavar="DIR",
+                        help="start both text encoders from the model saved in DIR (same text configs)")
+    parser.add_argument("--checkpoint", metavar="DIR",
+                        help="keep a resumable training state here (every --save-every steps) and resume from it "
+                             "when present (default: ~/.cache/atedm-compile/train/MODEL)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--evaluate-only", action="store_true",
                         help="skip training: sample grid and detector accuracy of the model in --out")
-    parser.add_argument("--grid", default=str(Path(__file__).parents[1] / "docs" / "samples.png"))
+    parser.add_argument("--grid", help="sample grid PNG (default: docs/samples.png, docs/samples-xl.png for the xl model)")
     parser.add_argument("--sample-steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--eval-count", type=int, default=64)
     args = parser.parse_args()
 
+    size, unet_config, default_out = PRESETS[args.model]
+    args.out = Path(args.out or default_out)
+    docs = Path(__file__).parents[1] / "docs"
+    grid = Path(args.grid or docs / ("samples.png" if args.model == "tiny-shapes" else f"samples-{args.model[12:]}.png"))
+    checkpoint = Checkpoint(Path(args.checkpoint or Path.home() / ".cache" / "atedm-compile" / "train" / args.model))
     torch.set_num_threads(args.threads)
     if args.evaluate_only:
-        evaluate(Path(args.out), Path(args.grid), args.sample_steps, args.guidance, args.eval_count)
+        evaluate(args.out, grid, args.sample_steps, args.guidance, args.eval_count)
         return
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     started = time.time()
 
-    images, _, captions, _ = synthetic.make_dataset(args.data_size, seed=args.seed, size=IMAGE_SIZE)
+    images, _, captions, _ = synthetic.make_dataset(args.data_size, seed=args.seed, size=size)
     if args.decoder_only:
-        loss = finetune_decoder(Path(args.out), images, args.decoder_steps, args.vae_batch, args.seed + 1)
+        loss = finetune_decoder(args.out, images, args.decoder_steps, args.vae_batch, args.seed + 1)
         print(f"decoder: loss {loss:.4f}, {time.time() - started:.0f} s")
         return
     tokenizer = tiny_tokenizer(synthetic.VOCABULARY)
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     config = {
-        "unet": UNET, "vae": VAE, "scheduler": SCHEDULER,
+        "unet": unet_config, "vae": VAE, "scheduler": SCHEDULER,
         "text_encoder": text_encoder_config(len(tokenizer), projection=False),
         "text_encoder_2": text_encoder_config(len(tokenizer), projection=True),
-        "image_size": IMAGE_SIZE,
+        "image_size": size,
         "tokenizer_words": list(synthetic.VOCABULARY),
     }
     pipe = build_pipeline(config)
+    if args.init_text_from:
+        init_text_encoders(pipe, Path(args.init_text_from))
 
     vae_record = {}
     if args.reuse_vae:
         vae_loss = reuse_vae(pipe, config, Path(args.reuse_vae))
         vae_record = {**config.pop("training"), "vae_from": "an earlier run (--reuse-vae)"}
+        if args.init_text_from:
+            vae_record["text_encoders_from"] = "an earlier run (--init-text-from)"
     else:
         vae_loss = train_vae(pipe.vae, images, args.vae_steps, args.vae_batch, rng)
     latents = encode_all(pipe.vae, images)
@@ -332,7 +450,15 @@ def main() -> None:
     alphas_cumprod = pipe.scheduler.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
     loss_weight = torch.clamp(snr, max=5.0) / snr  # Min-SNR-gamma (gamma 5) for epsilon prediction
-    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    settings = {"model": args.model, "seed": args.seed, "data_size": args.data_size, "steps": args.steps,
+                "batch": args.batch, "lr": args.lr, "reuse_vae": bool(args.reuse_vae),
+                "init_text_from": bool(args.init_text_from)}
+    first, running = 1, None
+    if checkpoint.exists():
+        done, running = checkpoint.load(settings, trained, ema, optimizer, schedule, rng)
+        first = done + 1
+        print(f"resumed from {checkpoint.directory} at step {done}")
 
     def save(step: int, loss: float) -> None:
         live = {name: getattr(pipe, name) for name in trained}
@@ -347,9 +473,9 @@ def main() -> None:
         save_model(args.out, config, state_dict(pipe))
         for name, module in live.items():
             setattr(pipe, name, module)
+        checkpoint.save(step, loss, settings, trained, ema, optimizer, schedule, rng)
 
-    progress = tqdm(range(1, args.steps + 1), desc="unet", mininterval=5)
-    running = None
+    progress = tqdm(range(first, args.steps + 1), desc="unet", mininterval=5, initial=first - 1, total=args.steps)
     for step in progress:
         index = torch.from_numpy(rng.integers(len(images), size=args.batch))
         x0 = latents[index]
@@ -370,11 +496,11 @@ def main() -> None:
             save(step, running)
     print(f"unet: {args.steps} steps, loss {running:.4f}, {time.time() - started:.0f} s")
     if args.reuse_vae:
-        evaluate(Path(args.out), Path(args.grid), args.sample_steps, args.guidance, args.eval_count)
+        evaluate(args.out, grid, args.sample_steps, args.guidance, args.eval_count)
         return
-    loss = finetune_decoder(Path(args.out), images, args.decoder_steps, args.vae_batch, args.seed + 1)
-    print(f"decoder: loss {loss:.4f}, {time.time() - started:.0f} s; wrote {Path(args.out)}")
-    evaluate(Path(args.out), Path(args.grid), args.sample_steps, args.guidance, args.eval_count)
+    loss = finetune_decoder(args.out, images, args.decoder_steps, args.vae_batch, args.seed + 1)
+    print(f"decoder: loss {loss:.4f}, {time.time() - started:.0f} s; wrote {args.out}")
+    evaluate(args.out, grid, args.sample_steps, args.guidance, args.eval_count)
 
 
 if __name__ == "__main__":
