@@ -45,7 +45,10 @@ def resolve_providers(providers: list[str] | None) -> list[str]:
     resolved = [PROVIDERS.get(p, p) for p in providers]
     missing = [p for p in resolved if p not in available]
     if missing:
-        raise ValueError(f"execution providers {missing} are not in this onnxruntime build; available: {available}")
+        hint = (" (the CUDA provider comes with onnxruntime-gpu: pip install \"atedm-compile[gpu]\")"
+                if PROVIDERS["cuda"] in missing else "")
+        raise ValueError(f"execution providers {missing} are not in this onnxruntime build; "
+                         f"available: {available}{hint}")
     return resolved
 
 
