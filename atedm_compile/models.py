@@ -9,6 +9,7 @@ and tiny SD-XL-topology models with random weights (for tests and the embedded d
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -110,15 +111,23 @@ TINY_VAE = {
 }
 
 
-TRAINED_MODELS = ("tiny-shapes",)
+# The trained pipelines shipped in the package, by name: one folder each under weights/.
+TRAINED_MODELS = ("tiny-shapes", "tiny-shapes-xl")
+
+
+def trained_model_dir(name: str) -> Path:
+    """The folder of the shipped trained model called ``name`` (one of ``TRAINED_MODELS``)."""
+    if name not in TRAINED_MODELS:
+        raise ValueError(f"unknown trained model {name!r}; choose one of {list(TRAINED_MODELS)}")
+    return Path(__file__).parent / "weights" / name
 
 
 def unet_config(name: str) -> dict:
     """The U-Net config called ``name`` (one of ``UNET_CONFIGS``, or a shipped trained model)."""
     if name in TRAINED_MODELS:
-        from .trained import TINY_SHAPES, read_config
+        from .trained import read_config
 
-        return dict(read_config(TINY_SHAPES)["unet"])
+        return dict(read_config(trained_model_dir(name))["unet"])
     if name not in UNET_CONFIGS:
         raise ValueError(f"unknown model config {name!r}; choose one of {sorted(UNET_CONFIGS) + list(TRAINED_MODELS)}")
     return dict(UNET_CONFIGS[name])
@@ -128,10 +137,10 @@ def vae_factor(name: str) -> int:
     """Pixels per latent cell, per side, of the pipeline a named config belongs to (8 for the
     SD families and ``tiny``; the shipped trained models say in their config)."""
     if name in TRAINED_MODELS:
-        from .trained import TINY_SHAPES, read_config
+        from .trained import read_config
         from .trained import vae_factor as factor_of
 
-        return factor_of(read_config(TINY_SHAPES))
+        return factor_of(read_config(trained_model_dir(name)))
     unet_config(name)  # a clear error for an unknown name
     return 8
 
@@ -272,13 +281,13 @@ def tiny_sd15_pipeline(seed: int = 0):
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """The pipeline for ``model``: ``"tiny-shapes"`` (shipped, trained on synthetic shapes),
-    ``"tiny"`` (built in, random weights) or a local path / hub id loaded with diffusers'
-    ``DiffusionPipeline.from_pretrained`` (SD-XL and SD 1.x / 2.x pipelines)."""
-    if model == "tiny-shapes":
+    """The pipeline for ``model``: a shipped trained model (``"tiny-shapes"``, ``"tiny-shapes-xl"``:
+    trained on synthetic shapes), ``"tiny"`` (built in, random weights) or a local path / hub id
+    loaded with diffusers' ``DiffusionPipeline.from_pretrained`` (SD-XL and SD 1.x / 2.x pipelines)."""
+    if model in TRAINED_MODELS:
         from .trained import load_trained_pipeline
 
-        return load_trained_pipeline(device=device)
+        return load_trained_pipeline(trained_model_dir(model), device=device)
     if model == "tiny":
         return tiny_sdxl_pipeline().to(device)
     from diffusers import DiffusionPipeline
