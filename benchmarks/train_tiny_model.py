@@ -302,6 +302,7 @@ class Checkpoint:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+        self.resumed: list[dict] = []  # each resume: the step it resumed at and the --steps it ran to
 
     def exists(self) -> bool:
         return (self.directory / "state.json").is_file()
@@ -317,6 +318,7 @@ class Checkpoint:
                 tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).contiguous()
         tensors["torch_rng"] = torch.get_rng_state()
         record = {"step": step, "running": running, "settings": settings, "rng": rng.bit_generator.state,
+                  "resumed": self.resumed,
                   "schedule": schedule.state_dict()["last_epoch"], "param_groups": optim["param_groups"]}
         self.directory.mkdir(parents=True, exist_ok=True)
         _write_atomically(self.directory / "state.safetensors", lambda tmp: save_file(tensors, tmp))
@@ -329,9 +331,11 @@ class Checkpoint:
         from safetensors.torch import load_file
 
         record = json.loads((self.directory / "state.json").read_text())
-        if record["settings"] != settings:
-            changed = sorted(k for k in set(settings) | set(record["settings"])
-                             if settings.get(k) != record["settings"].get(k))
+        # The step count may change on resume (the cosine decay is then over the new total);
+        # anything else would train another model.
+        changed = sorted(k for k in set(settings) | set(record["settings"])
+                         if k != "steps" and settings.get(k) != record["settings"].get(k))
+        if changed:
             raise SystemExit(f"checkpoint {self.directory} was started with other settings ({', '.join(changed)}); "
                              f"use the same ones, or another --checkpoint")
         tensors = load_file(self.directory / "state.safetensors")
@@ -347,6 +351,10 @@ class Checkpoint:
             schedule.step()
         torch.set_rng_state(tensors["torch_rng"])
         rng.bit_generator.state = record["rng"]
+        if record["step"] >= settings["steps"]:
+            raise SystemExit(f"checkpoint {self.directory} is at step {record['step']}, not before --steps "
+                             f"{settings['steps']}")
+        self.resumed = [*record.get("resumed", []), {"at_step": record["step"], "steps": settings["steps"]}]
         return record["step"], record["running"]
 
 
@@ -470,6 +478,8 @@ def main() -> None:
             "seconds": round(time.time() - started), "threads": args.threads,
             **vae_record,
         }
+        if checkpoint.resumed:
+            config["training"]["resumed"] = checkpoint.resumed
         save_model(args.out, config, state_dict(pipe))
         for name, module in live.items():
             setattr(pipe, name, module)
