@@ -269,7 +269,9 @@ def test_reference_statistics_file_gives_the_same_fid(two_runs, data, tmp_path):
     args = _args(data, out)
     args[args.index("--reference"):args.index("--reference") + 2] = ["--reference-stats", str(alone / "reference.npz")]
     assert main(args) == 0
-    fids = lambda folder: [r["fid"] for r in json.loads((folder / "results.json").read_text())["rows"]]  # noqa: E731
+    def fids(folder):
+        return [row["fid"] for row in json.loads((folder / "results.json").read_text())["rows"]]
+
     assert fids(out) == fids(alone)
 
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from ..trained import write_atomically
 from . import report, shards
 from .captions import Caption, read_captions
 from .metrics import Metrics, frechet_distance, paper_metrics, statistics
-from .plan import METHODS, budget_label, plan_budgets
+from .plan import METHODS, plan_budgets
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # clean-fid's, less .npy
@@ -143,14 +143,14 @@ def _runs(config: EvaluateConfig, plan: dict) -> list[Run]:
     return runs
 
 
-def _check_same(path: Path, wanted, what: str) -> None:
+def _check_same(path: Path, wanted: dict, what: str) -> None:
     """Write ``wanted`` to ``path`` as JSON, or check that what is there says the same."""
     if path.is_file():
         there = json.loads(path.read_text())
-        if there != wanted:
-            differ = [k for k in set(there) | set(wanted) if there.get(k) != wanted.get(k)] if isinstance(wanted, dict) else []
-            raise ValueError(f"{path.parent} holds {what} made with other settings ({', '.join(sorted(differ)) or 'content'}: "
-                             f"{ {k: there.get(k) for k in sorted(differ)} } there, { {k: wanted.get(k) for k in sorted(differ)} } now); "
+        differ = sorted(k for k in set(there) | set(wanted) if there.get(k) != wanted.get(k))
+        if differ:
+            was = "; ".join(f"{k} {there.get(k)!r} there, {wanted.get(k)!r} now" for k in differ)
+            raise ValueError(f"{path.parent} holds {what} made with other settings ({was}); "
                              f"use another --out or the same settings")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -343,6 +343,7 @@ def _reference_statistics(config: EvaluateConfig, files: list[Path], metrics: Me
 
     def stats():
         mu, sigma = statistics(_merge(gathered)["fid"])
+
         def save(tmp):
             with open(tmp, "wb") as file:  # a file object: np.savez would add .npz to a name
                 np.savez(file, mu=mu, sigma=sigma, count=len(files))
@@ -355,7 +356,7 @@ def _reference_statistics(config: EvaluateConfig, files: list[Path], metrics: Me
 
 # -- the command -------------------------------------------------------------------------------
 
-def evaluate(config: EvaluateConfig, metrics: Metrics | None = None) -> dict:
+def evaluate(config: EvaluateConfig, metrics: Metrics | Callable[[torch.device], Metrics] | None = None) -> dict:
     """Generate every run's images, measure FID and the CLIP score, write the table, JSON and curves.
 
     Runs alone or in each process ``torchrun`` starts (they share the work, see the module
