@@ -28,9 +28,11 @@ def read_captions(path: str | Path) -> list[Caption]:
     the lowest id; images in order of their id. Any other file: one caption per non-empty line.
 
     Example:
+        >>> import tempfile
         >>> from pathlib import Path
-        >>> _ = Path("/tmp/captions.txt").write_text("a red square\\n\\na blue circle\\n")
-        >>> [c.text for c in read_captions("/tmp/captions.txt")]
+        >>> path = Path(tempfile.mkdtemp()) / "captions.txt"
+        >>> _ = path.write_text("a red square\\n\\na blue circle\\n")
+        >>> [c.text for c in read_captions(path)]
         ['a red square', 'a blue circle']
     """
     path = Path(path)
