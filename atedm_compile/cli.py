@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .export.cli import add_export_commands
 
     add_export_commands(sub)
+    from .evaluate.cli import add_evaluate_command
+
+    add_evaluate_command(sub)
     return parser
 
 

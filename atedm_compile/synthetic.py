@@ -291,8 +291,13 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Frechet distance of Gaussians fitted to two feature sets ([N, D] each), as in FID:
     |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))."""
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    return frechet_distance_of_statistics(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def frechet_distance_of_statistics(mu_a, cov_a, mu_b, cov_b) -> float:
+    """``frechet_distance`` from the means ([D]) and covariances ([D, D]) of the two sets."""
+    mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
+    cov_a, cov_b = np.atleast_2d(np.asarray(cov_a, np.float64)), np.atleast_2d(np.asarray(cov_b, np.float64))
     # tr (S_a S_b)^(1/2) = tr (S_a^(1/2) S_b S_a^(1/2))^(1/2): a symmetric PSD matrix, so eigh is exact.
     values, vectors = np.linalg.eigh(cov_a)
     root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T

@@ -57,7 +57,9 @@ def state_dict(pipe, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tens
             for name in COMPONENTS for k, v in getattr(pipe, name).state_dict().items()}
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
+    """Write ``path`` by ``write(tmp)`` on a temporary file beside it, then rename: readers see the
+    old file or the new one, never part of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
     os.close(fd)
     try:
@@ -75,9 +77,9 @@ def save_model(directory: str | Path, config: dict, weights: dict[str, torch.Ten
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / "model.safetensors", lambda tmp: save_file(weights, tmp))
+    write_atomically(directory / "model.safetensors", lambda tmp: save_file(weights, tmp))
     text = json.dumps(config, indent=1, sort_keys=True) + "\n"
-    _write_atomically(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
+    write_atomically(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def read_config(directory: str | Path = TINY_SHAPES) -> dict:

@@ -1,0 +1,67 @@
+"""Captions to evaluate on: a text file of one caption per line, or MS-COCO's ``captions_val2017.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    image_id: int | None = None  # COCO only
+    file_name: str | None = None  # COCO only: the image the caption describes
+
+
+def _clean(text: str) -> str:
+    # COCO captions carry stray spaces and line breaks.
+    return " ".join(str(text).split())
+
+
+def read_captions(path: str | Path) -> list[Caption]:
+    """The captions in ``path``, in a stable order.
+
+    A ``.json`` file is read as COCO captions (``annotations`` with ``image_id`` and ``caption``):
+    one caption per image, as the paper does (supp. A.4: "we deduplicate captions to make sure
+    each image corresponds to a single caption"). Which one is ours to choose: the annotation with
+    the lowest id; images in order of their id. Any other file: one caption per non-empty line.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "captions.txt"
+        >>> _ = path.write_text("a red square\\n\\na blue circle\\n")
+        >>> [c.text for c in read_captions(path)]
+        ['a red square', 'a blue circle']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"captions file {str(path)!r} does not exist")
+    if path.suffix.lower() == ".json":
+        captions = _coco_captions(path)
+    else:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        captions = [Caption(_clean(line)) for line in lines if line.strip()]
+    if not captions:
+        raise ValueError(f"captions file {str(path)!r} holds no caption")
+    return captions
+
+
+def _coco_captions(path: Path) -> list[Caption]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"captions file {str(path)!r} is not valid JSON: {error}") from None
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(annotations, list) or not all(
+            isinstance(a, dict) and {"image_id", "caption"} <= a.keys() for a in annotations):
+        raise ValueError(f"captions file {str(path)!r} is JSON but not COCO captions: expected "
+                         f"'annotations' entries with 'image_id' and 'caption'")
+    files = {image["id"]: image.get("file_name") for image in data.get("images", []) if "id" in image}
+    first: dict[int, tuple[int, str]] = {}  # image id -> (annotation id, caption)
+    for position, annotation in enumerate(annotations):
+        candidate = (annotation.get("id", position), annotation["caption"])
+        if annotation["image_id"] not in first or candidate[0] < first[annotation["image_id"]][0]:
+            first[annotation["image_id"]] = candidate
+    return [Caption(_clean(first[image_id][1]), image_id, files.get(image_id)) for image_id in sorted(first)]

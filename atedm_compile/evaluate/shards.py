@@ -1,0 +1,90 @@
+"""Splitting the work over processes with ``torch.distributed``, as ``torchrun`` starts them.
+
+Only the environment ``torchrun`` sets is read (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, and the
+rendezvous it set up), so one node or many is the same code. Without it, one process does it all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# Rank 0 may solve FLOPs budgets (minutes on SD-XL) while the others wait for the answer.
+TIMEOUT = timedelta(minutes=60)
+
+
+@dataclass
+class Shard:
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool = False
+
+    def mine(self, count: int) -> list[int]:
+        """This process's share of ``count`` work items: every ``world``-th, from ``rank``."""
+        return list(range(self.rank, count, self.world))
+
+    def gather(self, value) -> list:
+        """``value`` of every rank, in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def from_rank0(self, compute, share: bool = True):
+        """``compute()`` on rank 0, its result on every rank (``share=False``: on rank 0 only,
+        None elsewhere). An error there is raised on every rank (as a ValueError elsewhere), so
+        that no rank waits for a result that never comes."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = compute()
+            except Exception as caught:  # noqa: BLE001 - sent on to the other ranks, then raised
+                error = caught
+        if self.world > 1:
+            box = [(result if share else None, None if error is None else f"{type(error).__name__}: {error}")]
+            dist.broadcast_object_list(box, src=0)
+            shared, message = box[0]
+            result = result if self.rank == 0 else shared
+            if self.rank != 0 and message is not None:
+                raise ValueError(f"rank 0 failed: {message}")
+        if error is not None:
+            raise error
+        return result
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK``) where CUDA is available, else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return torch.device("cuda", local_rank)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def start(device: str = "auto") -> Shard:
+    """Join the process group ``torchrun`` describes (gloo on the CPU, NCCL on GPUs), or run alone."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_available() and dist.is_initialized():
+        return Shard(dist.get_rank(), dist.get_world_size(), device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Shard(0, 1, device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    return Shard(dist.get_rank(), dist.get_world_size(), device, owns_group=True)
+
+
+def finish(shard: Shard) -> None:
+    if shard.owns_group:
+        dist.destroy_process_group()

@@ -1,0 +1,343 @@
+"""``atedm-compile evaluate``: captions, budgets, metrics, and the whole command on the shipped toy
+model with small random feature networks, alone and under ``torchrun --nproc_per_node 2`` (gloo)."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from atedm_compile import synthetic
+from atedm_compile.cli import main
+from atedm_compile.evaluate import EvaluateConfig, Metrics, evaluate, read_captions
+from atedm_compile.evaluate import metrics as metrics_module
+from atedm_compile.evaluate.metrics import MissingMetricDependency, frechet_distance, load_metrics, paper_metrics
+from atedm_compile.evaluate.plan import plan_budgets
+from atedm_compile.evaluate.run import _reference_image
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_METRICS = f"{Path(__file__).with_name('evaluate_toy_metrics.py')}:toy_metrics"
+
+
+# -- captions ----------------------------------------------------------------------------------
+
+def test_caption_lines_skip_blank_lines(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("a red square\n\n  a blue   circle \n")
+    assert [c.text for c in read_captions(path)] == ["a red square", "a blue circle"]
+
+
+def test_coco_captions_keep_one_per_image(tmp_path):
+    coco = {"images": [{"id": 7, "file_name": "000007.jpg"}, {"id": 3, "file_name": "000003.jpg"}],
+            "annotations": [{"id": 20, "image_id": 7, "caption": "a dog on a sofa"},
+                            {"id": 11, "image_id": 7, "caption": "A brown dog\n sleeping. "},
+                            {"id": 12, "image_id": 3, "caption": "two birds"},
+                            {"id": 30, "image_id": 3, "caption": "birds on grass"}]}
+    path = tmp_path / "captions_val2017.json"
+    path.write_text(json.dumps(coco))
+    captions = read_captions(path)
+    assert [(c.image_id, c.text, c.file_name) for c in captions] == [
+        (3, "two birds", "000003.jpg"), (7, "A brown dog sleeping.", "000007.jpg")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("\n\n", "holds no caption"),
+    ('{"images": []}', "not COCO captions"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_captions_files_are_named(tmp_path, content, message):
+    path = tmp_path / ("captions.json" if content.startswith("{") else "captions.txt")
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_captions(path)
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+def test_frechet_distance_matches_its_closed_form():
+    # Covariances sharing their eigenvectors commute: tr (S_a S_b)^(1/2) = sum sqrt(a_i b_i).
+    rng = np.random.default_rng(0)
+    rotation, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    a, b = rng.uniform(0.5, 2.0, 4), rng.uniform(0.5, 2.0, 4)
+    mu_a, mu_b = rng.normal(size=4), rng.normal(size=4)
+    value, implementation = frechet_distance(mu_a, rotation @ np.diag(a) @ rotation.T,
+                                             mu_b, rotation @ np.diag(b) @ rotation.T)
+    expected = ((mu_a - mu_b) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum()
+    assert value == pytest.approx(expected, rel=1e-9)
+    assert implementation == ("clean-fid" if importlib.util.find_spec("cleanfid") else
+                              "atedm_compile.synthetic (clean-fid absent)")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cleanfid") is not None or importlib.util.find_spec("open_clip") is not None,
+                    reason="checks the message shown where the metric libraries are absent")
+def test_missing_metric_libraries_and_weights_are_named(tmp_path):
+    with pytest.raises(MissingMetricDependency) as raised:
+        paper_metrics("cpu", inception=tmp_path / "inception-2015-12-05.pt")
+    message = str(raised.value)
+    for part in ("clean-fid", "open_clip_torch", "pip install 'atedm-compile[eval]'",
+                 str(tmp_path / "inception-2015-12-05.pt")):
+        assert part in message
+
+
+def test_open_clip_weights_are_looked_up_in_the_hub_cache(monkeypatch):
+    class FakeOpenClip:  # the two look-ups open_clip_weights makes
+        @staticmethod
+        def get_pretrained_cfg(model, tag):
+            return {"hf_hub": "laion/CLIP-ViT-g-14-laion2B-s34B-b88K/", "mean": (0.5,)} if tag == "known" else {}
+
+        @staticmethod
+        def list_pretrained_tags_by_model(model):
+            return ["known"]
+
+    cached = {("laion/CLIP-ViT-g-14-laion2B-s34B-b88K", "open_clip_pytorch_model.bin"): "/cache/model.bin"}
+    monkeypatch.setattr(metrics_module, "_hub_file", lambda repo, name: cached.get((repo, name)))
+    path, config, _ = metrics_module.open_clip_weights(FakeOpenClip, "ViT-g-14", "known")
+    assert path == "/cache/model.bin" and config["mean"] == (0.5,)
+    cached.clear()
+    path, _, looked = metrics_module.open_clip_weights(FakeOpenClip, "ViT-g-14", "known")
+    assert path is None and "open_clip_model.safetensors or open_clip_pytorch_model.bin" in looked
+    with pytest.raises(ValueError, match="tags for 'ViT-g-14': \\['known'\\]"):
+        metrics_module.open_clip_weights(FakeOpenClip, "ViT-g-14", "unknown")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_colon", "module:function"),
+    ("atedm_compile.no_such_module:f", "cannot import"),
+    ("atedm_compile.evaluate.metrics:no_such_function", "has no function"),
+    ("/no/such/file.py:f", "no file"),
+])
+def test_bad_metrics_specs_are_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        load_metrics(spec)
+
+
+def test_reference_images_are_center_cropped_to_the_generated_shape(tmp_path):
+    wide = np.zeros((40, 100, 3), np.uint8)
+    wide[:, 30:70] = 255  # a white centre square between black side bands
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    image = _reference_image(tmp_path / "wide.png", 20, 20)
+    assert image.shape == (20, 20, 3)
+    assert image.min() == 255  # the side bands were cropped away
+
+
+# -- budgets -----------------------------------------------------------------------------------
+
+def test_keep_ratio_budgets_cost_what_flops_counts():
+    from atedm_compile.flops import count_phases
+    from atedm_compile.models import build_unet
+    from atedm_compile.schedule import make_schedule
+
+    unet = build_unet("tiny-shapes", device="meta")
+    size = dict(height=64, width=64, vae_factor=4)
+    plan = plan_budgets(unet, ["full", "atedm"], keep_ratios=[0.5], steps=4, **size)
+    entry = plan["budgets"][0]
+    expected = count_phases(unet, make_schedule("atedm", 4, keep_ratio=0.5), **size)
+    assert entry["label"] == "keep0.5" and entry["atedm_keep_ratio"] == 0.5
+    assert entry["methods"]["atedm"]["tmacs"] == expected.average_tmacs
+    assert entry["methods"]["atedm"]["share"] == expected.average_tmacs / expected.full_tmacs < 1
+    assert plan["full_tmacs"] == expected.full_tmacs
+
+
+@pytest.mark.slow
+def test_budgets_solve_atedm_and_match_tome():
+    from atedm_compile.flops import count_phases
+    from atedm_compile.models import build_unet
+    from atedm_compile.schedule import make_schedule
+
+    unet = build_unet("tiny-shapes", device="meta")
+    size = dict(height=64, width=64, vae_factor=4)
+    budget = count_phases(unet, make_schedule("uniform", 1, keep_ratio=0.5), **size).average_tmacs
+    plan = plan_budgets(unet, ["full", "atedm", "tome"], budgets=[budget], steps=2, tolerance=0.1, **size)
+    entry = plan["budgets"][0]
+    assert entry["pruned_phase_tmacs"] <= budget and 0.4 <= entry["atedm_keep_ratio"] <= 1.0
+    atedm, tome = entry["methods"]["atedm"], entry["methods"]["tome"]
+    assert atedm["keep_ratio"] == entry["atedm_keep_ratio"]
+    assert tome["tmacs"] <= atedm["tmacs"] and not tome["capped"] and 0.25 <= tome["keep_ratio"] < 1.0
+    assert plan["full_tmacs"] > atedm["tmacs"]
+
+
+# -- the command -------------------------------------------------------------------------------
+
+COMMON = ["--model", "tiny-shapes", "--methods", "full", "atedm", "--keep-ratios", "0.5", "--steps", "2",
+          "--batch", "2", "--metrics", TOY_METRICS]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Five captions of the synthetic shapes and a reference folder of six rendered images."""
+    folder = tmp_path_factory.mktemp("evaluate-data")
+    images, _, captions, _ = synthetic.make_dataset(6, seed=5, size=64)
+    (folder / "reference").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / "reference" / f"{i}.png")
+    (folder / "captions.txt").write_text("\n".join(captions[:5]) + "\n")
+    return folder
+
+
+def _args(data, out):
+    return ["evaluate", *COMMON, "--captions", str(data / "captions.txt"), "--reference", str(data / "reference"),
+            "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def two_runs(data, tmp_path_factory):
+    """The same evaluation by one process (here) and by two ranks under torchrun."""
+    alone, ranks = tmp_path_factory.mktemp("alone"), tmp_path_factory.mktemp("ranks")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")  # torchrun's default too
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "atedm_compile.cli", *_args(data, ranks)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"torchrun exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    assert main(_args(data, alone)) == 0  # conftest: one thread, as each rank has
+    return alone, ranks, result.stdout
+
+
+def test_one_process_and_two_ranks_give_the_same_results(two_runs):
+    alone, ranks, stdout = two_runs
+    assert "ranks: 2" in stdout and "images: 10 generated" in stdout
+    assert (alone / "results.txt").read_text() == (ranks / "results.txt").read_text()
+    assert json.loads((alone / "results.json").read_text()) == json.loads((ranks / "results.json").read_text())
+    for run in ("full-g7", "atedm-keep0.5-g7"):
+        names = sorted(p.name for p in (ranks / "images" / run).glob("*.png"))
+        assert names == [f"{i:06d}.png" for i in range(5)]  # every caption once, under a stable name
+        for name in names:
+            assert (alone / "images" / run / name).read_bytes() == (ranks / "images" / run / name).read_bytes()
+
+
+def test_results_hold_every_number(two_runs, data):
+    alone, _, _ = two_runs
+    record = json.loads((alone / "results.json").read_text())
+    rows = {row["run"]: row for row in record["rows"]}
+    assert set(rows) == {"full-g7", "atedm-keep0.5-g7"}
+    assert rows["atedm-keep0.5-g7"]["keep_ratio"] == 0.5 and rows["atedm-keep0.5-g7"]["share"] < 1.0
+    # The metrics, recomputed here from the written images and the reference folder.
+    toy = load_metrics(TOY_METRICS)("cpu")
+    captions = (data / "captions.txt").read_text().splitlines()
+    reference = np.stack([np.asarray(Image.open(data / "reference" / f"{i}.png")) for i in range(6)])
+    for run, row in rows.items():
+        images = np.stack([np.asarray(Image.open(alone / "images" / run / f"{i:06d}.png")) for i in range(5)])
+        clip = np.concatenate([toy.clip_score(images[i:i + 2], captions[i:i + 2]) for i in range(0, 5, 2)])
+        features = np.concatenate([toy.fid_features(images[i:i + 2]) for i in range(0, 5, 2)])
+        ref = np.concatenate([toy.fid_features(reference[i:i + 2]) for i in range(0, 6, 2)])
+        assert record["clip_scores"][run] == pytest.approx(clip.tolist(), abs=1e-6)
+        assert row["clip_score"] == pytest.approx(float(clip.mean()), abs=1e-6)
+        assert row["fid"] == pytest.approx(synthetic.frechet_distance(features, ref), rel=1e-4)
+        assert row["images"] == 5
+    assert rows["full-g7"]["fid"] != rows["atedm-keep0.5-g7"]["fid"]
+    with Image.open(alone / "curves.png") as curves:
+        assert curves.size == (900, 600)
+
+
+def test_rerun_resumes_without_generating(two_runs, data, capsys):
+    _, ranks, _ = two_runs
+    made = [*(ranks / "images").rglob("*.png"), *(ranks / "features").rglob("*.safetensors")]
+    before = {p: p.stat().st_mtime_ns for p in made}
+    expected = (ranks / "results.json").read_text()
+    assert main(_args(data, ranks)) == 0  # one process resuming what two ranks made
+    assert "images: 0 generated, 0 read back; features of 10 images reused, 0 reference" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert json.loads((ranks / "results.json").read_text()) == json.loads(expected)
+
+
+def test_rerun_redoes_only_what_is_missing(two_runs, data, tmp_path, capsys):
+    alone, _, _ = two_runs
+    out = tmp_path / "out"
+    shutil.copytree(alone, out)
+    (out / "features" / "full-g7" / "000002.safetensors").unlink()  # caption 4: features from its image
+    (out / "features" / "atedm-keep0.5-g7" / "000001.safetensors").unlink()  # captions 2, 3: images and features
+    (out / "images" / "atedm-keep0.5-g7" / "000002.png").unlink()
+    kept = (out / "images" / "atedm-keep0.5-g7" / "000003.png").stat().st_mtime_ns
+    assert main(_args(data, out)) == 0
+    assert (out / "images" / "atedm-keep0.5-g7" / "000003.png").stat().st_mtime_ns == kept  # written once
+    assert "images: 2 generated, 1 read back; features of 7 images reused" in capsys.readouterr().out
+    assert (out / "images" / "atedm-keep0.5-g7" / "000002.png").read_bytes() == \
+        (alone / "images" / "atedm-keep0.5-g7" / "000002.png").read_bytes()
+    assert json.loads((out / "results.json").read_text()) == json.loads((alone / "results.json").read_text())
+
+
+def test_reference_statistics_file_gives_the_same_fid(two_runs, data, tmp_path):
+    alone, _, _ = two_runs
+    out = tmp_path / "out"
+    shutil.copytree(alone, out)
+    (out / "reference.npz").unlink()
+    args = _args(data, out)
+    args[args.index("--reference"):args.index("--reference") + 2] = ["--reference-stats", str(alone / "reference.npz")]
+    assert main(args) == 0
+    def fids(folder):
+        return [row["fid"] for row in json.loads((folder / "results.json").read_text())["rows"]]
+
+    assert fids(out) == fids(alone)
+
+
+def test_other_settings_in_the_same_folder_are_refused(two_runs, data, capsys):
+    alone, _, _ = two_runs
+    args = _args(data, alone)
+    args[args.index("--steps") + 1] = "3"
+    assert main(args) == 2
+    assert "steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--methods", "full", "atedm", "--keep-ratios"], "need budgets"),
+    (["--images", "9"], "holds only 5 captions"),
+    (["--images", "1"], "images=1 must be an integer >= 2"),
+    (["--guidance", "0"], "each > 0"),
+    (["--keep-ratios", "1.5"], "outside (0, 1]"),
+    (["--reference", "/no/such/folder"], "is not a folder"),
+])
+def test_bad_arguments_exit_2_with_a_message(data, tmp_path, capsys, change, message):
+    args = _args(data, tmp_path / "out")
+    if change[-1] == "--keep-ratios":  # drop the keep ratios altogether
+        position = args.index("--keep-ratios")
+        del args[position:position + 2]
+    else:
+        args += change
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "images").exists()
+
+
+def test_python_api_takes_a_metrics_object(data, tmp_path):
+    calls = []
+
+    def mean_colour(images):
+        calls.append(len(images))
+        return images.reshape(len(images), -1, 3).mean(1)
+
+    metrics = Metrics("mean colour", mean_colour, lambda images, captions: np.ones(len(images)))
+    record = evaluate(EvaluateConfig("tiny-shapes", data / "captions.txt", tmp_path, methods=["full"], steps=1,
+                                     images=3, batch=3, reference=data / "reference"), metrics)
+    assert [row["clip_score"] for row in record["rows"]] == [1.0]
+    assert calls == [3, 3, 3]  # the reference folder in chunks of 3 (6 images), then the 3 generated
+
+
+# -- the paper's metrics, where this machine has them ------------------------------------------
+
+def _paper_metrics_or_skip():
+    for package, module in (("clean-fid", "cleanfid"), ("open_clip_torch", "open_clip")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{package} is not installed (pip install 'atedm-compile[eval]')")
+    try:
+        return paper_metrics("cpu")
+    except MissingMetricDependency as missing:
+        pytest.skip(str(missing))
+
+
+def test_paper_metrics_on_real_weights(data, tmp_path):
+    metrics = _paper_metrics_or_skip()
+    images = np.stack([np.asarray(Image.open(data / "reference" / f"{i}.png")) for i in range(2)])
+    assert metrics.fid_features(images).shape == (2, 2048)
+    scores = metrics.clip_score(images, ["a red square", "a blue circle"])
+    assert scores.shape == (2,) and np.all(np.abs(scores) <= 1)
+    model = os.environ.get("ATEDM_EVAL_MODEL", "tiny-shapes")  # a real pipeline folder, where one is cached
+    record = evaluate(EvaluateConfig(model, data / "captions.txt", tmp_path, methods=["full", "atedm"],
+                                     keep_ratios=[0.37], steps=2, images=4, batch=2, reference=data / "reference"),
+                      metrics)
+    assert record["settings"]["frechet_distance"] == "clean-fid"
+    assert all(-1 <= row["clip_score"] <= 1 and np.isfinite(row["fid"]) for row in record["rows"])
