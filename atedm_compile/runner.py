@@ -181,7 +181,8 @@ class Runner:
                              "create: compile(fullgraph=False) lets it run outside the graph")
         # CUDA graphs write every call's output into the same buffers; each U-Net call marks a new
         # step so that they may (the sampling loop has used the previous output by then).
-        self._cudagraph_steps = options.get("mode") in ("reduce-overhead", "max-autotune")
+        self._cudagraph_steps = (options.get("mode") in ("reduce-overhead", "max-autotune")
+                                 or options.get("backend") == "cudagraphs")
         forward = type(self.unet).forward.__get__(self.unet)
         self.unet.forward = torch.compile(_own_code(lambda *args, **kwargs: forward(*args, **kwargs)), **options)
         return self

@@ -83,6 +83,8 @@ def split_destinations(height: int, width: int, sx: int, sy: int, offsets: torch
     return destinations, order[: height * width - destinations.shape[0]]
 
 
+# Under torch.compile the split is a constant of the graph, made once while compiling.
+@torch.compiler.assume_constant_result
 def grid_split(height: int, width: int, sx: int, sy: int, seed: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``split_destinations`` of the ``destination_offsets`` drawn from ``seed``, on ``device``."""
     offsets = destination_offsets(height // sy, width // sx, sx, sy, seed)

@@ -58,12 +58,12 @@ class CountingBackend:
         return gm.forward
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", [*CONFIGS, "ToMe"])
 def test_pruned_block_has_no_host_synchronisation(level2_block, block_inputs, name):
     # fullgraph: an .item(), a nonzero or a Python branch on a tensor's value breaks the graph,
     # and a break is an error here. The graph takes the accelerator's path (auto under compile).
     torch._dynamo.reset()
-    gm = _pruned(level2_block, CONFIGS[name])
+    gm = _pruned(level2_block, CONFIGS.get(name, ToMeConfig()))
     with ops.attention_path("per-head"), torch.no_grad():
         (expected,) = gm(*block_inputs)
     backend = CountingBackend()

@@ -63,6 +63,8 @@ def check_merge_ratio(ratio, sx: int = 2, sy: int = 2) -> float:
 def _static_sizes(*sizes) -> tuple[int, ...]:
     # Traced for export, sizes are tensors; the grid is static per engine (one per shape
     # profile), so they become constants on purpose and the tracer's warning says nothing new.
+    if torch.compiler.is_compiling():  # plain ints there, and no warnings filter to trace
+        return tuple(int(size) for size in sizes)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         return tuple(int(size) for size in sizes)
