@@ -170,7 +170,8 @@ class Runner:
                 an error, not a silent split.
 
         The compiled forward is this runner's own (its compiled graphs do not count against
-        another runner's recompile limit); ``remove`` drops it. Returns the runner.
+        another runner's recompile limit); ``remove`` drops it. Recording kept tokens
+        (``capture_kept_tokens``) is a graph of its own per phase. Returns the runner.
 
         Example:
             >>> runner = apply(pipe, "atedm", keep_ratio=0.37).compile(mode="reduce-overhead")  # doctest: +SKIP
