@@ -191,6 +191,7 @@ def attention_with_map_chunked(
             probs.square_()
         for head in range(probs.shape[1]):  # in place: no [B, N, M] temporary beside the buffer
             combined += probs[:, head]
+        del scores, probs  # eager: free this chunk before the next one's scores exist
     combined = combined.div_(heads) if reduction == "mean" else combined.div_(heads).sqrt_()
     return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim), combined
 
