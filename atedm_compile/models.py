@@ -145,12 +145,21 @@ def vae_factor(name: str) -> int:
     return 8
 
 
-def build_unet(name_or_config: str | dict, device: str | torch.device = "cpu", seed: int = 0):
-    """A ``UNet2DConditionModel`` from a named or given config, randomly initialised.
+def build_unet(
+    name_or_config: str | dict,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A ``UNet2DConditionModel`` from a named or given config, randomly initialised, in ``dtype``.
 
-    On ``device="meta"`` no memory is allocated: enough for FLOPs counting.
+    On ``device="meta"`` no memory is allocated: enough for FLOPs counting. On an accelerator the
+    model is built on the meta device and its weights are drawn where they live (no host copy:
+    SD-XL's are 10 GB in float32); the draw differs from the CPU's for the same seed.
     """
     from diffusers import UNet2DConditionModel
+
+    from .devices import cast
 
     if isinstance(name_or_config, str):
         config = unet_config(name_or_config)
@@ -158,10 +167,34 @@ def build_unet(name_or_config: str | dict, device: str | torch.device = "cpu", s
         # A model's saved config lists the keys it left at their defaults (_use_default_values);
         # drop such private keys so that every value given here is honoured.
         config = {k: v for k, v in dict(name_or_config).items() if not k.startswith("_")}
+    device = torch.device(device)
+    on_host = device.type in ("cpu", "meta")
     torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device(device if on_host else "meta"):
         unet = UNet2DConditionModel.from_config(config)
+    if not on_host:
+        initialise_on(unet, device, dtype, seed)
+    elif dtype != torch.float32:
+        cast(unet, dtype=dtype)
     return unet.eval().requires_grad_(False)
+
+
+def initialise_on(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
+    """Give a model built on the meta device storage on ``device`` in ``dtype`` and draw its
+    weights there with each layer's own initialisation (``reset_parameters``)."""
+    from .devices import cast
+
+    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    missing = sorted({type(m).__name__ for m in owners if not hasattr(m, "reset_parameters")})
+    if missing or any(True for _ in model.buffers()):
+        raise NotImplementedError(f"cannot initialise {type(model).__name__} on {device}: "
+                                  f"{missing or 'buffers'} have no reset_parameters")
+    cast(model, dtype=dtype)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in owners:
+            module.reset_parameters()
 
 
 def tiny_tokenizer(words: Sequence[str] = ()):
@@ -280,17 +313,25 @@ def tiny_sd15_pipeline(seed: int = 0):
     return pipe
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """The pipeline for ``model``: a shipped trained model (``"tiny-shapes"``, ``"tiny-shapes-xl"``:
-    trained on synthetic shapes), ``"tiny"`` (built in, random weights) or a local path / hub id
-    loaded with diffusers' ``DiffusionPipeline.from_pretrained`` (SD-XL and SD 1.x / 2.x pipelines)."""
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """The pipeline for ``model`` on ``device`` in ``dtype``: a shipped trained model
+    (``"tiny-shapes"``, ``"tiny-shapes-xl"``: trained on synthetic shapes), ``"tiny"`` (built in,
+    random weights) or a local path / hub id loaded with diffusers'
+    ``DiffusionPipeline.from_pretrained`` (SD-XL and SD 1.x / 2.x pipelines)."""
+    from .devices import cast
+
     if model in TRAINED_MODELS:
         from .trained import load_trained_pipeline
 
-        return load_trained_pipeline(trained_model_dir(model), device=device)
-    if model == "tiny":
-        return tiny_sdxl_pipeline().to(device)
-    from diffusers import DiffusionPipeline
+        pipe = load_trained_pipeline(trained_model_dir(model))
+    elif model == "tiny":
+        pipe = tiny_sdxl_pipeline()
+    else:
+        from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, use_safetensors=True)
-    return pipe.to(device)
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, use_safetensors=True)
+        return pipe.to(device)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            cast(component, device, dtype)
+    return pipe

@@ -10,6 +10,7 @@ a constant K, Gather / GatherElements, ScatterElements without reduction, no dat
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -48,8 +49,45 @@ def attend(probs: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor
     return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
-def _traced() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+ATTENTION_PATHS = ("auto", "per-head", "chunked", "batched")
+_attention_path = "auto"
+
+# The chunked form's largest head chunk: its scores, in the compute dtype, take at most this much.
+# SD-XL's level 2 at 1024 px (B=2, N=4096, fp16): one head, 64 MiB, half the float32 map.
+MAP_CHUNK_BYTES = 64 * 2**20
+
+
+@contextlib.contextmanager
+def attention_path(path: str):
+    """Force the form ``attention_with_map`` takes inside the block (tests, benchmarks):
+    ``per-head`` (the CPU loop), ``chunked`` (the accelerator form), ``batched`` (export) or
+    ``auto``. A compiled graph guards on it: changing it recompiles.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 16, 8)
+        >>> with attention_path("chunked"):
+        ...     out, combined = attention_with_map(q, k, v, heads=2)
+        >>> combined.shape
+        torch.Size([1, 16, 16])
+    """
+    global _attention_path
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention path {path!r} is not one of {ATTENTION_PATHS}")
+    before, _attention_path = _attention_path, path
+    try:
+        yield
+    finally:
+        _attention_path = before
+
+
+def _auto_path(query: torch.Tensor) -> str:
+    # Export and FLOPs counting (meta) see the plain batched form: one Q K^T, one map, operators
+    # every backend knows. Compiled or on an accelerator: the fused kernel plus the chunked map.
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or query.device.type == "meta":
+        return "batched"
+    if torch.compiler.is_compiling() or query.device.type != "cpu":
+        return "chunked"
+    return "per-head"
 
 
 def attention_with_map(
@@ -59,16 +97,27 @@ def attention_with_map(
 
     query: [B, N, h*d], key and value: [B, M, h*d] -> (out [B, N, h*d], map [B, N, M]).
 
-    One map serves the layer's output and the scoring: no second projection or Q K^T. On the CPU,
-    outside tracing, it runs one (image, head) pair at a time so that each N x M map stays in cache
-    (about 3x faster than the batched form at N = 1024 here); traced for export or on an
-    accelerator it is the batched form, which compilers fuse.
+    One Q K^T serves the layer's output and the scoring. The form depends on where it runs
+    (``attention_path`` forces one):
+
+    - ``per-head`` (CPU, eager): one (image, head) pair at a time, so that each N x M map stays in
+      cache (about 3x faster than the batched form at N = 1024 here).
+    - ``chunked`` (an accelerator, or under ``torch.compile``): ``attention_with_map_chunked``,
+      the output from the fused kernel and the map head chunk by head chunk, never h maps at once.
+    - ``batched`` (traced for export, or on the meta device for FLOPs counting): the plain
+      [B, h, N, M] softmax, which export backends fuse and which counts the map once.
+
+    The map is float32 on the first two (probabilities near 1/N keep their order), in the input
+    dtype on the third.
     """
     if reduction not in HEAD_REDUCTIONS:
         raise ValueError(f"head reduction {reduction!r} is not one of {HEAD_REDUCTIONS}")
-    if _traced() or query.device.type != "cpu":
+    path = _auto_path(query) if _attention_path == "auto" else _attention_path
+    if path == "batched":
         probs = attention_probs(query, key, heads)
         return attend(probs, value, heads), reduce_heads(probs, reduction)
+    if path == "chunked":
+        return attention_with_map_chunked(query, key, value, heads, reduction)
     q = split_heads(query * (query.shape[-1] // heads) ** -0.5, heads)
     k, v = split_heads(key, heads), split_heads(value, heads)
     batch, _, tokens, head_dim = q.shape
@@ -80,7 +129,71 @@ def attention_with_map(
             torch.mm(probs.to(value.dtype), v[b, h], out=out[b, h])
             combined[b].add_(probs if reduction == "mean" else probs.square())
     combined = combined / heads if reduction == "mean" else (combined / heads).sqrt()
-    return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim), combined.to(query.dtype)
+    return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim), combined
+
+
+def _fused_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q: [B, h, N, d], k and v: [B, h, M, d] -> (out [B, h, N, d], log-sum-exp of each row of
+    the scaled scores [B, h, N] float32, or None where no fused kernel returns it)."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    if (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and torch.cuda.get_device_properties(q.device).major >= 8):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+        return out, lse
+    return F.scaled_dot_product_attention(q, k, v), None
+
+
+def map_head_chunk(batch: int, tokens: int, keys: int, heads: int, dtype: torch.dtype) -> int:
+    """Heads per chunk of the chunked map: as many as fit in ``MAP_CHUNK_BYTES`` of scores, at
+    least one, spread evenly over the chunks."""
+    per_head = batch * tokens * keys * dtype.itemsize
+    largest = max(1, min(heads, MAP_CHUNK_BYTES // per_head))
+    chunks = -(-heads // largest)
+    return -(-heads // chunks)
+
+
+def attention_with_map_chunked(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    heads: int,
+    reduction: str = "mean",
+    head_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_with_map`` without h maps in memory: the layer's output from the fused
+    attention kernel, the map accumulated ``head_chunk`` heads at a time (default:
+    ``map_head_chunk``) into one float32 [B, N, M] buffer.
+
+    query: [B, N, h*d], key and value: [B, M, h*d] -> (out [B, N, h*d], map [B, N, M] float32).
+
+    Each chunk's scores Q K^T / sqrt(d) are computed in the compute dtype; the softmax
+    statistics are float32: the row log-sum-exp the fused kernel returns (CUDA flash attention on
+    fp16 / bf16, the CPU kernel) or, where none does, one computed per chunk. Extra memory: the
+    buffer, B x N x M x 4 bytes, and one chunk. Everything is static in shape: no host
+    synchronisation, one graph under ``torch.compile``.
+    """
+    if reduction not in HEAD_REDUCTIONS:
+        raise ValueError(f"head reduction {reduction!r} is not one of {HEAD_REDUCTIONS}")
+    q, k, v = split_heads(query, heads), split_heads(key, heads), split_heads(value, heads)
+    batch, _, tokens, head_dim = q.shape
+    keys = k.shape[2]
+    out, lse = _fused_attention_with_lse(q, k, v)
+    chunk = head_chunk or map_head_chunk(batch, tokens, keys, heads, query.dtype)
+    scaled = q * head_dim**-0.5
+    combined = query.new_zeros(batch, tokens, keys, dtype=torch.float32)
+    for start in range(0, heads, chunk):
+        part = slice(start, start + chunk)
+        scores = torch.matmul(scaled[:, part], k[:, part].transpose(-1, -2)).float()  # [B, c, N, M]
+        row_lse = torch.logsumexp(scores, dim=-1) if lse is None else lse[:, part, :tokens]
+        probs = scores.sub_(row_lse.unsqueeze(-1)).exp_()
+        if reduction == "rms":
+            probs.square_()
+        for head in range(probs.shape[1]):  # in place: no [B, N, M] temporary beside the buffer
+            combined += probs[:, head]
+        del scores, probs  # eager: free this chunk before the next one's scores exist
+    combined = combined.div_(heads) if reduction == "mean" else combined.div_(heads).sqrt_()
+    return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim), combined
 
 
 def reduce_heads(probs: torch.Tensor, how: str = "mean") -> torch.Tensor:

@@ -13,6 +13,7 @@ scheduler, and with or without CFG (one U-Net call per step either way).
 from __future__ import annotations
 
 import contextlib
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,7 @@ class Runner:
         self._phase: Phase | None = None
         self._scheduler = None
         self._hook = None
+        self._cudagraph_steps = False
         if isinstance(self.schedule_spec, Schedule):
             self._resolve(self.schedule_spec.num_steps)
         else:
@@ -153,6 +155,39 @@ class Runner:
         finally:
             self._set_capture(None)
 
+    # -- compiled mode ---------------------------------------------------------------------
+
+    def compile(self, **options) -> Runner:
+        """Run every U-Net call through ``torch.compile``: one compiled graph per phase (and one
+        for the full model, ``use_phase(None)``), each made at the phase's first call. The graph
+        guards on the phase's block graphs, so switching phases afterwards, either way, picks the
+        compiled graph of the phase: nothing is compiled again.
+
+        Args:
+            **options: for ``torch.compile``: ``mode="reduce-overhead"`` adds CUDA graphs on a
+                GPU, ``backend="eager"`` checks the capture without code generation.
+                ``fullgraph=True`` unless given: a graph break (a host synchronisation, say) is
+                an error, not a silent split.
+
+        The compiled forward is this runner's own (its compiled graphs do not count against
+        another runner's recompile limit); ``remove`` drops it. Recording kept tokens
+        (``capture_kept_tokens``) is a graph of its own per phase. Returns the runner.
+
+        Example:
+            >>> runner = apply(pipe, "atedm", keep_ratio=0.37).compile(mode="reduce-overhead")  # doctest: +SKIP
+        """
+        options = {"fullgraph": True, **options}
+        if options["fullgraph"] and getattr(self.config, "scorer", None) == "random":
+            raise ValueError("the random scorer draws from a torch.Generator, which a compiled graph cannot "
+                             "create: compile(fullgraph=False) lets it run outside the graph")
+        # CUDA graphs write every call's output into the same buffers; each U-Net call marks a new
+        # step so that they may (the sampling loop has used the previous output by then).
+        self._cudagraph_steps = (options.get("mode") in ("reduce-overhead", "max-autotune")
+                                 or options.get("backend") == "cudagraphs")
+        forward = type(self.unet).forward.__get__(self.unet)
+        self.unet.forward = torch.compile(_own_code(lambda *args, **kwargs: forward(*args, **kwargs)), **options)
+        return self
+
     # -- installation ----------------------------------------------------------------------
 
     def _install(self, scheduler=None) -> None:
@@ -167,6 +202,8 @@ class Runner:
     def _uninstall(self) -> None:
         for module in self._modules.values():
             module.__dict__.pop("forward", None)
+        self.unet.__dict__.pop("forward", None)  # compile()'s
+        self._cudagraph_steps = False
         if self._hook is not None:
             self._hook.remove()
         if self._scheduler is not None:
@@ -182,6 +219,15 @@ class Runner:
                 "(apply after setting pipe.scheduler), or call runner.start(num_steps) / set_step(i)"
             )
         self.calls.append(PhaseCall(self.step, self._phase.name if self._phase else "full"))
+        if self._cudagraph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
+
+
+def _own_code(function):
+    """A copy of ``function`` with a code object of its own: dynamo keeps compiled graphs per
+    code object, so a copy's graphs are its own and go away with it."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
 
 
 def follow_scheduler(scheduler, start, advance) -> None:

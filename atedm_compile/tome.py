@@ -83,6 +83,14 @@ def split_destinations(height: int, width: int, sx: int, sy: int, offsets: torch
     return destinations, order[: height * width - destinations.shape[0]]
 
 
+# Under torch.compile the split is a constant of the graph, made once while compiling.
+@torch.compiler.assume_constant_result
+def grid_split(height: int, width: int, sx: int, sy: int, seed: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``split_destinations`` of the ``destination_offsets`` drawn from ``seed``, on ``device``."""
+    offsets = destination_offsets(height // sy, width // sx, sx, sy, seed)
+    return tuple(t.to(device) for t in split_destinations(height, width, sx, sy, offsets))
+
+
 def bipartite_soft_matching(
     metric: torch.Tensor,
     height: int,
@@ -91,21 +99,22 @@ def bipartite_soft_matching(
     sx: int = 2,
     sy: int = 2,
     seed: int | None = None,
+    split: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Matching:
     """Match each source to its most similar destination (cosine) and pick the r best-matched
     sources to merge.
 
     metric: [B, N, C] with N = height * width (tomesd: the hidden states entering the layer);
     height, width: Python ints, so that the split and every count are constants of the graph;
-    r: ``merge_count``; seed: ``destination_offsets``.
+    r: ``merge_count``; seed: ``destination_offsets``; split: ``grid_split``'s result on
+    ``metric``'s device when the caller keeps it (no host-to-device copy per call).
     """
     tokens = height * width
     num_destinations = (height // sy) * (width // sx)
     num_sources = tokens - num_destinations
     r = min(r, num_sources)
     num_kept = num_sources - r
-    offsets = destination_offsets(height // sy, width // sx, sx, sy, seed)
-    destinations, sources = (t.to(metric.device) for t in split_destinations(height, width, sx, sy, offsets))
+    destinations, sources = split or grid_split(height, width, sx, sy, seed, metric.device)
 
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, sources] @ metric[:, destinations].transpose(-1, -2)  # [B, N_src, N_dst]

@@ -9,7 +9,9 @@ CPU time of one thread (the default) is the work done, whatever else the machine
 shared machines wall time of the same call varies by 15% from one call to the next. Variants are
 timed round-robin so that any drift hits them all alike.
 
-    python benchmarks/latency.py [--repeats 5] [--height 512] [--schedule atedm] [--threads 1]
+    python benchmarks/latency.py [--repeats 5] [--height 512] [--schedule atedm] [--threads 1] [--dtype bf16]
+
+For a GPU (CUDA events, eager and compiled, SD-XL at 1024 px): ``benchmarks/gpu_latency.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch  # noqa: E402
 
 import atedm_compile as ac  # noqa: E402
 from atedm_compile.config import PruningConfig  # noqa: E402
+from atedm_compile.devices import DTYPES  # noqa: E402
 from atedm_compile.flops import count_phases, unet_inputs  # noqa: E402
 from atedm_compile.models import SDXL_BASE_UNET, build_unet  # noqa: E402
 
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument("--schedule", default="atedm", choices=ac.PRESETS)
     parser.add_argument("--keep-ratio", type=float, default=0.37)
     parser.add_argument("--iterations", type=int, default=PruningConfig.iterations)
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights and activations (default: fp32)")
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads; CPU time sums them, spin-waits included, so 1 measures best")
     args = parser.parse_args()
@@ -48,8 +52,8 @@ def main() -> None:
     cost = count_phases(build_unet(HALF_WIDTH_SDXL, device="meta"), schedule, config, args.height, args.height)
     tmacs = {"full": cost.full_tmacs} | {p.name: p.tmacs_with_scoring for p in cost.phases}
 
-    unet = build_unet(HALF_WIDTH_SDXL)
-    inputs = unet_inputs(unet, 2, args.height // 8, args.height // 8, device="cpu")
+    unet = build_unet(HALF_WIDTH_SDXL, dtype=DTYPES[args.dtype])
+    inputs = unet_inputs(unet, 2, args.height // 8, args.height // 8, device="cpu", dtype=DTYPES[args.dtype])
     runner = ac.apply(unet, schedule, config)
     runner.start(schedule.num_steps)
     variants = [None] + [p.name for p in schedule.phases]
@@ -67,7 +71,7 @@ def main() -> None:
     ac.remove(unet)
 
     full = statistics.median(cpu["full"])
-    print(f"SD-XL half width at {args.height} px, batch 2, {args.threads} threads, schedule {args.schedule}, "
+    print(f"SD-XL half width at {args.height} px, batch 2, {args.dtype}, {args.threads} threads, schedule {args.schedule}, "
           f"keep {args.keep_ratio}, G-WPR rounds {args.iterations}; median of {args.repeats} calls")
     header = (f"{'variant':<12} {'TMACs':>7} {'CPU s/step':>11} {'wall s/step':>12} {'speed-up':>9} "
               f"{'FLOPs ratio':>12} {'efficiency':>11}")

@@ -104,8 +104,8 @@ def test_attention_with_map_eager_loop_equals_batched_form(reduction, dtype):
     probs = ops.attention_probs(q, k, 3)
     tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     torch.testing.assert_close(out, ops.attend(probs, v, 3), **tolerance)
-    torch.testing.assert_close(combined, ops.reduce_heads(probs, reduction), **tolerance)
-    assert out.dtype == combined.dtype == dtype
+    torch.testing.assert_close(combined, ops.reduce_heads(probs, reduction).float(), **tolerance)
+    assert out.dtype == dtype and combined.dtype == torch.float32
 
 
 def test_attention_with_map_cross_shapes():
@@ -113,3 +113,71 @@ def test_attention_with_map_cross_shapes():
     assert out.shape == (1, 6, 8) and combined.shape == (1, 6, 4)
     with pytest.raises(ValueError, match="'max'"):
         ops.attention_with_map(torch.randn(1, 6, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8), 2, "max")
+
+
+def _batched(q, k, v, heads, reduction="mean"):
+    with ops.attention_path("batched"):
+        return ops.attention_with_map(q, k, v, heads, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "rms"])
+@pytest.mark.parametrize("keys", [33, 20])  # self-attention (M = N) and cross-attention
+@pytest.mark.parametrize("head_chunk", [1, 2, 5, None])
+def test_chunked_map_equals_batched_map(reduction, keys, head_chunk):
+    q, k, v = torch.randn(2, 33, 40), torch.randn(2, keys, 40), torch.randn(2, keys, 40)
+    out, combined = ops.attention_with_map_chunked(q, k, v, 5, reduction, head_chunk)
+    expected_out, expected_map = _batched(q, k, v, 5, reduction)
+    torch.testing.assert_close(combined, expected_map, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    assert combined.dtype == torch.float32 and combined.shape == (2, 33, keys)
+
+
+def test_chunked_map_without_a_kernel_log_sum_exp(monkeypatch):
+    # Where no fused kernel returns the row statistics, each chunk computes its own.
+    q, k, v = (torch.randn(2, 17, 24) for _ in range(3))
+    expected = ops.attention_with_map_chunked(q, k, v, 3)
+    calls = []
+
+    def sdpa_only(q, k, v):
+        calls.append(q.shape)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v), None
+
+    monkeypatch.setattr(ops, "_fused_attention_with_lse", sdpa_only)
+    out, combined = ops.attention_with_map_chunked(q, k, v, 3, head_chunk=2)
+    assert calls == [(2, 3, 17, 8)]
+    torch.testing.assert_close(combined, expected[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, expected[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_chunked_map_in_low_precision(dtype, atol):
+    q, k, v = (torch.randn(2, 64, 32).to(dtype) for _ in range(3))
+    out, combined = ops.attention_with_map_chunked(q, k, v, 4)
+    expected_out, expected_map = _batched(q.float(), k.float(), v.float(), 4)
+    assert out.dtype == dtype and combined.dtype == torch.float32
+    assert torch.isfinite(out).all() and torch.isfinite(combined).all()
+    torch.testing.assert_close(combined, expected_map, atol=atol, rtol=0)
+    torch.testing.assert_close(out.float(), expected_out, atol=10 * atol, rtol=0)
+
+
+def test_map_head_chunk_fits_the_budget():
+    # SD-XL at 1024 px, fp16, batch 2: level 2 one head at a time (64 MiB of scores), level 3 in
+    # two chunks of 10, cross-attention (77 keys) all heads at once.
+    assert ops.map_head_chunk(2, 4096, 4096, 10, torch.float16) == 1
+    assert ops.map_head_chunk(2, 1024, 1024, 20, torch.float16) == 10
+    assert ops.map_head_chunk(2, 4096, 77, 10, torch.float16) == 10
+    assert ops.map_head_chunk(2, 4096, 4096, 10, torch.float32) == 1
+
+
+def test_attention_path_is_forced_and_restored(monkeypatch):
+    q = k = v = torch.randn(1, 6, 8)
+    seen = []
+    monkeypatch.setattr(ops, "attention_with_map_chunked", lambda *args: seen.append(args) or (q, q))
+    with ops.attention_path("chunked"):
+        ops.attention_with_map(q, k, v, 2)
+    assert len(seen) == 1
+    ops.attention_with_map(q, k, v, 2)  # auto on the CPU, eager: the per-head loop
+    assert len(seen) == 1
+    with pytest.raises(ValueError, match="'fused'"):
+        with ops.attention_path("fused"):
+            pass

@@ -63,6 +63,8 @@ def check_merge_ratio(ratio, sx: int = 2, sy: int = 2) -> float:
 def _static_sizes(*sizes) -> tuple[int, ...]:
     # Traced for export, sizes are tensors; the grid is static per engine (one per shape
     # profile), so they become constants on purpose and the tracer's warning says nothing new.
+    if torch.compiler.is_compiling():  # plain ints there, and no warnings filter to trace
+        return tuple(int(size) for size in sizes)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         return tuple(int(size) for size in sizes)
@@ -80,6 +82,9 @@ class TokenMatching(torch.nn.Module):
         self.sx, self.sy = sx, sy
         self.seed = seed
         self.where = where
+        # (height, width, device) -> the grid's split, kept from eager calls: on a GPU, no
+        # host-to-device copy (and wait) per layer and call; a compiled graph reads it as a constant.
+        self._splits: dict = {}
 
     def extra_repr(self) -> str:
         return f"where={self.where!r}, ratio={self.ratio}, cell={self.sy}x{self.sx}, seed={self.seed}"
@@ -89,7 +94,11 @@ class TokenMatching(torch.nn.Module):
         if height * width != tokens:
             raise ValueError(f"{self.where}: {tokens} tokens do not form the {height}x{width} grid")
         r = tome.merge_count(tokens, self.ratio)
-        return tome.bipartite_soft_matching(x, height, width, r, self.sx, self.sy, self.seed)
+        key = (height, width, x.device)
+        split = None if torch.jit.is_tracing() else self._splits.get(key)
+        if split is None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            split = self._splits[key] = tome.grid_split(height, width, self.sx, self.sy, self.seed, x.device)
+        return tome.bipartite_soft_matching(x, height, width, r, self.sx, self.sy, self.seed, split)
 
 
 class TokenMerge(torch.nn.Module):

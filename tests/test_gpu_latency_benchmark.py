@@ -1,0 +1,73 @@
+"""``benchmarks/gpu_latency.py`` runs on the CPU as a smoke test (the GPU run is
+``benchmarks/gpu_check.sh``)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["--device", "cpu", "--model", "tiny", "--calls", "1", "--warmup", "0", "--steps", "2", "--loops", "1",
+         "--tome-keep", "0.7"]
+
+
+@pytest.fixture(scope="module")
+def gpu_latency():
+    spec = importlib.util.spec_from_file_location("gpu_latency", REPO / "benchmarks" / "gpu_latency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_report(path, mode):
+    report = json.loads(path.read_text())
+    results = report["modes"][mode]
+    assert set(results) == {"full", "prune-less", "pruned", "ToMe", "DSAP"}
+    for name in ("full", "prune-less", "pruned", "ToMe"):
+        assert results[name]["ms"] > 0 and results[name]["peak_mib"] is None, name
+    assert results["DSAP"]["full"] > 0 and results["DSAP"]["DSAP"] > 0
+    assert results["DSAP"]["graphs_compiled_in_loop"] == 0
+    tmacs = report["tmacs"]
+    assert tmacs["full"] > tmacs["prune-less"] > tmacs["pruned"] > 0 and tmacs["ToMe"] > 0
+    assert tmacs["full"] > report["dsap_average_tmacs"] > tmacs["pruned"]
+    return report
+
+
+def test_cpu_smoke_run(gpu_latency, tmp_path, capsys):
+    assert gpu_latency.main([*SMOKE, "--modes", "eager", "--json", str(tmp_path / "report.json")]) == 0
+    _check_report(tmp_path / "report.json", "eager")
+    out = capsys.readouterr().out
+    for row in ("eager     full", "eager     prune-less", "eager     pruned", "eager     ToMe", "Sampling loop"):
+        assert row in out, row
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is there")
+def test_missing_device_exits_2_naming_it(gpu_latency, capsys):
+    with pytest.raises(SystemExit) as exit:
+        gpu_latency.parse_args(["--model", "tiny"])
+    assert exit.value.code == 2
+    assert "device 'cuda' is not available here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [(["--modes", "fast"], "--modes fast"),
+                                          (["--variants", "pruned,SDPA"], "--variants SDPA"),
+                                          (["--tome-keep", "0.1"], "--tome-keep 0.1 is outside"),
+                                          (["--model", "sdxl-huge"], "unknown model config 'sdxl-huge'")])
+def test_bad_arguments_exit_2(gpu_latency, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit:
+        gpu_latency.parse_args(["--device", "cpu", "--model", "tiny", *argv])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run_compiled(gpu_latency, tmp_path):
+    torch._dynamo.reset()
+    try:
+        assert gpu_latency.main([*SMOKE, "--modes", "compiled", "--compile-backend", "eager", "--json",
+                               str(tmp_path / "report.json")]) == 0
+    finally:
+        torch._dynamo.reset()
+    _check_report(tmp_path / "report.json", "compiled")
