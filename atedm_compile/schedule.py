@@ -85,7 +85,8 @@ class Schedule:
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             # The runner, the manifest and the exported graphs find a phase by its name.
-            raise ValueError(f"phase names {repeated} are used more than once in {names}: each phase needs its own name")
+            raise ValueError(f"phase names {repeated} are used more than once in {names}: each phase needs its "
+                             f"own name")
         expected = 0
         for phase in self.phases:
             if phase.start != expected or phase.stop <= phase.start:
