@@ -235,7 +235,7 @@ def save_png(image, path: Path) -> None:
 
 
 def image_size(height: int | None, width: int | None, unet_config: dict, vae_config: dict | None, images: int,
-               prunes: bool, device: str = "cpu") -> tuple[int, int, int]:
+               pruned: bool, device: str = "cpu") -> tuple[int, int, int]:
     """(height, width, VAE factor) of a sampling run: the model's own size by default (width:
     the height), checked against the U-Net's size multiple and the memory the run needs."""
     from .memory import check_fits, sampling_bytes
@@ -246,19 +246,16 @@ def image_size(height: int | None, width: int | None, unet_config: dict, vae_con
     multiple = 2 ** (len(unet_config["down_block_types"]) - 1) * factor
     if height % multiple or width % multiple:
         raise ValueError(f"image size {width}x{height} is not a positive multiple of {multiple} for this model")
-    check_fits(sampling_bytes(unet_config, vae_config, images, 2 * images, height, width, factor, prunes), device,
+    check_fits(sampling_bytes(unet_config, vae_config, images, 2 * images, height, width, factor, pruned), device,
                f"sampling {images} image{'s' * (images > 1)} of {width}x{height} px")
     return height, width, factor
-
-
-def prunes(schedule) -> bool:
-    return any(keep < 1.0 for phase in schedule.phases for _, keep in phase.rules)
 
 
 def cmd_generate(args) -> int:
     import torch
 
     from .flops import count_phases
+    from .memory import prunes
     from .models import build_unet, load_pipeline, pipeline_configs
     from .runner import apply
     from .visualize import mask_sheet
@@ -269,11 +266,11 @@ def cmd_generate(args) -> int:
     config = _pruning_config(args)
     configs = pipeline_configs(args.model)  # None for a hub id: known only once loaded
     if configs is not None:
-        image_size(args.height, args.width, *configs, images=1, prunes=prunes(schedule))
+        image_size(args.height, args.width, *configs, images=1, pruned=prunes(schedule.phases))
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=False, desc="sampling")
     height, width, vae_factor = image_size(args.height, args.width, dict(pipe.unet.config), dict(pipe.vae.config),
-                                           images=1, prunes=prunes(schedule))
+                                           images=1, pruned=prunes(schedule.phases))
     runner = apply(pipe, schedule, config)
 
     timings: list[tuple[str, float]] = []

@@ -16,6 +16,12 @@ from pathlib import Path
 _ITEMSIZE = {"fp32": 4, "fp16": 2}
 
 
+def prunes(phases) -> bool:
+    """Whether any of ``phases`` (schedule phases or a manifest's) prunes a block: pruned blocks
+    hold their first layer's attention map."""
+    return any(keep < 1.0 for phase in phases for _, keep in phase.rules)
+
+
 def unet_bytes(unet_config: dict, batch: int, latent_height: int, latent_width: int, precision: str = "fp32",
                pruned: bool = True) -> int:
     """Least memory of one U-Net call on a [batch, C, latent_height, latent_width] latent."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import PruningConfig, check_keep_ratio, check_number
+from ..memory import check_fits, prunes, unet_bytes
 from ..schedule import PRESETS, make_schedule
 from .extras import UnavailableError
 from .manifest import (BACKENDS, EXPORT_KEY, MANIFEST, PHASE_KEY, PRECISIONS, WEIGHTS, Artefact, Manifest,
@@ -222,24 +223,22 @@ class _Build:
             raise ValueError(f"image size {height}x{width} is not a positive multiple of {multiple} for this model")
         self.height, self.width = height, width
         self.latent = (height // self.vae_factor, width // self.vae_factor)
-        from ..memory import check_fits, unet_bytes
-
+        self.schedule = make_schedule(config.schedule, config.num_steps, **config.schedule_options())
         check_fits(unet_bytes(self.unet_config, config.batch, *self.latent, config.precision,
-                              pruned=self.schedule_prunes(config)),
+                              pruned=prunes(self.schedule.phases)),
                    "cuda" if config.precision == "fp16" and _cuda() else "cpu",
                    f"exporting at {width}x{height} px, batch {config.batch}")
-        self.schedule = make_schedule(config.schedule, config.num_steps, **config.schedule_options())
         self.unet = None
         self.runner = None
         self.lock = None
         self.created = False
         self._claim_directory()
-        self.manifest = self._start_manifest()
+        try:
+            self.manifest = self._start_manifest()
+        except BaseException:
+            self.close()
+            raise
         self.store = WeightStore(self.directory / WEIGHTS, self.manifest.weights_index)
-
-    @staticmethod
-    def schedule_prunes(config: BuildConfig) -> bool:
-        return config.schedule != "none" and config.keep_ratio < 1.0
 
     # -- directory and manifest -------------------------------------------------------------
 

@@ -117,7 +117,7 @@ def cmd_run(args) -> int:
     import torch
 
     from ..cli import check_output, save_png
-    from ..memory import check_fits, sampling_bytes
+    from ..memory import check_fits, prunes, sampling_bytes
     from ..models import UNET_CONFIGS, load_pipeline, pipeline_configs, tiny_sdxl_pipeline
     from .build import model_identity
     from .manifest import read_manifest
@@ -147,9 +147,8 @@ def cmd_run(args) -> int:
         raise ValueError(f"the request does not match the build in {directory} ({listing}; the U-Net batch is "
                          f"images x 2 with guidance > 1); rebuild, or pass --fallback-pytorch")
     configs = pipeline_configs(name)
-    pruned = any(keep < 1.0 for phase in manifest.phases for _, keep in phase.rules)
     check_fits(sampling_bytes(manifest.model["config"], configs[1] if configs else None, images, unet_batch, height,
-                              width, manifest.vae_factor, pruned, manifest.precision),
+                              width, manifest.vae_factor, prunes(manifest.phases), manifest.precision),
                "cuda" if (args.backend or manifest.backend) == "tensorrt" else "cpu",
                f"sampling {images} image{'s' * (images > 1)} of {width}x{height} px")
     resolve_providers(args.providers)  # a provider this onnxruntime lacks: say so before loading anything
