@@ -373,6 +373,7 @@ def _keep_more(data):  # settings and rules edited consistently: only the export
     (lambda data: data.update(batch="2"), 'batch is "2", expected an integer'),
     (lambda data: data["phases"][0].update(start=None), "phases.0.start is null, expected an integer"),
     (lambda data: data.pop("weights_index"), "weights_index is missing"),
+    (lambda data: data["phases"][0].update(speed=2), "malformed: .*unexpected keyword argument 'speed'"),
 ])
 def test_an_edited_manifest_is_refused_by_load_and_check_and_rebuilt(copy_of, change, message):
     _edit(copy_of, change)

@@ -201,7 +201,10 @@ def read_manifest(directory: Path) -> Manifest:
             f"{FORMAT_VERSION}: rebuild the directory with `atedm-compile build`"
         )
     _check_types(data, _MANIFEST_TYPES, f"{path}: ")
-    manifest = Manifest.from_dict(data)
+    try:
+        manifest = Manifest.from_dict(data)
+    except (KeyError, TypeError) as error:  # a field this version does not know
+        raise ManifestError(f"{path} is malformed: {error}; rebuild with `atedm-compile build`") from None
     check_meaning(manifest, path)
     if data["seal"] != seal(data):
         raise ManifestError(f"{path} was edited after the build (its content no longer matches its seal): "
@@ -332,10 +335,20 @@ def check_meaning(manifest: Manifest, path: Path | str = MANIFEST) -> None:
     for artefact in [manifest.weights] + [a for e in manifest.phases for a in (e.onnx, e.engine)]:
         if artefact is not None and (Path(artefact.file).is_absolute() or ".." in Path(artefact.file).parts):
             fail(f"artefact {artefact.file!r} is not a path inside the build directory")
+    import math
+
+    import numpy as np
+
     size = manifest.weights.bytes if manifest.weights else 0
     for entry in manifest.weights_index.values():
         if entry["offset"] < 0 or entry["offset"] + entry["length"] > size:
             fail(f"weight {entry['name']!r} lies outside {WEIGHTS} ({size} bytes)")
+        try:
+            itemsize = np.dtype(entry["dtype"]).itemsize
+        except TypeError:
+            fail(f"weight {entry['name']!r} has an unknown dtype {entry['dtype']!r}")
+        if math.prod(entry["shape"]) * itemsize != entry["length"]:
+            fail(f"weight {entry['name']!r} of shape {entry['shape']} does not take {entry['length']} bytes")
 
 
 def verify_artefacts(directory: Path, manifest: Manifest, engines: bool = True) -> None:
