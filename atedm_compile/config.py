@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .ops import CROSS_ATTENTION_SCORERS, HEAD_REDUCTIONS
@@ -12,9 +13,24 @@ RECOVERIES = ("similarity", "zeros", "interpolation", "direct-copy")
 SIMILARITIES = ("attention", "key-cosine")
 
 
+MAX_ITERATIONS = 100  # G-WPR's ranking settles within a few rounds; more is a typo, not a setting
+
+
 def _check_choice(field: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{field}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def check_number(field: str, value, low: float, high: float, integer: bool = False,
+                 low_open: bool = False) -> None:
+    """ValueError unless ``value`` is a finite (integer, if asked) number in [low, high] ((low, high]
+    with ``low_open``), naming the field, the value and what is allowed."""
+    kind = "an integer" if integer else "a number"
+    wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+    if wrong_type or (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high or (
+            low_open and value == low):
+        bounds = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{field}={value!r} is not allowed: must be {kind} in {bounds}")
 
 
 @dataclass(frozen=True)
@@ -53,8 +69,10 @@ class PruningConfig:
         _check_choice("prune_point", self.prune_point, PRUNE_POINTS)
         _check_choice("recovery", self.recovery, RECOVERIES)
         _check_choice("similarity", self.similarity, SIMILARITIES)
-        if not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ValueError(f"iterations={self.iterations!r} must be an integer >= 1")
+        check_number("iterations", self.iterations, 1, MAX_ITERATIONS, integer=True)
+        check_number("eta", self.eta, 0.0, 1.0)  # a threshold on attention probabilities
+        check_number("alpha", self.alpha, 0.0, 1e6, low_open=True)
+        check_number("seed", self.seed, 0, 2**63 - 1, integer=True)
 
     @property
     def uses_cross_attention(self) -> bool:

@@ -151,7 +151,7 @@ def count_phases(
     finally:
         remove(unet)
         if previous is not None:
-            previous._install(previous._scheduler)
+            previous._install()
 
     def average(attr: str) -> float:
         return sum(getattr(p, attr) * (p.steps[1] - p.steps[0]) for p in phases) / schedule.num_steps

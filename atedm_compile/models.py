@@ -8,8 +8,8 @@ and tiny SD-XL-topology models with random weights (for tests and the embedded d
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -115,19 +115,12 @@ TINY_VAE = {
 TRAINED_MODELS = ("tiny-shapes", "tiny-shapes-xl")
 
 
-def trained_model_dir(name: str) -> Path:
-    """The folder of the shipped trained model called ``name`` (one of ``TRAINED_MODELS``)."""
-    if name not in TRAINED_MODELS:
-        raise ValueError(f"unknown trained model {name!r}; choose one of {list(TRAINED_MODELS)}")
-    return Path(__file__).parent / "weights" / name
-
-
 def unet_config(name: str) -> dict:
     """The U-Net config called ``name`` (one of ``UNET_CONFIGS``, or a shipped trained model)."""
     if name in TRAINED_MODELS:
-        from .trained import read_config
+        from .trained import model_folder, read_config
 
-        return dict(read_config(trained_model_dir(name))["unet"])
+        return dict(read_config(model_folder(name))["unet"])
     if name not in UNET_CONFIGS:
         raise ValueError(f"unknown model config {name!r}; choose one of {sorted(UNET_CONFIGS) + list(TRAINED_MODELS)}")
     return dict(UNET_CONFIGS[name])
@@ -137,10 +130,10 @@ def vae_factor(name: str) -> int:
     """Pixels per latent cell, per side, of the pipeline a named config belongs to (8 for the
     SD families and ``tiny``; the shipped trained models say in their config)."""
     if name in TRAINED_MODELS:
-        from .trained import read_config
+        from .trained import model_folder, read_config
         from .trained import vae_factor as factor_of
 
-        return factor_of(read_config(trained_model_dir(name)))
+        return factor_of(read_config(model_folder(name)))
     unet_config(name)  # a clear error for an unknown name
     return 8
 
@@ -315,23 +308,69 @@ def tiny_sd15_pipeline(seed: int = 0):
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """The pipeline for ``model`` on ``device`` in ``dtype``: a shipped trained model
-    (``"tiny-shapes"``, ``"tiny-shapes-xl"``: trained on synthetic shapes), ``"tiny"`` (built in,
-    random weights) or a local path / hub id loaded with diffusers'
-    ``DiffusionPipeline.from_pretrained`` (SD-XL and SD 1.x / 2.x pipelines)."""
+    (``TRAINED_MODELS``: ``"tiny-shapes"``, ``"tiny-shapes-xl"``, trained on synthetic shapes) or the
+    folder of one, ``"tiny"`` (built in, random weights) or a local path / hub id loaded with
+    diffusers' ``DiffusionPipeline.from_pretrained`` (SD-XL and SD 1.x / 2.x pipelines)."""
     from .devices import cast
+    from .trained import load_trained_pipeline, model_folder
 
-    if model in TRAINED_MODELS:
-        from .trained import load_trained_pipeline
-
-        pipe = load_trained_pipeline(trained_model_dir(model))
+    folder = model_folder(model)
+    if folder is not None:
+        pipe = load_trained_pipeline(folder)
     elif model == "tiny":
         pipe = tiny_sdxl_pipeline()
     else:
-        from diffusers import DiffusionPipeline
+        with quiet_loading():
+            from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, use_safetensors=True)
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, use_safetensors=True)
         return pipe.to(device)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             cast(component, device, dtype)
     return pipe
+
+
+def pipeline_configs(model: str) -> tuple[dict, dict] | None:
+    """(U-Net config, VAE config) of the pipeline ``load_pipeline(model)`` gives, read without
+    loading any weights; None where only loading can tell (a hub id)."""
+    import json
+    from pathlib import Path
+
+    from .trained import model_folder, read_config
+
+    folder = model_folder(model)
+    if folder is not None:
+        config = read_config(folder)
+        return dict(config["unet"]), dict(config["vae"])
+    if model == "tiny":
+        return dict(TINY_SDXL_UNET), dict(TINY_VAE)
+    try:
+        return tuple(json.loads((Path(model) / part / "config.json").read_text()) for part in ("unet", "vae"))
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Loading a pipeline with ``from_pretrained`` without diffusers' and transformers' progress
+    bars, advice (install accelerate...) and deprecation notes; errors still show."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [(module, module.get_verbosity(), module.is_progress_bar_enabled())
+             for module in (diffusers_logging, transformers_logging)]
+    try:
+        for module, _, _ in saved:
+            module.set_verbosity_error()
+            module.disable_progress_bar()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for module, verbosity, bars in saved:
+            module.set_verbosity(verbosity)
+            if bars:
+                module.enable_progress_bar()

@@ -7,13 +7,15 @@ and the original model is back, exactly.
 
 The step index comes from the pipeline's scheduler: ``set_timesteps`` starts a run at step 0 and
 every ``scheduler.step`` call ends one step. That is the pipeline's loop index whatever the
-scheduler, and with or without CFG (one U-Net call per step either way).
+scheduler, and with or without CFG (one U-Net call per step either way). A scheduler swapped in
+after ``apply`` (``pipe.scheduler = ...``) is followed from the next U-Net call on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -61,11 +63,15 @@ class Runner:
         self._phase_graphs: dict[str, tuple[Phase, dict[str, fx.GraphModule | None]]] = {}
         self._active: dict[str, fx.GraphModule | None] = {b.name: None for b in self.blocks}
         self._phase: Phase | None = None
-        self._scheduler = None
+        self._follower: SchedulerFollower | None = None
         self._hook = None
         self._cudagraph_steps = False
+        if not isinstance(self.config, (PruningConfig, ToMeConfig)):
+            raise ValueError(f"config={self.config!r} is not a PruningConfig or a ToMeConfig")
         if isinstance(self.schedule_spec, Schedule):
             self._resolve(self.schedule_spec.num_steps)
+        elif not isinstance(self.schedule_spec, str):
+            raise ValueError(f"schedule={self.schedule_spec!r} is not a preset name or a Schedule")
         else:
             # Fail now, not at the first sampling call, on a bad preset name or option.
             make_schedule(self.schedule_spec, max(50, self.preset_options.get("prune_less_steps") or 0),
@@ -190,13 +196,14 @@ class Runner:
 
     # -- installation ----------------------------------------------------------------------
 
-    def _install(self, scheduler=None) -> None:
+    def _install(self, pipe=None) -> None:
         for name, module in self._modules.items():
             module.forward = _phased_forward(self, name, module)
         self._hook = self.unet.register_forward_pre_hook(self._before_unet_call, with_kwargs=True)
-        if scheduler is not None:
-            self._scheduler = scheduler
-            follow_scheduler(scheduler, self.start, self._advance)
+        if pipe is not None:
+            self._follower = SchedulerFollower(pipe, self.start, self._advance, self.set_step)
+        elif self._follower is not None:  # installed again after a _uninstall (flops counting does this)
+            self._follower.hook()
         object.__setattr__(self.unet, _RUNNER_ATTR, self)
 
     def _uninstall(self) -> None:
@@ -206,13 +213,15 @@ class Runner:
         self._cudagraph_steps = False
         if self._hook is not None:
             self._hook.remove()
-        if self._scheduler is not None:
-            unfollow_scheduler(self._scheduler)
+        if self._follower is not None:
+            self._follower.unhook()
         self.unet.__dict__.pop(_RUNNER_ATTR, None)
 
     def _before_unet_call(self, unet, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         check_latent(unet, sample)
+        if self._follower is not None:
+            self._follower.sync()
         if self.schedule is None:
             raise RuntimeError(
                 "AT-EDM runner has no current step: sampling must go through the pipeline's scheduler "
@@ -252,6 +261,49 @@ def unfollow_scheduler(scheduler) -> None:
     """Undo ``follow_scheduler``: the instance's class methods are visible again."""
     scheduler.__dict__.pop("set_timesteps", None)
     scheduler.__dict__.pop("step", None)
+
+
+class SchedulerFollower:
+    """Keeps ``start`` / ``advance`` hooked (``follow_scheduler``) on the scheduler a pipeline
+    actually calls. Diffusers users often swap schedulers (``pipe.scheduler = X.from_config(...)``)
+    after ``apply``; ``sync``, called before every U-Net call, moves the hooks to the new one and
+    picks up the run its ``set_timesteps`` (which ran unhooked) set up."""
+
+    def __init__(self, pipe, start, advance, set_step):
+        self._pipe = weakref.ref(pipe)
+        self._start, self._advance, self._set_step = start, advance, set_step
+        self.scheduler = None
+        self.hook()
+
+    def hook(self) -> None:
+        """Follow the pipeline's current scheduler (and no other)."""
+        self.unhook()
+        pipe = self._pipe()
+        if pipe is not None:
+            self.scheduler = pipe.scheduler
+            follow_scheduler(self.scheduler, self._start, self._advance)
+
+    def sync(self) -> None:
+        """If the pipeline's scheduler was replaced, follow the new one from the step it is at."""
+        pipe = self._pipe()
+        if pipe is None or pipe.scheduler is self.scheduler:
+            return
+        self.hook()
+        timesteps = getattr(pipe.scheduler, "timesteps", None)
+        if timesteps is None:
+            raise RuntimeError(
+                f"pipe.scheduler was replaced by a {type(pipe.scheduler).__name__} whose set_timesteps was never "
+                f"called: the AT-EDM runner cannot tell the step; call set_timesteps first, or apply again")
+        self._start(len(timesteps))
+        # step_index: how many step() calls this run has made (None before the first one).
+        step = getattr(pipe.scheduler, "step_index", None)
+        if step:
+            self._set_step(int(step))
+
+    def unhook(self) -> None:
+        if self.scheduler is not None:
+            unfollow_scheduler(self.scheduler)
+            self.scheduler = None
 
 
 _UNSUPPORTED = ("timestep", "added_cond_kwargs", "class_labels", "attention_mask", "encoder_attention_mask")
@@ -338,8 +390,8 @@ def apply(
     remove(target)
     if isinstance(schedule, Schedule) and preset_options:
         raise ValueError(f"preset options {sorted(preset_options)} only go with a preset name, not a Schedule")
-    runner = Runner(unet, schedule, config or PruningConfig(), preset_options)
-    runner._install(scheduler)
+    runner = Runner(unet, schedule, PruningConfig() if config is None else config, preset_options)
+    runner._install(target if scheduler is not None else None)
     return runner
 
 

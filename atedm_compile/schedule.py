@@ -28,7 +28,19 @@ class Phase:
     rules: tuple[tuple[str, float], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        for selector, keep in self.rules:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"phase name {self.name!r} must be a non-empty string")
+        for bound in ("start", "stop"):
+            value = getattr(self, bound)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{bound}={value!r} of phase {self.name!r} must be an integer step index")
+        for rule in self.rules:
+            if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+                raise ValueError(f"rule {rule!r} of phase {self.name!r} must be a (selector, keep ratio) pair")
+            selector, keep = rule
+            if not isinstance(selector, str) or not selector:
+                raise ValueError(f"selector {selector!r} in phase {self.name!r} must be a non-empty string: a block "
+                                 f"name (down1.F), a module path, a glob over names (up*.L) or a level (level2)")
             check_keep_ratio(keep, where=f"keep ratio of {selector!r} in phase {self.name!r}")
 
     @property
@@ -67,8 +79,14 @@ class Schedule:
     name: str = "custom"
 
     def __post_init__(self):
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps={self.num_steps} must be >= 1")
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps={self.num_steps!r} must be an integer >= 1")
+        names = [phase.name for phase in self.phases]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            # The runner, the manifest and the exported graphs find a phase by its name.
+            raise ValueError(f"phase names {repeated} are used more than once in {names}: each phase needs its "
+                             f"own name")
         expected = 0
         for phase in self.phases:
             if phase.start != expected or phase.stop <= phase.start:

@@ -15,9 +15,28 @@ from pathlib import Path
 
 import torch
 
-TINY_SHAPES = Path(__file__).parent / "weights" / "tiny-shapes"
-TINY_SHAPES_XL = Path(__file__).parent / "weights" / "tiny-shapes-xl"
+WEIGHTS = Path(__file__).parent / "weights"
+TINY_SHAPES = WEIGHTS / "tiny-shapes"
+TINY_SHAPES_XL = WEIGHTS / "tiny-shapes-xl"
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def model_folder(model: str | Path) -> Path | None:
+    """The folder of a trained model: ``weights/<name>`` for a shipped model's name
+    (``models.TRAINED_MODELS``), the path itself for a folder laid out like one (``config.json``
+    with the component configs, ``model.safetensors``); None for anything else."""
+    from .models import TRAINED_MODELS
+
+    if str(model) in TRAINED_MODELS:
+        return WEIGHTS / str(model)
+    folder = Path(model)
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        return None
+    try:
+        config = read_config(folder)
+    except (OSError, ValueError):
+        return None
+    return folder if isinstance(config, dict) and {"unet", "vae"} <= config.keys() else None
 
 
 def build_pipeline(config: dict, weights: dict[str, torch.Tensor] | None = None):
@@ -90,6 +109,20 @@ def read_config(directory: str | Path = TINY_SHAPES) -> dict:
 def vae_factor(config: dict) -> int:
     """Pixels per latent cell, per side, of a model folder's config: one halving per VAE level but the last."""
     return 2 ** (len(config["vae"]["block_out_channels"]) - 1)
+
+
+def load_unet(directory: str | Path = TINY_SHAPES):
+    """The U-Net of a trained model folder alone (float32), without its VAE and text encoders."""
+    from safetensors import safe_open
+
+    from .models import build_unet
+
+    directory = Path(directory)
+    unet = build_unet(read_config(directory)["unet"])
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as weights:
+        state = {k[len("unet."):]: weights.get_tensor(k).float() for k in weights.keys() if k.startswith("unet.")}
+    unet.load_state_dict(state, strict=True)
+    return unet
 
 
 def load_trained_pipeline(directory: str | Path = TINY_SHAPES, device: str | torch.device = "cpu"):

@@ -58,11 +58,17 @@ def test_flops_of_the_shipped_model_use_its_vae_factor(capsys):
     assert out["full_tmacs"] > 3e-4
 
 
-def test_output_path_that_is_a_file(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["generate", "run"])
+def test_output_path_is_checked_before_any_model_loads(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setattr("atedm_compile.models.load_pipeline", lambda *_, **__: pytest.fail("a model was loaded"))
     target = tmp_path / "out"
     target.write_text("mine")
-    assert main(["generate", "--model", "tiny", "--steps", "1", "--out", str(target)]) == 2
-    assert "File exists" in capsys.readouterr().err
+    if command == "generate":
+        argv, message = ["generate", "--model", "tiny", "--steps", "1", "--out", str(target)], "is not a folder"
+    else:  # the build directory does not even need to exist: the output is checked first
+        argv, message = ["run", str(tmp_path / "build"), "--out", str(target / "image.png")], "is not a folder"
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
     assert target.read_text() == "mine"
 
 
@@ -71,3 +77,36 @@ def test_flops_default_to_the_models_own_size(capsys, model, size):
     assert main(["flops", "--model", model, "--steps", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["height"], out["width"]) == (size, size)
+
+
+def test_help_describes_every_option_with_its_default_and_examples():
+    import argparse
+
+    from atedm_compile.cli import build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    assert "flops" in top and "build" in top and "check" in top and "examples:" in top
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"flops", "generate", "build", "run", "check"}
+    for name, command in commands.items():
+        text = command.format_help()
+        assert "example" in text, name
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    generate = commands["generate"].format_help()
+    assert "sampling steps (default: 50)" in generate and "(default: tiny-shapes)" in generate
+    assert "(default: None)" not in generate
+    assert "(default: out/image.png)" in commands["run"].format_help()
+
+
+def test_loading_a_pipeline_folder_is_quiet(tmp_path, capfd):
+    from atedm_compile.models import tiny_sdxl_pipeline
+
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "pipe")
+    capfd.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "pipe"), "--steps", "1", "--schedule", "uniform",
+                 "--out", str(tmp_path / "out")]) == 0
+    err = capfd.readouterr().err
+    for noise in ("accelerate", "deprecated", "Loading pipeline components", "Loading weights", "Warning"):
+        assert noise not in err, err

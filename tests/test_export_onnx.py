@@ -89,7 +89,7 @@ def test_both_phases_export_with_the_contract(built):
         ops = {n.op_type for n in model.graph.node}
         assert {"TopK", "GatherElements", "ScatterElements"} <= ops and "NonZero" not in ops
     data = json.loads((directory / MANIFEST).read_text())
-    assert data["format_version"] == 1 and data["complete"] and data["tools"]["torch"]
+    assert data["format_version"] == 2 and data["complete"] and data["tools"]["torch"]
 
 
 def test_each_phase_graph_matches_its_pytorch_phase(built, pipe):
@@ -177,7 +177,7 @@ def test_cpu_cache_holds_each_optimised_weight_once_and_is_reused(built, tmp_pat
     assert sum(a.nbytes for a in shared.arrays.values()) <= pooled <= 1.05 * (directory / WEIGHTS).stat().st_size
     again, _ = optimize_for_cpu(directory, manifest, cache=tmp_path / "cache", log=messages.append)
     assert again == paths and len(messages) == 1  # a cache hit: nothing optimised again
-    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".part-")]
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
 
 
 def test_an_altered_cpu_cache_is_made_again(built, tmp_path):
@@ -260,7 +260,7 @@ def test_other_format_version_is_refused_and_rebuilt(copy_of):
     data = json.loads((copy_of / MANIFEST).read_text())
     data["format_version"] = 99
     (copy_of / MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match="format version 99.*reads version 1"):
+    with pytest.raises(ManifestError, match="format version 99.*reads version 2"):
         load(copy_of)
     messages = []
     job = _Build(CONFIG, copy_of, messages.append)
@@ -312,3 +312,195 @@ def test_cli_check_and_run(built, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "prune-less: steps 0-0, 1 calls" in out and "pruned: steps 1-3, 3 calls" in out
     assert (tmp_path / "image.png").stat().st_size > 0
+
+
+def test_a_scheduler_swapped_in_after_attach_is_followed(built, pipe, reference, exported):
+    from diffusers import EulerDiscreteScheduler
+
+    unet = exported()
+    old = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(old.config)
+    try:
+        image = _sample(pipe)
+    finally:
+        pipe.scheduler = old
+    assert [(c.step, c.phase) for c in unet.calls] == reference[1]
+    assert np.abs(image - reference[0]).max() <= 1e-4
+
+
+def _edit(directory, change, reseal=False):
+    """Edit manifest.json with ``change(data)``; with ``reseal``, as a forger would, seal it again."""
+    from atedm_compile.export.manifest import seal
+
+    data = json.loads((directory / MANIFEST).read_text())
+    change(data)
+    if reseal:
+        data["seal"] = seal(data)
+    (directory / MANIFEST).write_text(json.dumps(data))
+
+
+def _swap_graphs(data):
+    first, second = data["phases"]
+    first["onnx"], second["onnx"] = second["onnx"], first["onnx"]
+    first["lint"], second["lint"] = second["lint"], first["lint"]
+
+
+def _move_boundary(data):
+    data["phases"][0]["stop"] = data["phases"][1]["start"] = 2
+
+
+def _more_steps(data):
+    data["schedule"]["num_steps"] = 5
+    data["phases"][1]["stop"] = 5
+
+
+def _drop_prune_less(data):
+    data["phases"] = data["phases"][1:]
+    data["phases"][0]["start"] = 0
+
+
+def _keep_more(data):  # settings and rules edited consistently: only the export keys can tell
+    data["schedule"]["options"]["keep_ratio"] = 0.5
+    for phase in data["phases"]:
+        phase["rules"] = [[selector, 0.5 if keep == 0.37 else keep] for selector, keep in phase["rules"]]
+
+
+@pytest.mark.parametrize("change, message", [
+    (_swap_graphs, "edited after the build"),
+    (_move_boundary, r"phase 'prune-less' covers steps 0-1, but schedule 'atedm' for 4 steps gives it steps 0-0"),
+    (_more_steps, "phase 'prune-less' covers steps 0-0, but schedule 'atedm' for 5 steps gives it steps 0-1"),
+    (_drop_prune_less, r"phase 'prune-less' \(steps 0-0 of schedule 'atedm' for 4 steps\) is missing"),
+    (lambda data: data.update(batch="2"), 'batch is "2", expected an integer'),
+    (lambda data: data["phases"][0].update(start=None), "phases.0.start is null, expected an integer"),
+    (lambda data: data.pop("weights_index"), "weights_index is missing"),
+    (lambda data: data["phases"][0].update(speed=2), "malformed: .*unexpected keyword argument 'speed'"),
+])
+def test_an_edited_manifest_is_refused_by_load_and_check_and_rebuilt(copy_of, change, message):
+    _edit(copy_of, change)
+    with pytest.raises(ManifestError, match=message):
+        load(copy_of)
+    with pytest.raises(ManifestError, match=message):
+        ac.export.check(copy_of, log=lambda _: None)
+    messages = []
+    job = _Build(CONFIG, copy_of, messages.append)
+    job.close()
+    assert any(m.startswith("previous manifest not reused") for m in messages)
+    exports = [s for s in job.steps() if s.name.startswith("export ONNX")]
+    assert exports and all(s.skip() is None for s in exports)  # not "up to date": exported again
+
+
+@pytest.mark.parametrize("change, message", [
+    (_swap_graphs, "is the graph of phase 'pruned'.*lists it for phase 'prune-less'"),
+    (_move_boundary, "covers steps 0-1, but schedule 'atedm' for 4 steps gives it steps 0-0"),
+    (_keep_more, "the export key of phase 'prune-less' does not follow from the recorded settings"),
+])
+def test_a_resealed_edit_is_still_caught(copy_of, change, message):
+    _edit(copy_of, change, reseal=True)
+    with pytest.raises(ManifestError, match=message):
+        load(copy_of)
+
+
+def test_a_second_build_into_the_same_directory_waits_for_the_first(copy_of):
+    import threading
+
+    from filelock import FileLock
+
+    from atedm_compile.export.build import LOCK
+
+    lock = FileLock(copy_of / LOCK)
+    lock.acquire()
+    messages, done = [], threading.Event()
+    thread = threading.Thread(target=lambda: (build(CONFIG, copy_of, log=messages.append), done.set()))
+    thread.start()
+    try:
+        assert not done.wait(3.0)  # held up by the lock
+        assert any("locked by another build: waiting" in m for m in messages)
+    finally:
+        lock.release()
+    thread.join(60)
+    assert done.is_set() and any("manifest: done" in m for m in messages)
+    load(copy_of)
+
+
+def test_weights_do_not_grow_when_the_same_tensors_are_written_twice(tmp_path):
+    from atedm_compile.export.onnx import WeightStore, content_key
+
+    arrays = [np.full((64, 64), i, dtype=np.float32) for i in range(3)]
+    tensors = [(content_key(a), f"unet.w{i}", a) for i, a in enumerate(arrays)]
+    first = WeightStore(tmp_path / WEIGHTS)
+    first.add(tensors)
+    size = (tmp_path / WEIGHTS).stat().st_size
+    # A second writer that does not know the first's index (as two builds racing without a lock did).
+    WeightStore(tmp_path / WEIGHTS).add(tensors)
+    assert (tmp_path / WEIGHTS).stat().st_size == size
+    first.add(tensors)
+    assert (tmp_path / WEIGHTS).stat().st_size == size
+    data = np.fromfile(tmp_path / WEIGHTS, dtype=np.uint8)
+    for key, _, array in tensors:
+        entry = first.index[key]
+        assert np.array_equal(data[entry["offset"]:entry["offset"] + entry["length"]].view(np.float32),
+                              array.reshape(-1))
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_leftovers_of_dead_processes_are_removed_and_only_those(copy_of):
+    import os
+
+    from atedm_compile.export.manifest import temp_prefix
+
+    dead, alive = _dead_pid(), os.getpid()
+    leftovers, kept = [], []
+    for pid, where in ((dead, leftovers), (alive, kept)):
+        prefix = temp_prefix("x").replace(f"pid{os.getpid()}", f"pid{pid}")[len(".x"):]
+        raw = copy_of / ".raw" / f".pruned-0123456789abcdef{prefix}tmp"
+        raw.mkdir(parents=True)
+        (raw / "model.onnx").write_bytes(b"\0" * 1000)
+        part = copy_of / f".{WEIGHTS}{prefix}tmp.part"
+        part.write_bytes(b"\0" * 1000)
+        cache = copy_of / CPU_CACHE / f".0123456789abcdef0123{prefix}tmp"
+        cache.mkdir(parents=True)
+        where += [raw, part, cache]
+    stale = copy_of / ".raw" / "pruned-0000000000000000"  # a finished export of settings no longer asked for
+    stale.mkdir()
+    messages = []
+    build(CONFIG, copy_of, log=messages.append)
+    load(copy_of)
+    assert not any(p.exists() for p in leftovers + [stale])
+    assert all(p.exists() for p in kept)
+    assert sum("left by an interrupted build" in m for m in messages) == 2
+
+
+def test_tool_made_weight_names_never_clash_across_phase_graphs(tmp_path):
+    # ONNX Runtime's optimiser names the tensors it writes per session (reorder_token_7): in another
+    # phase's graph the same name can be an activation (what made fp16 builds fail to load on the CPU).
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from atedm_compile.export.onnx import WeightStore, share_weights
+
+    weight = np.arange(512, dtype=np.float32)
+
+    def graph(weight_name, hidden_name):
+        nodes = [helper.make_node("Add", ["x", weight_name], [hidden_name]),
+                 helper.make_node("Relu", [hidden_name], ["y"])]
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [512]) for n in ("x", "y")]
+        return helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:],
+                                                   [numpy_helper.from_array(weight, weight_name)]))
+
+    store = WeightStore(tmp_path / WEIGHTS)
+    first = share_weights(graph("reorder_token_1", "hidden"), store)
+    second = share_weights(graph("reorder_token_9", "reorder_token_1"), store)
+    x = np.linspace(-300, 300, 512, dtype=np.float32)
+    for i, model in enumerate((first, second)):
+        onnx.save(model, str(tmp_path / f"{i}.onnx"))
+        y = ort.InferenceSession(str(tmp_path / f"{i}.onnx")).run(None, {"x": x})[0]
+        assert np.array_equal(y, np.maximum(x + weight, 0))
+    assert len(store.index) == 1 and next(iter(store.index.values()))["name"].startswith("shared::")

@@ -182,3 +182,30 @@ def test_tome_baseline_runs_in_the_same_schedules(pipe):
     assert out.shape == expected.shape and not torch.allclose(out, expected)
     with pytest.raises(ValueError, match="merge ratio"):
         ac.apply(pipe, "uniform", ToMeConfig(), keep_ratio=0.2).start(1)
+
+
+@pytest.mark.parametrize("schedule", ["atedm", "explicit"])
+def test_a_scheduler_swapped_in_after_apply_is_followed(pipe, schedule):
+    # The diffusers habit: apply, then pipe.scheduler = OtherScheduler.from_config(...).
+    expected_phases = ["prune-less", "pruned", "pruned", "pruned"]
+    runner = ac.apply(pipe, ac.make_schedule("atedm", 4) if schedule == "explicit" else "atedm")
+    reference = _sample(pipe)
+    old = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(old.config)
+    out = _sample(pipe)
+    assert [(c.step, c.phase) for c in runner.calls] == list(enumerate(expected_phases))
+    torch.testing.assert_close(out, reference, atol=0, rtol=0)  # same scheduler class and config: same image
+    assert "step" not in old.__dict__  # the old scheduler is let go
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(old.config)
+    _sample(pipe)
+    assert [(c.step, c.phase) for c in runner.calls] == list(enumerate(expected_phases))
+    ac.remove(pipe)
+    assert "step" not in pipe.scheduler.__dict__ and "set_timesteps" not in pipe.scheduler.__dict__
+
+
+def test_bad_config_and_schedule_types_are_refused(pipe):
+    with pytest.raises(ValueError, match="config='gwpr' is not a PruningConfig or a ToMeConfig"):
+        ac.apply(pipe, "atedm", "gwpr")
+    with pytest.raises(ValueError, match="schedule=4 is not a preset name or a Schedule"):
+        ac.apply(pipe, 4)
+    assert ac.runner_of(pipe) is None

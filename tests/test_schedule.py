@@ -99,3 +99,19 @@ def test_phases_must_cover_every_step():
 def test_schedule_for_other_step_count_is_refused():
     with pytest.raises(ValueError, match="covers 50 steps but sampling runs 30"):
         make_schedule("atedm", 50).check_covers(30)
+
+
+def test_duplicate_phase_names_are_refused():
+    with pytest.raises(ValueError, match=r"phase names \['a'\] are used more than once"):
+        Schedule((Phase("a", 0, 2), Phase("a", 2, 4)), 4)
+
+
+@pytest.mark.parametrize("rules, match", [
+    (((1, 0.5),), "selector 1 in phase 'p' must be a non-empty string"),
+    ((("", 0.5),), "selector '' in phase 'p' must be a non-empty string"),
+    ((("*", float("nan")),), r"keep ratio of '\*' in phase 'p'=nan is outside \(0, 1\]"),
+    ((("*",),), r"rule \('\*',\) of phase 'p' must be a \(selector, keep ratio\) pair"),
+])
+def test_bad_rules_are_refused(rules, match):
+    with pytest.raises(ValueError, match=match):
+        Phase("p", 0, 1, rules)

@@ -16,14 +16,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..config import PruningConfig, check_keep_ratio
+from ..config import PruningConfig, check_keep_ratio, check_number
+from ..memory import check_fits, prunes, unet_bytes
 from ..schedule import PRESETS, make_schedule
-from .manifest import (BACKENDS, FORMAT_VERSION, MANIFEST, PRECISIONS, WEIGHTS, Artefact, Manifest, ManifestError,
-                       PhaseEntry, io_specs, read_manifest, sha256_file, sha256_json, tool_versions,
-                       write_atomically)
-from .onnx import DEFAULT_OPSET, EXPORTERS, WeightStore, export_phase, share_weights
+from .extras import UnavailableError
+from .manifest import (BACKENDS, EXPORT_KEY, MANIFEST, PHASE_KEY, PRECISIONS, WEIGHTS, Artefact, Manifest,
+                       ManifestError, PhaseEntry, build_settings, export_key, io_specs, read_manifest,
+                       remove_leftovers, sha256_file, sha256_json, temp_prefix, tool_versions, write_atomically)
+from .onnx import DEFAULT_OPSET, EXPORTERS, OPSETS, WeightStore, export_phase, share_weights
 
 MARKER = ".atedm-export"
+LOCK = ".atedm-export.lock"
 _RAW = ".raw"
 
 
@@ -33,7 +36,8 @@ class BuildConfig:
 
     Args:
         model: a config name (``tiny``, ``tiny-sd15``, ``sdxl-base``...: random weights from
-            ``seed``) or a local diffusers pipeline / U-Net directory.
+            ``seed``), a shipped trained model (``tiny-shapes``) or the folder of one, or a local
+            diffusers pipeline / U-Net directory.
         schedule, num_steps, keep_ratio, prune_less_blocks: the DSAP schedule (``make_schedule``).
         pruning: scoring and recovery settings.
         height, width: image size in pixels (default: the model's ``sample_size`` x 8).
@@ -42,6 +46,8 @@ class BuildConfig:
         backend: ``onnxruntime`` (ONNX graphs) or ``tensorrt`` (plus one engine per phase).
         exporter: ``torchscript`` (``torch.onnx.export(dynamo=False)``, the default: 4x faster here,
             see benchmarks/export_exporters.py) or ``dynamo``.
+        opset: ONNX opset, 14 (the first with scaled dot-product attention) to 20.
+        vae_factor: pixels per latent cell (default: the model's own; 8 for the SD families).
     """
 
     model: str = "tiny"
@@ -59,15 +65,25 @@ class BuildConfig:
     opset: int = DEFAULT_OPSET
     seed: int = 0
     optimization_level: int = 3
-    vae_factor: int = 8
+    vae_factor: int | None = None
 
     def __post_init__(self):
         for name, value, allowed in (("schedule", self.schedule, PRESETS), ("precision", self.precision, PRECISIONS),
                                      ("backend", self.backend, BACKENDS), ("exporter", self.exporter, EXPORTERS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
-        if not isinstance(self.batch, int) or self.batch < 1:
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise ValueError(f"batch={self.batch!r} must be an integer >= 1 (2 per image with guidance)")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model={self.model!r} must be a model name or a directory")
+        if not isinstance(self.pruning, PruningConfig):
+            raise ValueError(f"pruning={self.pruning!r} is not a PruningConfig")
+        check_number("opset", self.opset, OPSETS.start, OPSETS.stop - 1, integer=True)
+        check_number("optimization_level", self.optimization_level, 0, 5, integer=True)
+        check_number("seed", self.seed, 0, 2**63 - 1, integer=True)
+        for name in ("height", "width", "vae_factor"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), 1, 1 << 20, integer=True)
         check_keep_ratio(self.keep_ratio)
         make_schedule(self.schedule, self.num_steps, keep_ratio=self.keep_ratio,
                       prune_less_blocks=self.prune_less_blocks)
@@ -115,25 +131,44 @@ def run_steps(steps: list[Step], log: Callable[[str], None] = print) -> list[Ste
     return records
 
 
-def model_identity(model: str, seed: int) -> tuple[dict, dict]:
-    """(identity, U-Net config) of a model, without loading its weights.
+def model_identity(model: str, seed: int) -> tuple[dict, dict, int]:
+    """(identity, U-Net config, VAE factor) of a model, without loading its weights.
 
     A config name is identified by name and seed (its weights are random from the seed); a
-    directory by the sha256 of its U-Net weight files.
+    trained model or a directory by the sha256 of its weight files; every one also by the sha256
+    of its U-Net config.
     """
-    from ..models import UNET_CONFIGS, unet_config
+    from ..models import TRAINED_MODELS, UNET_CONFIGS, unet_config, vae_factor
+    from ..trained import model_folder, read_config
+    from ..trained import vae_factor as trained_vae_factor
 
+    folder = model_folder(model)
     if model in UNET_CONFIGS:
-        config = _with_defaults(unet_config(model))
-        return {"name": model, "seed": seed, "config_sha256": sha256_json(config)}, config
-    root = Path(model)
-    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
-    if not (unet_dir / "config.json").is_file():
-        raise ValueError(f"model {model!r} is neither a config name ({sorted(UNET_CONFIGS)}) nor a directory "
-                         f"with a diffusers U-Net (config.json in it or in unet/)")
-    config = json.loads((unet_dir / "config.json").read_text())
-    files = sorted(p for p in unet_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
-    return {"name": str(root.resolve()), "files": {p.name: sha256_file(p) for p in files}}, _with_defaults(config)
+        identity, config, factor = {"name": model, "seed": seed}, unet_config(model), vae_factor(model)
+    elif folder is not None:
+        trained = read_config(folder)
+        identity = {"name": model if model in TRAINED_MODELS else str(folder.resolve()),
+                    "files": {name: sha256_file(folder / name) for name in ("config.json", "model.safetensors")}}
+        config, factor = trained["unet"], trained_vae_factor(trained)
+    else:
+        root = Path(model)
+        unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+        if not (unet_dir / "config.json").is_file():
+            raise ValueError(f"model {model!r} is neither a config name ({sorted(UNET_CONFIGS)}), a trained model "
+                             f"({list(TRAINED_MODELS)} or the folder of one) nor a directory with a diffusers U-Net "
+                             f"(config.json in it or in unet/)")
+        try:
+            config = json.loads((unet_dir / "config.json").read_text())
+        except ValueError as error:
+            raise ValueError(f"{unet_dir / 'config.json'} is not valid JSON: {error}") from None
+        if not isinstance(config, dict) or "down_block_types" not in config:
+            raise ValueError(f"{unet_dir / 'config.json'} is not the config of a diffusers U-Net")
+        files = sorted(p for p in unet_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+        identity = {"name": str(root.resolve()), "files": {p.name: sha256_file(p) for p in files}}
+        vae_config = root / "vae" / "config.json"
+        factor = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1) if vae_config.is_file() else 8
+    config = _with_defaults(config)
+    return {**identity, "config_sha256": sha256_json(config)}, config, factor
 
 
 def _with_defaults(config: dict) -> dict:
@@ -151,17 +186,21 @@ def _with_defaults(config: dict) -> dict:
 def _load_unet(model: str, seed: int, precision: str, device: str):
     import torch
 
-    from ..models import UNET_CONFIGS, build_unet
+    from ..models import UNET_CONFIGS, build_unet, quiet_loading
+    from ..trained import load_unet, model_folder
 
-    if model in UNET_CONFIGS:
-        unet = build_unet(model, seed=seed)
-    else:
-        from diffusers import UNet2DConditionModel
+    with quiet_loading():
+        if model in UNET_CONFIGS:
+            unet = build_unet(model, seed=seed)
+        elif model_folder(model) is not None:
+            unet = load_unet(model_folder(model)).eval().requires_grad_(False)
+        else:
+            from diffusers import UNet2DConditionModel
 
-        root = Path(model)
-        sub = "unet" if (root / "unet" / "config.json").is_file() else None
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder=sub).eval().requires_grad_(False)
-    return unet.to(device, torch.float16 if precision == "fp16" else torch.float32)
+            root = Path(model)
+            sub = "unet" if (root / "unet" / "config.json").is_file() else None
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder=sub).eval().requires_grad_(False)
+        return unet.to(device, torch.float16 if precision == "fp16" else torch.float32)
 
 
 class _Build:
@@ -174,39 +213,76 @@ class _Build:
 
             reason = tensorrt_missing_reason()  # before any export: fail in seconds, not after minutes
             if reason:
-                raise RuntimeError(reason)
-        self.identity, self.unet_config = model_identity(config.model, config.seed)
-        height = config.height or self.unet_config["sample_size"] * config.vae_factor
-        width = config.width or self.unet_config["sample_size"] * config.vae_factor
-        multiple = 2 ** (len(self.unet_config["down_block_types"]) - 1) * config.vae_factor
+                raise UnavailableError(reason)
+        self.identity, self.unet_config, factor = model_identity(config.model, config.seed)
+        self.vae_factor = config.vae_factor or factor
+        height = config.height or self.unet_config["sample_size"] * self.vae_factor
+        width = config.width or self.unet_config["sample_size"] * self.vae_factor
+        multiple = 2 ** (len(self.unet_config["down_block_types"]) - 1) * self.vae_factor
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(f"image size {height}x{width} is not a positive multiple of {multiple} for this model")
         self.height, self.width = height, width
-        self.latent = (height // config.vae_factor, width // config.vae_factor)
+        self.latent = (height // self.vae_factor, width // self.vae_factor)
         self.schedule = make_schedule(config.schedule, config.num_steps, **config.schedule_options())
+        check_fits(unet_bytes(self.unet_config, config.batch, *self.latent, config.precision,
+                              pruned=prunes(self.schedule.phases)),
+                   "cuda" if config.precision == "fp16" and _cuda() else "cpu",
+                   f"exporting at {width}x{height} px, batch {config.batch}")
         self.unet = None
         self.runner = None
+        self.lock = None
+        self.created = False
         self._claim_directory()
-        self.manifest = self._start_manifest()
+        try:
+            self.manifest = self._start_manifest()
+        except BaseException:
+            self.close()
+            raise
         self.store = WeightStore(self.directory / WEIGHTS, self.manifest.weights_index)
 
     # -- directory and manifest -------------------------------------------------------------
 
     def _claim_directory(self) -> None:
+        """Make (or reuse) the directory and hold its lock until ``close``: a second build into it
+        waits for this one, then finds its work done."""
+        from filelock import FileLock, Timeout
+
         directory = self.directory
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"output {directory} exists and is not a directory")
-        if directory.is_dir() and any(directory.iterdir()) and not (directory / MARKER).exists():
+
+        def foreign() -> bool:
+            return (directory.is_dir() and not (directory / MARKER).exists()
+                    and any(p.name != LOCK for p in directory.iterdir()))
+
+        if foreign():
             raise ValueError(f"output directory {directory} is not empty and was not made by atedm-compile build "
                              f"(no {MARKER} in it): refusing to write there; pick an empty or new directory")
+        self.created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(directory / LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            self.log(f"{directory} is locked by another build: waiting for it to finish")
+            lock.acquire()
+        self.lock = lock
+        if foreign():  # made by another program while we waited
+            self.close()
+            raise ValueError(f"output directory {directory} is not empty and was not made by atedm-compile build")
         if not (directory / MARKER).exists():
-            (directory / MARKER).write_text("atedm-compile export directory\n")
+            write_atomically(directory / MARKER, b"atedm-compile export directory\n")
+        # Under the lock, a temporary file here can only be a dead build's; stale raw exports are
+        # those of settings no longer asked for (each holds a full copy of the weights).
+        for folder in (directory, directory / _RAW, directory / "engines"):
+            for path in remove_leftovers(folder):
+                self.log(f"removed {path.relative_to(directory)}, left by an interrupted build")
 
-    def _settings(self) -> dict:
-        # What the weights depend on: when it changes, nothing of an older build is reused.
-        return {"model": self.identity, "precision": self.config.precision, "exporter": self.config.exporter,
-                "opset": self.config.opset, "torch": tool_versions().get("torch")}
+    def close(self) -> None:
+        """Release the directory's lock."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _start_manifest(self) -> Manifest:
         previous = None
@@ -215,7 +291,16 @@ class _Build:
                 previous = read_manifest(self.directory)
             except ManifestError as error:
                 self.log(f"previous manifest not reused: {error}")
-        if previous is not None and previous.tools.get("settings") != sha256_json(self._settings()):
+        config = self.config
+        manifest = Manifest(
+            model={**self.identity, "config": dict(self.unet_config)},
+            schedule={"preset": config.schedule, "num_steps": config.num_steps, "options": config.schedule_options()},
+            pruning=asdict(config.pruning), batch=config.batch, height=self.height, width=self.width,
+            latent=self.latent, precision=config.precision, backend=config.backend, exporter=config.exporter,
+            opset=config.opset, tools=tool_versions(), phases=[], vae_factor=self.vae_factor,
+        )
+        manifest.tools["settings"] = sha256_json(build_settings(manifest))
+        if previous is not None and previous.tools.get("settings") != manifest.tools["settings"]:
             self.log("build settings changed (model, precision, exporter or opset): rebuilding from scratch")
             previous = None
         if previous is not None and previous.weights is not None:
@@ -225,14 +310,12 @@ class _Build:
                 previous = None
         if previous is None:
             (self.directory / WEIGHTS).unlink(missing_ok=True)
-        config = self.config
         phases = []
         for phase in self.schedule.phases:
             inputs, outputs = io_specs(self.unet_config, config.batch, *self.latent, config.precision)
-            key = sha256_json({"format": FORMAT_VERSION, "settings": self._settings(), "rules": phase.rules,
-                               "pruning": asdict(config.pruning), "inputs": {k: v.to_dict() for k, v in inputs.items()},
-                               "atedm": tool_versions()["atedm-compile"]})
-            entry = PhaseEntry(phase.name, phase.start, phase.stop, [list(r) for r in phase.rules], inputs, outputs, key)
+            rules = [list(r) for r in phase.rules]
+            key = export_key(manifest, rules, inputs)
+            entry = PhaseEntry(phase.name, phase.start, phase.stop, rules, inputs, outputs, key)
             old = next((p for p in previous.phases if p.name == phase.name), None) if previous else None
             if old is not None and old.export_key == key:
                 entry.onnx, entry.lint, entry.engine, entry.engine_key = old.onnx, old.lint, old.engine, old.engine_key
@@ -244,17 +327,14 @@ class _Build:
                     for artefact in (old.onnx, old.engine):
                         if artefact is not None:
                             (self.directory / artefact.file).unlink(missing_ok=True)
-        tools = tool_versions()
-        tools["settings"] = sha256_json(self._settings())
-        return Manifest(
-            model={**self.identity, "config": dict(self.unet_config)},
-            schedule={"preset": config.schedule, "num_steps": config.num_steps, "options": config.schedule_options()},
-            pruning=asdict(config.pruning), batch=config.batch, height=self.height, width=self.width,
-            latent=self.latent, precision=config.precision, backend=config.backend, exporter=config.exporter,
-            opset=config.opset, tools=tools, phases=phases,
-            weights=previous.weights if previous else None,
-            weights_index=previous.weights_index if previous else {},
-        )
+        wanted = {self._raw_dir(entry).name for entry in phases}
+        for raw in (self.directory / _RAW).glob("*"):
+            if raw.is_dir() and not raw.name.startswith(".") and raw.name not in wanted:
+                shutil.rmtree(raw, ignore_errors=True)
+        manifest.phases = phases
+        manifest.weights = previous.weights if previous else None
+        manifest.weights_index = previous.weights_index if previous else {}
+        return manifest
 
     def _save(self) -> None:
         self.manifest.weights_index = self.store.index
@@ -321,7 +401,7 @@ class _Build:
             self.runner.use_phase(entry.name)
             final = self._raw_dir(entry)
             final.parent.mkdir(exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(final.name)))
             try:
                 export_phase(self.unet, entry.inputs, tmp / "model.onnx", self.config.exporter, self.config.opset)
                 shutil.rmtree(final, ignore_errors=True)
@@ -340,6 +420,8 @@ class _Build:
 
             raw = self._raw_dir(entry)
             model = share_weights(onnx.load(str(raw / "model.onnx")), self.store)
+            # The graph says which phase it is: load compares this with the manifest.
+            onnx.helper.set_model_props(model, {PHASE_KEY: entry.name, EXPORT_KEY: entry.export_key})
             file = f"{entry.name}.onnx"
             write_atomically(self.directory / file, model.SerializeToString())
             entry.onnx = Artefact.of(self.directory, file)
@@ -417,9 +499,22 @@ def build(config: BuildConfig, directory: str | Path, log: Callable[[str], None]
         ['prune-less', 'pruned']
     """
     job = _Build(config, Path(directory), log)
-    records = run_steps(job.steps(), log)
-    if job.runner is not None:
-        from ..runner import remove
+    try:
+        records = run_steps(job.steps(), log)
+    except BaseException:
+        if job.created and not (job.directory / MANIFEST).exists():
+            shutil.rmtree(job.directory, ignore_errors=True)  # nothing worth resuming: leave nothing
+        raise
+    finally:
+        if job.runner is not None:
+            from ..runner import remove
 
-        remove(job.unet)
+            remove(job.unet)
+        job.close()
     return job.manifest, records
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -3,61 +3,91 @@
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 
-from .manifest import BACKENDS, PRECISIONS
-from .onnx import DEFAULT_OPSET, EXPORTERS
+from .extras import EXTRAS, require_extra
+from .manifest import BACKENDS, MANIFEST, PRECISIONS
+from .onnx import DEFAULT_OPSET, EXPORTERS, OPSETS
 
 
 def add_export_commands(sub) -> None:
     """Add ``build``, ``run`` and ``check`` to the ``atedm-compile`` subparsers."""
-    from ..cli import _add_pruning_options
+    from ..cli import HelpFormatter, _add_pruning_options, finite_float, positive_int, utf8_text
 
-    build = sub.add_parser("build", help="export one ONNX graph (and TensorRT engine) per schedule phase")
-    build.add_argument("--model", default="tiny", help="config name (tiny, tiny-sd15, sdxl-base: random weights) "
-                                                       "or a local diffusers pipeline / U-Net directory")
-    build.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
-    build.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    build.add_argument("--batch", type=int, default=2, help="U-Net batch: 2 per image with guidance (default: 2)")
-    build.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    build.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    build = sub.add_parser(
+        "build", help="export one ONNX graph (and TensorRT engine) per schedule phase", formatter_class=HelpFormatter,
+        description="Export one ONNX graph (and TensorRT engine) per schedule phase into OUT, sharing one "
+                    "weights.bin, with manifest.json. Steps whose output exists are skipped; an interrupted build "
+                    "resumes; a second build into the same OUT waits for the first.",
+        epilog="examples:\n  atedm-compile build --model tiny-shapes --steps 20 --out build/tiny-shapes\n"
+               "  atedm-compile build --model tiny --schedule uniform --steps 4 --keep-ratio 0.5 --out build/tiny")
+    build.add_argument("--model", default="tiny",
+                       help="config name (tiny, tiny-sd15, sdxl-base: random weights), a shipped trained model "
+                            "(tiny-shapes) or its folder, or a local diffusers pipeline / U-Net directory")
+    build.add_argument("--height", type=positive_int, default=None,
+                       help="image height in pixels (default: the model's)")
+    build.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: the model's)")
+    build.add_argument("--batch", type=positive_int, default=2, help="U-Net batch: 2 per image with guidance")
+    build.add_argument("--precision", default="fp32", choices=PRECISIONS, help="weights and activations")
+    build.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                       help="onnxruntime (ONNX graphs) or tensorrt (plus one engine per phase; needs TensorRT)")
     build.add_argument("--exporter", default="torchscript", choices=EXPORTERS,
-                       help="torch.onnx.export path: torchscript (dynamo=False, default, faster) or dynamo")
-    build.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+                       help="torch.onnx.export path: torchscript (dynamo=False, faster) or dynamo")
+    build.add_argument("--opset", type=int, default=DEFAULT_OPSET, choices=OPSETS,
+                       metavar=f"{{{OPSETS.start}..{OPSETS.stop - 1}}}", help="ONNX opset")
     build.add_argument("--seed", type=int, default=0, help="weights seed of a config-name model")
-    build.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimisation level")
+    build.add_argument("--optimization-level", type=int, default=3, choices=range(6), metavar="{0..5}",
+                       help="TensorRT builder optimisation level")
     build.add_argument("--out", required=True, help="output directory (new, empty, or an earlier build's)")
     _add_pruning_options(build)
     build.set_defaults(func=cmd_build)
 
-    run = sub.add_parser("run", help="sample an image with the phase graphs of a build directory")
+    run = sub.add_parser(
+        "run", help="sample an image with the phase graphs of a build directory", formatter_class=HelpFormatter,
+        description="Sample an image with the phase graphs of DIRECTORY: ONNX Runtime (or TensorRT) sessions "
+                    "switched at the manifest's step boundaries, inside the model's diffusers pipeline.",
+        epilog="examples:\n  atedm-compile run build/tiny-shapes --out out/image.png\n"
+               "  atedm-compile run build/tiny-shapes --prompt \"a large red circle in the center on a plain white "
+               "background\" --out out/circle.png")
     run.add_argument("directory", help="a directory made by `atedm-compile build`")
-    run.add_argument("--prompt", default="a small red triangle at the top left on a striped blue background")
-    run.add_argument("--steps", type=int, default=None, help="sampling steps (default: the built count)")
-    run.add_argument("--height", type=int, default=None, help="default: the built height")
-    run.add_argument("--width", type=int, default=None, help="default: the built width")
-    run.add_argument("--images", type=int, default=None, help="images per prompt (default: what the batch fits)")
-    run.add_argument("--guidance", type=float, default=5.0)
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--prompt", type=utf8_text, default="a small red triangle at the top left on a striped blue "
+                                                         "background", help="what to draw")
+    run.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the built count)")
+    run.add_argument("--height", type=positive_int, default=None, help="image height (default: the built height)")
+    run.add_argument("--width", type=positive_int, default=None, help="image width (default: the built width)")
+    run.add_argument("--images", type=positive_int, default=None,
+                     help="images per prompt (default: what the built batch fits)")
+    run.add_argument("--guidance", type=finite_float, default=5.0,
+                     help="classifier-free guidance scale (1 or less: no guidance, half the U-Net batch)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     run.add_argument("--backend", default=None, choices=BACKENDS, help="default: the built backend")
-    run.add_argument("--providers", nargs="+", default=None, help="ONNX Runtime providers: cpu, cuda, tensorrt")
+    run.add_argument("--providers", nargs="+", default=None,
+                     help="ONNX Runtime providers: cpu, cuda, tensorrt or full names (default: cuda where present, "
+                          "else cpu)")
     run.add_argument("--fallback-pytorch", action="store_true",
                      help="on a step count or shape the build does not cover, warn and run the PyTorch runner")
-    run.add_argument("--out", default="image.png", help="image file to write (PNG)")
+    run.add_argument("--out", default="out/image.png", help="image file to write (PNG)")
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("check", help="verify a build: hashes, ONNX checker, TensorRT lint, TensorRT vs ORT")
-    check.add_argument("directory")
+    check = sub.add_parser(
+        "check", help="verify a build: hashes, ONNX checker, TensorRT lint, TensorRT vs ORT",
+        formatter_class=HelpFormatter,
+        description="Verify a build directory: the manifest's form and meaning, every artefact's sha256, the ONNX "
+                    "checker, a TensorRT-compatibility lint and, where TensorRT is installed, TensorRT against ONNX "
+                    "Runtime. Exit status 0 when all pass, 1 when a check fails, 2 when the build is unusable.",
+        epilog="example:\n  atedm-compile check build/tiny-shapes")
+    check.add_argument("directory", help="a directory made by `atedm-compile build`")
     check.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT comparison")
     check.set_defaults(func=cmd_check)
 
 
 def cmd_build(args) -> int:
-    from ..cli import _pruning_config
+    from ..cli import _pruning_config, check_output
     from .build import BuildConfig, build
 
+    require_extra("onnx", "build", modules=EXTRAS["onnx"] + (("onnxscript",) if args.exporter == "dynamo" else ()))
+    check_output(Path(args.out), folder=True)
     config = BuildConfig(
         model=args.model, schedule=args.schedule, num_steps=args.steps, keep_ratio=args.keep_ratio,
         prune_less_blocks=args.prune_less_blocks, pruning=_pruning_config(args), height=args.height,
@@ -65,8 +95,13 @@ def cmd_build(args) -> int:
         opset=args.opset, seed=args.seed, optimization_level=args.optimization_level,
     )
     started = time.perf_counter()
-    manifest, records = build(config, args.out)
     out = Path(args.out)
+    try:
+        manifest, records = build(config, args.out)
+    except KeyboardInterrupt:
+        if (out / MANIFEST).exists():
+            raise KeyboardInterrupt(f"{out} holds a partial build; the same command resumes it") from None
+        raise
     ran = sum(r.ran for r in records)
     print(f"{out}: {len(manifest.phases)} phases, {ran} of {len(records)} steps ran, "
           f"{time.perf_counter() - started:.1f} s")
@@ -81,24 +116,27 @@ def cmd_build(args) -> int:
 def cmd_run(args) -> int:
     import torch
 
-    from ..models import UNET_CONFIGS, load_pipeline, tiny_sdxl_pipeline
-    from .manifest import read_manifest, write_atomically
+    from ..cli import check_output, save_png
+    from ..memory import check_fits, prunes, sampling_bytes
+    from ..models import UNET_CONFIGS, load_pipeline, pipeline_configs, tiny_sdxl_pipeline
+    from .build import model_identity
+    from .manifest import read_manifest
+    from .onnxruntime import resolve_providers
     from .runtime import load
 
+    require_extra("onnx", "run")
     directory = Path(args.directory)
+    out = Path(args.out)
+    check_output(out, folder=False)
     manifest = read_manifest(directory)
     name = manifest.model["name"]
-    if name == "tiny":
-        pipe = tiny_sdxl_pipeline(seed=manifest.model.get("seed", 0))
-    elif name in UNET_CONFIGS:
+    if name in UNET_CONFIGS and name != "tiny":
         raise ValueError(f"{directory} was built from the bare U-Net config {name!r} (random weights, no text "
-                         f"encoders or VAE): `run` needs a full pipeline, so build from 'tiny' or a pipeline directory")
-    else:
-        pipe = load_pipeline(name)
-    pipe.set_progress_bar_config(disable=False, desc="sampling")
+                         f"encoders or VAE): `run` needs a full pipeline, so build from 'tiny', a trained model or a "
+                         f"pipeline directory")
     guided = args.guidance > 1.0
     images = args.images or max(1, manifest.batch // (2 if guided else 1))
-    steps = args.steps or manifest.num_steps
+    steps = manifest.num_steps if args.steps is None else args.steps
     height, width = args.height or manifest.height, args.width or manifest.width
     unet_batch = images * (2 if guided else 1)
     given = {"U-Net batch": (manifest.batch, unet_batch), "steps": (manifest.num_steps, steps),
@@ -108,6 +146,17 @@ def cmd_run(args) -> int:
         listing = ", ".join(f"{k}: built {a}, given {b}" for k, (a, b) in wrong.items())
         raise ValueError(f"the request does not match the build in {directory} ({listing}; the U-Net batch is "
                          f"images x 2 with guidance > 1); rebuild, or pass --fallback-pytorch")
+    configs = pipeline_configs(name)
+    check_fits(sampling_bytes(manifest.model["config"], configs[1] if configs else None, images, unet_batch, height,
+                              width, manifest.vae_factor, prunes(manifest.phases), manifest.precision),
+               "cuda" if (args.backend or manifest.backend) == "tensorrt" else "cpu",
+               f"sampling {images} image{'s' * (images > 1)} of {width}x{height} px")
+    resolve_providers(args.providers)  # a provider this onnxruntime lacks: say so before loading anything
+    identity = {k: v for k, v in manifest.model.items() if k != "config"}
+    if model_identity(name, manifest.model.get("seed", 0))[0] != identity:
+        raise ValueError(f"the model {name!r} has changed since {directory} was built: rebuild it")
+    pipe = tiny_sdxl_pipeline(seed=manifest.model.get("seed", 0)) if name == "tiny" else load_pipeline(name)
+    pipe.set_progress_bar_config(disable=False, desc="sampling")
     fallback = pipe.unet if args.fallback_pytorch else None
     unet = load(directory, backend=args.backend, providers=args.providers, fallback=fallback,
                 on_mismatch="fallback" if fallback is not None else "error")
@@ -125,17 +174,15 @@ def cmd_run(args) -> int:
         calls = [c.step for c in unet.calls if c.phase == phase]
         print(f"  {phase}: steps {min(calls)}-{max(calls)}, {len(calls)} calls, "
               f"{sum(seconds) / len(seconds):.4f} s per call")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, buffer.getvalue())
+    save_png(image, out)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_check(args) -> int:
     from .check import check
+
+    require_extra("onnx", "check", modules=("onnx",))
 
     report = check(args.directory, compare_tensorrt=not args.no_tensorrt)
     print("check passed" if report.ok else "check FAILED")

@@ -2,6 +2,11 @@
 ties a build directory's artefacts to the model, the schedule and the tools that made them.
 
 ``manifest.json`` is the only file a loader reads first; everything else is named and hashed there.
+It is checked for meaning, not only for form, before anything trusts it: its values have the
+types they should, its phases are the ones its schedule gives (names, step ranges, rules), each
+phase's export key follows from the recorded settings, and a ``seal`` (the sha256 of all its other
+content) catches any edit; each phase graph carries its phase name and export key in its ONNX
+metadata, which ``verify_artefacts`` compares with the manifest.
 """
 
 from __future__ import annotations
@@ -9,18 +14,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 FORMAT = "atedm-compile/export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: seal, vae_factor, config_sha256 for every model, phase metadata in the graphs
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
 TEXT_LENGTH = 77
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnxruntime", "tensorrt")
 OUTPUT_NAME = "latent"
+# ONNX metadata_props of each phase graph: which phase it is and the settings it was made from.
+PHASE_KEY = "atedm.phase"
+EXPORT_KEY = "atedm.export_key"
 
 
 class ManifestError(ValueError):
@@ -126,6 +137,7 @@ class Manifest:
     opset: int
     tools: dict
     phases: list[PhaseEntry]
+    vae_factor: int = 8
     weights: Artefact | None = None
     # content key -> {name, offset, length, dtype, shape} of every tensor in the weights file
     weights_index: dict = field(default_factory=dict)
@@ -150,16 +162,18 @@ class Manifest:
         raise ValueError(f"step {step} is outside the built steps 0..{self.num_steps - 1}")
 
     def to_dict(self) -> dict:
+        """The manifest as JSON data, sealed: ``seal`` is the sha256 of everything else in it."""
         data = {k: v for k, v in asdict(self).items() if k not in ("phases", "weights")}
         data = {"format": self.format, "format_version": self.format_version, **data}
         data["latent"] = list(self.latent)
         data["weights"] = asdict(self.weights) if self.weights else None
         data["phases"] = [p.to_dict() for p in self.phases]
+        data["seal"] = seal(data)
         return data
 
     @staticmethod
     def from_dict(data: dict) -> Manifest:
-        data = dict(data)
+        data = {k: v for k, v in data.items() if k != "seal"}
         data["phases"] = [PhaseEntry.from_dict(p) for p in data["phases"]]
         data["latent"] = tuple(data["latent"])
         if data.get("weights") is not None:
@@ -186,10 +200,155 @@ def read_manifest(directory: Path) -> Manifest:
             f"{path} has format version {data.get('format_version')!r}; this atedm-compile reads version "
             f"{FORMAT_VERSION}: rebuild the directory with `atedm-compile build`"
         )
+    _check_types(data, _MANIFEST_TYPES, f"{path}: ")
     try:
-        return Manifest.from_dict(data)
+        manifest = Manifest.from_dict(data)
+    except (KeyError, TypeError) as error:  # a field this version does not know
+        raise ManifestError(f"{path} is malformed: {error}; rebuild with `atedm-compile build`") from None
+    check_meaning(manifest, path)
+    if data["seal"] != seal(data):
+        raise ManifestError(f"{path} was edited after the build (its content no longer matches its seal): "
+                            f"rebuild with `atedm-compile build`")
+    return manifest
+
+
+def seal(data: dict) -> str:
+    """sha256 of a manifest's JSON data without its ``seal``."""
+    return sha256_json({k: v for k, v in data.items() if k != "seal"})
+
+
+# Expected JSON types: a type, a tuple of types (None: null allowed), a nested dict, or [item type].
+_INT = (int,)
+_SHAPE = [int]
+_SPEC = {"shape": _SHAPE, "dtype": str}
+_ARTEFACT = {"file": str, "sha256": str, "bytes": _INT}
+_PHASE_TYPES = {"name": str, "start": _INT, "stop": _INT, "rules": [list], "inputs": {str: _SPEC},
+                "outputs": {str: _SPEC}, "export_key": str, "onnx": (_ARTEFACT, None), "lint": (str, None),
+                "engine": (_ARTEFACT, None), "engine_key": (str, None)}
+_MANIFEST_TYPES = {
+    "model": {"name": str, "config": dict, "config_sha256": str}, "schedule": {"preset": str, "num_steps": _INT,
+                                                                              "options": dict},
+    "pruning": dict, "batch": _INT, "height": _INT, "width": _INT, "latent": [int], "precision": str,
+    "backend": str, "exporter": str, "opset": _INT, "tools": {"atedm-compile": str}, "phases": [_PHASE_TYPES],
+    "vae_factor": _INT, "weights": (_ARTEFACT, None),
+    "weights_index": {str: {"name": str, "offset": _INT, "length": _INT, "dtype": str, "shape": _SHAPE}},
+    "complete": bool, "seal": str,
+}
+
+
+def _check_types(value, expected, where: str) -> None:
+    """ManifestError naming the first value whose JSON type is not the expected one."""
+    if isinstance(expected, tuple) and None in expected:
+        if value is None:
+            return
+        expected = next(e for e in expected if e is not None)
+    if isinstance(expected, dict) and len(expected) == 1 and next(iter(expected)) is str:
+        _check_types(value, dict, where)  # a mapping of names to values of one kind
+        for name, item in value.items():
+            _check_types(item, expected[str], f"{where}{name}.")
+    elif isinstance(expected, dict):
+        _check_types(value, dict, where)
+        for name, kind in expected.items():
+            if name not in value:
+                raise ManifestError(f"{where}{name} is missing; rebuild with `atedm-compile build`")
+            _check_types(value[name], kind, f"{where}{name}.")
+    elif isinstance(expected, list):
+        _check_types(value, list, where)
+        for i, item in enumerate(value):
+            _check_types(item, expected[0], f"{where}{i}.")
+    else:
+        kinds = expected if isinstance(expected, tuple) else (expected,)
+        # JSON true / false are not numbers here.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join({int: "an integer", str: "a string", bool: "true or false", dict: "an object",
+                                 list: "a list"}[k] for k in kinds)
+            raise ManifestError(f"{where.rstrip('.')} is {json.dumps(value)[:60]}, expected {names}; "
+                                f"rebuild with `atedm-compile build`")
+
+
+def export_key(manifest: Manifest, rules: list, inputs: dict[str, TensorSpec]) -> str:
+    """What one phase graph is made from: the model, precision, exporter, opset and tool versions,
+    the phase's rules, the pruning settings and the input specs (not its step range: the same graph
+    serves any). A graph is re-exported when its key changes."""
+    return sha256_json({"format": FORMAT_VERSION, "settings": build_settings(manifest), "rules": rules,
+                        "pruning": manifest.pruning, "inputs": {k: v.to_dict() for k, v in inputs.items()},
+                        "atedm": manifest.tools["atedm-compile"]})
+
+
+def build_settings(manifest: Manifest) -> dict:
+    """What every artefact of a build depends on: when it changes, nothing of an older build is reused."""
+    identity = {k: v for k, v in manifest.model.items() if k != "config"}
+    return {"model": identity, "precision": manifest.precision, "exporter": manifest.exporter,
+            "opset": manifest.opset, "torch": manifest.tools.get("torch")}
+
+
+def check_meaning(manifest: Manifest, path: Path | str = MANIFEST) -> None:
+    """ManifestError unless the manifest agrees with itself: the phases are those its schedule
+    gives, the shapes follow from its batch and size, each export key from its settings."""
+    from ..config import PruningConfig
+    from ..schedule import make_schedule
+
+    def fail(message: str):
+        raise ManifestError(f"{path}: {message}; rebuild with `atedm-compile build`")
+
+    for name, value, allowed in (("precision", manifest.precision, PRECISIONS),
+                                 ("backend", manifest.backend, BACKENDS)):
+        if value not in allowed:
+            fail(f"{name} {value!r} is not one of {list(allowed)}")
+    if sha256_json(manifest.model["config"]) != manifest.model["config_sha256"]:
+        fail("the model config does not match its recorded sha256")
+    try:
+        PruningConfig(**manifest.pruning)
+        schedule = make_schedule(manifest.schedule["preset"], manifest.num_steps, **manifest.schedule["options"])
+    except (TypeError, ValueError) as error:
+        fail(f"its schedule or pruning settings are not valid ({error})")
+    expected = {p.name: p for p in schedule.phases}
+    listed = [p.name for p in manifest.phases]
+    for phase in schedule.phases:
+        if phase.name not in listed:
+            fail(f"phase {phase.name!r} (steps {phase.start}-{phase.stop - 1} of schedule {schedule.name!r} for "
+                 f"{schedule.num_steps} steps) is missing; the manifest lists {listed}")
+    for entry in manifest.phases:
+        phase = expected.get(entry.name)
+        if phase is None or listed.count(entry.name) > 1:
+            fail(f"phase {entry.name!r} is not a phase of schedule {schedule.name!r} for {schedule.num_steps} steps "
+                 f"(or is listed twice), whose phases are {list(expected)}")
+        if (entry.start, entry.stop) != (phase.start, phase.stop):
+            fail(f"phase {entry.name!r} covers steps {entry.start}-{entry.stop - 1}, but schedule {schedule.name!r} "
+                 f"for {schedule.num_steps} steps gives it steps {phase.start}-{phase.stop - 1}")
+        if [list(r) for r in phase.rules] != entry.rules:
+            fail(f"phase {entry.name!r} has rules {entry.rules}, but the schedule gives "
+                 f"{[list(r) for r in phase.rules]}")
+    latent = (manifest.height // max(1, manifest.vae_factor), manifest.width // max(1, manifest.vae_factor))
+    if manifest.vae_factor < 1 or tuple(manifest.latent) != latent or manifest.batch < 1:
+        fail(f"batch {manifest.batch}, size {manifest.height}x{manifest.width} and latent {list(manifest.latent)} "
+             f"(VAE factor {manifest.vae_factor}) do not agree")
+    try:
+        inputs, outputs = io_specs(manifest.model["config"], manifest.batch, *manifest.latent, manifest.precision)
     except (KeyError, TypeError) as error:
-        raise ManifestError(f"{path} is malformed: {error}") from None
+        fail(f"the model config lacks {error}")
+    for entry in manifest.phases:
+        if entry.inputs != inputs or entry.outputs != outputs:
+            fail(f"phase {entry.name!r} lists input or output shapes that its batch, size and precision do not give")
+        if entry.export_key != export_key(manifest, entry.rules, entry.inputs):
+            fail(f"the export key of phase {entry.name!r} does not follow from the recorded settings")
+    for artefact in [manifest.weights] + [a for e in manifest.phases for a in (e.onnx, e.engine)]:
+        if artefact is not None and (Path(artefact.file).is_absolute() or ".." in Path(artefact.file).parts):
+            fail(f"artefact {artefact.file!r} is not a path inside the build directory")
+    import math
+
+    import numpy as np
+
+    size = manifest.weights.bytes if manifest.weights else 0
+    for entry in manifest.weights_index.values():
+        if entry["offset"] < 0 or entry["offset"] + entry["length"] > size:
+            fail(f"weight {entry['name']!r} lies outside {WEIGHTS} ({size} bytes)")
+        try:
+            itemsize = np.dtype(entry["dtype"]).itemsize
+        except TypeError:
+            fail(f"weight {entry['name']!r} has an unknown dtype {entry['dtype']!r}")
+        if math.prod(entry["shape"]) * itemsize != entry["length"]:
+            fail(f"weight {entry['name']!r} of shape {entry['shape']} does not take {entry['length']} bytes")
 
 
 def verify_artefacts(directory: Path, manifest: Manifest, engines: bool = True) -> None:
@@ -206,6 +365,21 @@ def verify_artefacts(directory: Path, manifest: Manifest, engines: bool = True) 
         if artefact is None:
             raise ManifestError(f"{directory / MANIFEST} lists a phase without its artefact: rebuild")
         check_artefact(directory, artefact)
+    for phase in manifest.phases:
+        check_graph_metadata(directory / phase.onnx.file, phase)
+
+
+def check_graph_metadata(path: Path, phase: PhaseEntry) -> None:
+    """ManifestError unless the graph at ``path`` says it is ``phase`` (name and export key)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    found = (props.get(PHASE_KEY), props.get(EXPORT_KEY))
+    if found != (phase.name, phase.export_key):
+        raise ManifestError(
+            f"{path} is the graph of phase {found[0]!r} (export key {str(found[1])[:16]}...), but the manifest "
+            f"lists it for phase {phase.name!r} (export key {phase.export_key[:16]}...): rebuild with "
+            f"`atedm-compile build`")
 
 
 def check_artefact(directory: Path, artefact: Artefact) -> None:
@@ -232,10 +406,60 @@ def sha256_json(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def temp_prefix(name: str) -> str:
+    """Prefix of a temporary file or folder on its way to becoming ``name``: hidden, and naming
+    this process and machine, so that ``remove_leftovers`` can tell what a dead process left from
+    what a live one is still writing."""
+    return f".{name}.pid{os.getpid()}@{_host()}."
+
+
+_TEMP = re.compile(r"^\..+\.pid(\d+)@([^.]+)\.")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove the temporary files and folders (``temp_prefix``) in ``folder`` that a process of
+    this machine left when it died (killed, out of memory, power cut); others' are left alone."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    try:
+        paths = list(folder.iterdir())
+    except OSError:  # not ours to read: nothing of ours in it
+        return removed
+    for path in paths:
+        match = _TEMP.match(path.name)
+        if match is None or match.group(2) != _host() or _alive(int(match.group(1))):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:  # read-only, or gone meanwhile: leave it
+            continue
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write to a temporary name in the same directory, then rename: never a half-written file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -282,7 +506,11 @@ __all__ = [
     "ManifestError",
     "PhaseEntry",
     "TensorSpec",
+    "check_meaning",
+    "export_key",
     "io_specs",
     "read_manifest",
+    "remove_leftovers",
+    "temp_prefix",
     "verify_artefacts",
 ]

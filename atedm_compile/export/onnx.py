@@ -13,17 +13,18 @@ from __future__ import annotations
 import hashlib
 import warnings
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .manifest import OUTPUT_NAME, TensorSpec, publish
+from .manifest import OUTPUT_NAME, TensorSpec, publish, temp_prefix
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17
+# 14: the first opset with scaled dot-product attention's parts; 20: the TorchScript exporter's last.
+OPSETS = range(14, 21)
 # Smaller initializers (shape constants, scalars) stay inside each graph: sharing them saves
 # nothing and keeps the graphs readable.
 MIN_SHARED_BYTES = 1024
@@ -99,8 +100,9 @@ def export_phase(
 class WeightStore:
     """Distinct weight tensors, each once, in one file; keyed by the sha256 of dtype, shape and bytes.
 
-    ``index``: content key -> {name, offset, length, dtype, shape}. The file only grows: offsets
-    already handed out stay valid, so phase graphs written earlier keep working.
+    ``index``: content key -> {name, offset, length, dtype, shape}. The file only grows by tensors
+    not in the index: offsets already handed out stay valid, so phase graphs written earlier keep
+    working, and bytes past the indexed ones (another writer's, an older build's) are dropped.
     """
 
     def __init__(self, path: Path, index: dict | None = None):
@@ -114,13 +116,14 @@ class WeightStore:
         """
         taken = {entry["name"] for entry in self.index.values()}
         new: list[tuple[str, dict, np.ndarray]] = []
-        offset = self.path.stat().st_size if self.path.exists() else 0
+        offset = self._end()
         for key, name, array in tensors:
             if key in self.index:
                 continue
-            # Exporter-made names (onnx::MatMul_123) differ between exports and could name another
-            # value in the next phase's graph; content names cannot.
-            preferred = f"shared::{key[:16]}" if name.startswith("onnx::") else name
+            # Tool-made names (onnx::MatMul_123, ONNX Runtime's reorder_token_7) differ between
+            # graphs and could name another value in the next phase's graph; a parameter's module
+            # path (unet.conv_in.weight) or a content name cannot.
+            preferred = name if _is_parameter_path(name) else f"shared::{key[:16]}"
             unique = preferred if preferred not in taken else f"{preferred}__{key[:12]}"
             taken.add(unique)
             offset += -offset % _ALIGNMENT
@@ -133,12 +136,17 @@ class WeightStore:
             self._append(new)
         return {key: self.index[key] for key, _, _ in tensors}
 
+    def _end(self) -> int:
+        return max((entry["offset"] + entry["length"] for entry in self.index.values()), default=0)
+
     def _append(self, new) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=temp_prefix(self.path.name), suffix=".part")
         os.close(fd)
         try:
-            if self.path.exists():
-                shutil.copyfile(self.path, tmp)
+            kept = min(self._end_before(new), self.path.stat().st_size if self.path.exists() else 0)
+            if kept:
+                with open(self.path, "rb") as source, open(tmp, "r+b") as target:
+                    _copy_bytes(source, target, kept)
             with open(tmp, "r+b") as handle:
                 for _, entry, array in new:
                     handle.seek(entry["offset"])
@@ -147,6 +155,23 @@ class WeightStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _end_before(self, new) -> int:
+        added = {key for key, _, _ in new}
+        return max((e["offset"] + e["length"] for k, e in self.index.items() if k not in added), default=0)
+
+
+def _copy_bytes(source, target, count: int, chunk: int = 1 << 24) -> None:
+    while count > 0:
+        block = source.read(min(chunk, count))
+        if not block:
+            break
+        target.write(block)
+        count -= len(block)
+
+
+def _is_parameter_path(name: str) -> bool:
+    return "." in name and "/" not in name and ":" not in name and not name.startswith(".")
 
 
 def content_key(array: np.ndarray) -> str:

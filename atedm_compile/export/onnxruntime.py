@@ -186,7 +186,7 @@ def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=N
     import onnx
     import onnxruntime as ort
 
-    from .manifest import WEIGHTS, sha256_file, sha256_json
+    from .manifest import WEIGHTS, remove_leftovers, sha256_file, sha256_json, temp_prefix
     from .onnx import MIN_SHARED_BYTES, WeightStore, share_weights
 
     directory = Path(directory)
@@ -198,6 +198,9 @@ def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=N
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "atedm-compile" / CPU_CACHE]
     for root in roots:
         target = root / key
+        removed = remove_leftovers(root)  # what interrupted loads left: a full copy of the weights each
+        if log and removed:
+            log(f"removed {len(removed)} unfinished optimised graphs left in {root} by interrupted loads")
         if (target / _INDEX).is_file():
             if not verify or _intact(target):
                 break
@@ -206,7 +209,7 @@ def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=N
             shutil.rmtree(target, ignore_errors=True)
         try:
             root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=".part-"))
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=temp_prefix(key)))
         except OSError:
             continue  # read-only: try the next place
         try:
@@ -236,7 +239,7 @@ def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=N
                 if not (target / _INDEX).is_file():
                     raise
             for stale in root.iterdir():  # caches of earlier graphs or other machines' flags
-                if stale.name != target.name and not stale.name.startswith(".part-"):
+                if stale.name != target.name and not stale.name.startswith("."):
                     shutil.rmtree(stale, ignore_errors=True)
             break
         finally:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from ..config import PruningConfig
-from ..runner import PhaseCall, apply, follow_scheduler, unfollow_scheduler
+from ..runner import PhaseCall, SchedulerFollower, apply
 from ..schedule import make_schedule
 from .manifest import WEIGHTS, Manifest, read_manifest, verify_artefacts
 
@@ -95,17 +95,17 @@ class ExportedUNet(torch.nn.Module):
             self._fallback_runner.set_step(step)
 
     def attach(self, pipe) -> ExportedUNet:
-        """Make this the U-Net of ``pipe`` and follow its scheduler's steps (as ``apply`` does)."""
-        scheduler = pipe.scheduler
+        """Make this the U-Net of ``pipe`` and follow its scheduler's steps (as ``apply`` does,
+        including a scheduler swapped in later)."""
 
         def advance():
             if self.num_steps is not None and self.step + 1 < self.num_steps:
                 self.set_step(self.step + 1)
 
         self.detach(pipe)
-        follow_scheduler(scheduler, self.start, advance)
         # A plain dict: assigning the replaced U-Net to an attribute would make it a submodule.
-        self._attached = {"scheduler": scheduler, "unet": pipe.unet}
+        self._attached = {"follower": SchedulerFollower(pipe, self.start, advance, self.set_step),
+                          "unet": pipe.unet}
         pipe.unet = self
         return self
 
@@ -113,7 +113,7 @@ class ExportedUNet(torch.nn.Module):
         """Undo ``attach``: ``pipe`` gets its previous U-Net and scheduler back. No-op if not attached."""
         if self._attached is None:
             return
-        unfollow_scheduler(self._attached["scheduler"])
+        self._attached["follower"].unhook()
         if pipe.unet is self:
             pipe.unet = self._attached["unet"]
         self._attached = None
@@ -139,6 +139,8 @@ class ExportedUNet(torch.nn.Module):
         if given:
             raise ValueError(f"the exported U-Net takes sample, timestep, encoder_hidden_states and "
                              f"added_cond_kwargs only; got {given}")
+        if self._attached is not None:
+            self._attached["follower"].sync()
         if self.num_steps is None:
             raise RuntimeError("no sampling run started: attach(pipe) before sampling, or call start(num_steps)")
         feed = {"sample": sample, "encoder_hidden_states": encoder_hidden_states, **(added_cond_kwargs or {})}

@@ -16,23 +16,20 @@ from pathlib import Path
 
 import torch
 
-from .manifest import TensorSpec, publish, sha256_json
+from .extras import UnavailableError, require_extra
+from .manifest import TensorSpec, publish, sha256_json, temp_prefix
 
 DEFAULT_OPTIMIZATION_LEVEL = 3
 TIMING_CACHE = "timing.cache"
 
 
 def require_tensorrt():
-    """Import TensorRT, or raise a RuntimeError that says what is missing."""
-    try:
-        import tensorrt
-    except ImportError as error:
-        raise RuntimeError(
-            "the tensorrt backend needs TensorRT and polygraphy (pip install atedm-compile[tensorrt], from "
-            f"NVIDIA's package index) and a CUDA GPU: {error}"
-        ) from None
+    """Import TensorRT, or raise an UnavailableError (MissingExtraError) that says what is missing."""
+    require_extra("tensorrt", "the tensorrt backend (with a CUDA GPU)")
+    import tensorrt
+
     if not torch.cuda.is_available():
-        raise RuntimeError("the tensorrt backend needs a CUDA GPU; torch sees none")
+        raise UnavailableError("the tensorrt backend needs a CUDA GPU; torch sees none")
     return tensorrt
 
 
@@ -40,8 +37,7 @@ def tensorrt_missing_reason() -> str | None:
     """Why the TensorRT path cannot run here, or None when it can."""
     try:
         require_tensorrt()
-        import polygraphy  # noqa: F401
-    except (RuntimeError, ImportError) as error:
+    except UnavailableError as error:
         return str(error)
     return None
 
@@ -78,7 +74,7 @@ def build_engine(onnx_path: Path, engine_path: Path, inputs: dict[str, TensorSpe
     engine = engine_from_network(network, config=config, save_timing_cache=str(timing_cache))
     engine_path = Path(engine_path)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=engine_path.parent, prefix=f".{engine_path.name}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=engine_path.parent, prefix=temp_prefix(engine_path.name), suffix=".part")
     os.close(fd)
     try:
         save_engine(engine, path=tmp)

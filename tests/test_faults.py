@@ -1,0 +1,221 @@
+"""Bad input gets exit status 2, one line on stderr naming the problem, no traceback and nothing
+written; Ctrl-C exits 130 the same way; two builds into one folder end as one valid build.
+
+Argument and config validation is tested in-process (fast); a representative set goes through the
+CLI as subprocesses (``python -m atedm_compile.cli`` from this checkout), started together.
+"""
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from atedm_compile.cli import main
+from atedm_compile.config import PruningConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _one_line(err: str, message: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+# -- in-process ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--height", "0"], "argument --height: '0' is not an integer >= 1"),
+    (["generate", "--width", "-8"], "argument --width: '-8' is not an integer >= 1"),
+    (["generate", "--guidance", "nan"], "argument --guidance: 'nan' is not a finite number"),
+    (["generate", "--prompt", "caf\udce9"], "argument --prompt: 'caf\\udce9' is not valid UTF-8 text"),
+    (["generate", "--steps", "0"], "argument --steps: '0' is not an integer >= 1"),
+    (["run", "build", "--steps", "0"], "argument --steps: '0' is not an integer >= 1"),
+    (["run", "build", "--images", "0"], "argument --images: '0' is not an integer >= 1"),
+    (["flops", "--target-tflops", "nan"], "argument --target-tflops: 'nan' is not a finite number"),
+    (["flops", "--target-tflops", "-1"], "argument --target-tflops: '-1' is not a number > 0"),
+    (["build", "--out", "x", "--opset", "5"], "argument --opset: invalid choice: 5 (choose from 14, 15"),
+    (["build", "--out", "x", "--batch", "0"], "argument --batch: '0' is not an integer >= 1"),
+    (["build", "--out", "x", "--optimization-level", "9"], "argument --optimization-level: invalid choice: 9"),
+])
+def test_bad_arguments_are_one_line_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    _one_line(capsys.readouterr().err, message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--iterations", "1000000000"],
+     "iterations=1000000000 is not allowed: must be an integer in [1, 100]"),
+    (["generate", "--keep-ratio", "nan"], "keep_ratio=nan is outside (0, 1]"),
+    (["generate", "--height", "100000", "--width", "100000"],
+     "sampling 1 image of 100000x100000 px needs at least 346.9 PiB of memory, more than the"),
+    (["generate", "--height", "72"], "image size 72x72 is not a positive multiple of 16"),
+    (["build", "--height", "100000"], "exporting at 256x100000 px, batch 2 needs at least"),
+    (["build", "--model", "tiny-shapes", "--height", "60"], "image size 60x64 is not a positive multiple of 16"),
+    (["flops", "--model", "tiny", "--keep-ratio", "2"], "keep_ratio=2.0 is outside (0, 1]"),
+])
+def test_bad_values_are_refused_before_a_model_loads(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("atedm_compile.models.load_pipeline", lambda *_, **__: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    assert main(argv + ([] if argv[0] == "flops" else ["--out", str(out)])) == 2
+    _one_line(capsys.readouterr().err, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["build", "--out", "{out}"], ["run", "{out}", "--out", "{out}/image.png"],
+                                  ["check", "{out}"]])
+def test_missing_onnx_extra_names_the_extra(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails, as when not installed
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    out = tmp_path / "out"
+    assert main([a.format(out=out) for a in argv]) == 2
+    _one_line(capsys.readouterr().err, 'not installed here: pip install "atedm-compile[onnx]"')
+    assert not out.exists()
+
+
+def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(capsys, tmp_path, monkeypatch):
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("atedm_compile.models.load_pipeline", interrupted)
+    assert main(["generate", "--model", "tiny", "--out", str(tmp_path / "out")]) == 130
+    _one_line(capsys.readouterr().err, "atedm-compile generate: interrupted")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(iterations=10**9), "iterations=1000000000 is not allowed: must be an integer in [1, 100]"),
+    (dict(iterations=True), "iterations=True is not allowed"),
+    (dict(eta=float("nan")), "eta=nan is not allowed: must be a number in [0.0, 1.0]"),
+    (dict(alpha=0.0), "alpha=0.0 is not allowed: must be a number in (0.0, 1000000.0]"),
+    (dict(seed="x"), "seed='x' is not allowed: must be an integer"),
+])
+def test_pruning_config_names_the_bad_value(options, message):
+    with pytest.raises(ValueError) as error:
+        PruningConfig(**options)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(pruning="gwpr"), "pruning='gwpr' is not a PruningConfig"),
+    (dict(opset=5), "opset=5 is not allowed: must be an integer in [14, 20]"),
+    (dict(height=0), "height=0 is not allowed"),
+    (dict(model=3), "model=3 must be a model name or a directory"),
+])
+def test_build_config_names_the_bad_value(options, message):
+    from atedm_compile.export import BuildConfig
+
+    with pytest.raises(ValueError) as error:
+        BuildConfig(**options)
+    assert message in str(error.value)
+
+
+# -- through the CLI, as a user runs it ----------------------------------------------------------
+
+
+def _start(argv: list, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "atedm_compile.cli", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, **env})
+
+
+def _bad_manifest(directory: Path) -> Path:
+    """A build directory whose manifest has a string where the batch (an integer) goes."""
+    import json
+
+    from atedm_compile.export.manifest import FORMAT, FORMAT_VERSION, seal
+
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": {"name": "tiny", "config": {},
+                                                                          "config_sha256": ""},
+            "schedule": {"preset": "atedm", "num_steps": 4, "options": {}}, "pruning": {}, "batch": "two"}
+    data["seal"] = seal(data)
+    directory.mkdir()
+    (directory / "manifest.json").write_text(json.dumps(data))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cli_faults(tmp_path_factory):
+    """Each case run as a subprocess, all started together: (result, message, output folder)."""
+    root = tmp_path_factory.mktemp("faults")
+    hidden = root / "hidden"  # an `onnx` package that fails to import, first on the path
+    (hidden / "onnx").mkdir(parents=True)
+    (hidden / "onnx" / "__init__.py").write_text("raise ImportError('No module named onnx')\n")
+    cases = {
+        "zero height": (["generate", "--height", "0"], {}, "argument --height: '0' is not an integer >= 1"),
+        "non-UTF-8 prompt": ([b"generate", b"--prompt", b"\xff\xfe red"], {}, "is not valid UTF-8 text"),
+        "image too large": (["generate", "--model", "tiny", "--height", "100000", "--width", "100000"], {},
+                            "needs at least 21.7 PiB of memory, more than the"),
+        "no TensorRT": (["build", "--backend", "tensorrt"], {}, 'pip install "atedm-compile[tensorrt]"'),
+        "no onnx extra": (["build"], {"PYTHONPATH": str(hidden)}, 'pip install "atedm-compile[onnx]"'),
+        "mistyped manifest": (["check", str(_bad_manifest(root / "bad-build"))], {},
+                              'batch is "two", expected an integer'),
+    }
+    started = {}
+    for name, (argv, env, message) in cases.items():
+        out = root / name.replace(" ", "-")
+        extra = [] if argv[0] == "check" else [b"--out" if isinstance(argv[0], bytes) else "--out", str(out)]
+        started[name] = (_start(argv + extra, **env), message, out)
+    results = {}
+    for name, (process, message, out) in started.items():
+        stdout, stderr = process.communicate(timeout=300)
+        results[name] = (process.returncode, stderr.decode(errors="replace"), message, out)
+    return results
+
+
+@pytest.mark.parametrize("case", ["zero height", "non-UTF-8 prompt", "image too large", "no TensorRT", "no onnx extra",
+                                  "mistyped manifest"])
+def test_bad_input_through_the_cli(cli_faults, case):
+    returncode, err, message, out = cli_faults[case]
+    assert returncode == 2, err
+    _one_line(err, message)
+    assert not out.exists()
+
+
+def test_ctrl_c_through_the_cli(tmp_path):
+    out = tmp_path / "out"
+    process = _start(["generate", "--model", "tiny", "--steps", "50", "--out", str(out)])
+    seen, deadline = b"", time.monotonic() + 120
+    while b"sampling" not in seen and time.monotonic() < deadline:  # the progress bar: sampling has begun
+        ready, _, _ = select.select([process.stderr], [], [], 1.0)
+        if ready:
+            chunk = os.read(process.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            seen += chunk
+    assert b"sampling" in seen, seen
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=60)
+    err = (seen + rest).decode(errors="replace")
+    assert process.returncode == 130, err
+    assert err.rstrip().splitlines()[-1].endswith("atedm-compile generate: interrupted")
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_two_builds_into_one_folder_end_as_one_valid_build(tmp_path):
+    out = tmp_path / "build"
+    argv = ["build", "--model", "tiny", "--schedule", "uniform", "--steps", "1", "--out", str(out)]
+    first, second = _start(argv), _start(argv)
+    results = [process.communicate(timeout=600) for process in (first, second)]
+    assert first.returncode == second.returncode == 0, [r[1].decode()[-2000:] for r in results]
+    logs = b"".join(out + err for out, err in results).decode()
+    assert "locked by another build: waiting" in logs and "1 of 6 steps ran" in logs  # the second found it done
+    from atedm_compile.export import check, read_manifest
+    from atedm_compile.models import build_unet
+
+    assert check(out, log=lambda _: None).ok
+    # One copy of the weights: every byte of weights.bin is an indexed tensor, and they are the U-Net's.
+    index = read_manifest(out).weights_index.values()
+    size = (out / "weights.bin").stat().st_size
+    assert size == max(entry["offset"] + entry["length"] for entry in index)
+    assert size <= 1.05 * sum(p.numel() * 4 for p in build_unet("tiny").parameters())
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name not in (
+        ".atedm-export", ".atedm-export.lock")) == []
