@@ -88,7 +88,7 @@ def test_help_describes_every_option_with_its_default_and_examples():
     top = parser.format_help()
     assert "flops" in top and "build" in top and "check" in top and "examples:" in top
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"flops", "generate", "build", "run", "check"}
+    assert set(commands) == {"flops", "generate", "build", "run", "check", "evaluate"}
     for name, command in commands.items():
         text = command.format_help()
         assert "example" in text, name

@@ -8,10 +8,19 @@ from .metrics import CLIP_MODEL, CLIP_PRETRAINED
 from .plan import METHODS
 
 
+EXAMPLES = """examples:
+  atedm-compile evaluate --model PATH --captions captions_val2017.json --methods full atedm tome \\
+      --budgets 4.1 3.6 --guidance 5 7 --images 5000 --reference val2017/ --out eval/sdxl
+  torchrun --nproc_per_node 8 -m atedm_compile.cli evaluate --model PATH --captions captions.txt --out eval/sdxl"""
+
+
 def add_evaluate_command(sub) -> None:
     """Add ``evaluate`` to the ``atedm-compile`` subparsers."""
+    from ..cli import HelpFormatter, finite_float, positive_float, positive_int
+
     evaluate = sub.add_parser(
         "evaluate", help="FID and CLIP score of each method at matched FLOPs budgets (runs under torchrun too)",
+        formatter_class=HelpFormatter, epilog=EXAMPLES,
         description="Generate images of each method, budget and guidance scale (one seed per caption, the same "
                     "noise for every method) and measure FID (clean-fid) and the CLIP score (OpenCLIP ViT-g-14). "
                     "Under `torchrun --nproc_per_node K` the ranks share the captions; a rerun resumes.")
@@ -21,21 +30,21 @@ def add_evaluate_command(sub) -> None:
                           help="a text file of one caption per line, or COCO captions_val2017.json (one caption per image)")
     evaluate.add_argument("--out", required=True, help="output folder; rerunning with the same settings resumes there")
     evaluate.add_argument("--methods", nargs="+", default=["full", "atedm", "tome"], choices=list(METHODS),
-                          metavar="METHOD", help=f"of {list(METHODS)} (default: full atedm tome)")
-    evaluate.add_argument("--budgets", nargs="+", type=float, default=[], metavar="TMACS",
+                          metavar="METHOD", help=f"of {list(METHODS)}")
+    evaluate.add_argument("--budgets", nargs="+", type=positive_float, default=[], metavar="TMACS",
                           help="TMACs of AT-EDM's all-pruned phase per U-Net call on the CFG pair (the paper's "
                                "labels: 4.1 is keep 0.37 on SD-XL); ToMe and AT-EDM-dagger are matched to AT-EDM's "
                                "schedule average")
-    evaluate.add_argument("--keep-ratios", nargs="+", type=float, default=[], metavar="KEEP",
+    evaluate.add_argument("--keep-ratios", nargs="+", type=positive_float, default=[], metavar="KEEP",
                           help="budgets given as AT-EDM's keep ratio instead")
-    evaluate.add_argument("--guidance", nargs="+", type=float, default=[7.0], metavar="CFG",
-                          help="guidance scales (default: 7, the paper's table; supp. B.2 uses 1-15)")
-    evaluate.add_argument("--images", type=int, default=None, help="the first N captions (default: all)")
-    evaluate.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
-    evaluate.add_argument("--seed", type=int, default=0, help="caption i is sampled from seed + i (default: 0)")
-    evaluate.add_argument("--batch", type=int, default=4, help="images generated together (default: 4)")
-    evaluate.add_argument("--height", type=int, default=None, help="default: the model's own size")
-    evaluate.add_argument("--width", type=int, default=None, help="default: --height")
+    evaluate.add_argument("--guidance", nargs="+", type=finite_float, default=[7.0], metavar="CFG",
+                          help="guidance scales")
+    evaluate.add_argument("--images", type=positive_int, default=None, help="the first N captions")
+    evaluate.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
+    evaluate.add_argument("--seed", type=int, default=0, help="caption i is sampled from seed + i")
+    evaluate.add_argument("--batch", type=positive_int, default=4, help="images generated together")
+    evaluate.add_argument("--height", type=positive_int, default=None, help="default: the model's own size")
+    evaluate.add_argument("--width", type=positive_int, default=None, help="default: --height")
     evaluate.add_argument("--reference", default=None,
                           help="folder of real images for FID (e.g. COCO val2017), center-cropped and resized "
                                "to the generated size")
@@ -45,11 +54,10 @@ def add_evaluate_command(sub) -> None:
     evaluate.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                           help="pipeline dtype (auto: float16 on GPU, float32 on CPU)")
     evaluate.add_argument("--inception", default=None,
-                          help="clean-fid's inception-2015-12-05.pt (default: ~/.cache/clean-fid/ or /tmp/)")
-    evaluate.add_argument("--clip-model", default=CLIP_MODEL, help=f"OpenCLIP model (default: {CLIP_MODEL})")
+                          help="clean-fid's inception-2015-12-05.pt (default: looked for in ~/.cache/clean-fid/, then /tmp/)")
+    evaluate.add_argument("--clip-model", default=CLIP_MODEL, help=f"OpenCLIP model")
     evaluate.add_argument("--clip-pretrained", default=CLIP_PRETRAINED,
-                          help=f"OpenCLIP pretrained tag, from the Hugging Face cache, or a weights file "
-                               f"(default: {CLIP_PRETRAINED})")
+                          help="OpenCLIP pretrained tag, from the Hugging Face cache, or a weights file")
     evaluate.add_argument("--metrics", default=None, metavar="MODULE:FUNCTION",
                           help="other feature networks: a function (module:function or file.py:function) that "
                                "takes the device and returns an atedm_compile.evaluate.Metrics")
