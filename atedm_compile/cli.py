@@ -25,6 +25,8 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune-point", default="after-ff", choices=PRUNE_POINTS)
     parser.add_argument("--recovery", default="similarity", choices=RECOVERIES)
     parser.add_argument("--similarity", default="attention", choices=SIMILARITIES)
+    parser.add_argument("--neighbours", type=int, default=PruningConfig.neighbours,
+                        help="delta recovery: how many most similar kept tokens give their update")
 
 
 def _pruning_config(args) -> PruningConfig:
@@ -35,6 +37,7 @@ def _pruning_config(args) -> PruningConfig:
         prune_point=args.prune_point,
         recovery=args.recovery,
         similarity=args.similarity,
+        neighbours=args.neighbours,
     )
 
 

@@ -171,14 +171,17 @@ def solve_keep_ratio(
     tolerance: float = 2e-3,
     vae_factor: int = 8,
     lowest: float = 0.01,
+    with_scoring: bool = False,
     **preset_options,
 ) -> tuple[float, FlopsReport]:
-    """The largest keep ratio in [``lowest``, 1] whose schedule-average ``tmacs`` is at most
+    """The largest keep ratio in [``lowest``, 1] whose schedule-average ``tmacs`` (with
+    ``with_scoring``: ``tmacs_with_scoring``, the method's own work included) is at most
     ``target_tmacs``.
 
     Bisection to ``tolerance`` (cost grows with the keep ratio). Raises ValueError for an
     unreachable target. ToMe (a ``ToMeConfig``, merging ``1 - keep``) needs ``lowest=0.25``.
     """
+    measure = "average_tmacs_with_scoring" if with_scoring else "average_tmacs"
     full_flops = None
 
     def report(keep: float) -> FlopsReport:
@@ -190,10 +193,10 @@ def solve_keep_ratio(
 
     low, high = lowest, 1.0
     bottom = report(low)
-    if bottom.average_tmacs > target_tmacs:
+    if getattr(bottom, measure) > target_tmacs:
         raise ValueError(
             f"target {target_tmacs} TMACs is below what preset {preset!r} reaches at keep_ratio={low} "
-            f"({bottom.average_tmacs:.3f}); the full model costs {bottom.full_tmacs:.3f}"
+            f"({getattr(bottom, measure):.3f}); the full model costs {bottom.full_tmacs:.3f}"
         )
     if bottom.full_tmacs <= target_tmacs:
         return 1.0, report(1.0)
@@ -201,7 +204,7 @@ def solve_keep_ratio(
     while high - low > tolerance:
         middle = (low + high) / 2
         candidate = report(middle)
-        if candidate.average_tmacs <= target_tmacs:
+        if getattr(candidate, measure) <= target_tmacs:
             low, best = middle, (middle, candidate)
         else:
             high = middle
