@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES, PruningConfig
+from .config import DEFAULT_PRUNING, PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES, PruningConfig
 from .schedule import PRESETS, make_schedule
 
 
@@ -23,9 +23,11 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=PruningConfig.iterations, help="G-WPR rounds")
     parser.add_argument("--head-reduction", default="mean", choices=("mean", "rms"))
     parser.add_argument("--prune-point", default="after-ff", choices=PRUNE_POINTS)
-    parser.add_argument("--recovery", default="similarity", choices=RECOVERIES)
-    parser.add_argument("--similarity", default="attention", choices=SIMILARITIES)
-    parser.add_argument("--neighbours", type=int, default=PruningConfig.neighbours,
+    parser.add_argument("--recovery", default=DEFAULT_PRUNING.recovery, choices=RECOVERIES,
+                        help="default: delta (ours); the paper's: --recovery similarity --similarity attention")
+    parser.add_argument("--similarity", default=DEFAULT_PRUNING.similarity, choices=SIMILARITIES,
+                        help="which kept token a pruned one takes from (default: key-cosine)")
+    parser.add_argument("--neighbours", type=int, default=DEFAULT_PRUNING.neighbours,
                         help="delta recovery: how many most similar kept tokens give their update")
 
 

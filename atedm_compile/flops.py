@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import PruningConfig
+from .config import DEFAULT_PRUNING, PruningConfig
 from .modules import TokenRecovery, TokenSelector
 from .passes.insert_token_merging import TokenMatching, TokenMerge, TokenUnmerge, ToMeConfig
 from .runner import apply, latent_multiple, remove, runner_of
@@ -89,7 +89,7 @@ class FlopsReport:
 def count_phases(
     unet,
     schedule: Schedule,
-    config: PruningConfig | ToMeConfig = PruningConfig(),
+    config: PruningConfig | ToMeConfig | None = None,
     height: int = 1024,
     width: int = 1024,
     images: int = 1,
@@ -99,9 +99,11 @@ def count_phases(
 ) -> FlopsReport:
     """Cost of one U-Net call (CFG pair: batch ``2 * images``) in every phase of ``schedule``.
 
-    ``unet`` is best on the meta device (no memory). It is left as it was. ``full_flops``, when
-    known from an earlier count at the same size, saves counting the full model again.
+    ``unet`` is best on the meta device (no memory). It is left as it was. ``config`` defaults
+    to what ``apply`` runs (``config.DEFAULT_PRUNING``). ``full_flops``, when known from an earlier
+    count at the same size, saves counting the full model again.
     """
+    config = config or DEFAULT_PRUNING
     multiple = latent_multiple(unet) * vae_factor
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise ValueError(f"image size {height}x{width} is not a positive multiple of {multiple} for this model")
@@ -165,7 +167,7 @@ def solve_keep_ratio(
     target_tmacs: float,
     preset: str = "atedm",
     num_steps: int = 50,
-    config: PruningConfig | ToMeConfig = PruningConfig(),
+    config: PruningConfig | ToMeConfig | None = None,
     height: int = 1024,
     width: int = 1024,
     tolerance: float = 2e-3,

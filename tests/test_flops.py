@@ -17,7 +17,8 @@ def sdxl():
 
 @pytest.fixture(scope="module")
 def atedm_report(sdxl):
-    return count_phases(sdxl, ac.make_schedule("atedm", 50), height=1024, width=1024)
+    # PAPER.md's figures are the paper's method: similarity copy, no similarity products.
+    return count_phases(sdxl, ac.make_schedule("atedm", 50), PruningConfig(), height=1024, width=1024)
 
 
 def test_full_model(atedm_report):
