@@ -31,7 +31,8 @@ class PruningConfig:
     head_reduction: ``mean`` (AT-EDM) or ``rms`` (Zero-TPrune).
     prune_point: ``after-ff`` (paper default) or ``before-ff`` (ablation of supp. C.1).
     recovery: ``similarity`` (a pruned token copies the final value of its most similar kept
-        token: the paper's method, and the default here), ``delta`` (ours: a pruned token keeps its
+        token: the paper's method, and ``PruningConfig()``'s; ``apply`` and the CLI run
+        ``DEFAULT_PRUNING``, delta by key cosine, when given no config), ``delta`` (ours: a pruned token keeps its
         own value from the pruning point and adds the update the later layers gave its most similar
         kept token, x_i = x_i(prune) + x_j(final) - x_j(prune)) or the supp. A.6 baselines
         ``zeros``, ``interpolation``, ``direct-copy``.
