@@ -38,7 +38,7 @@ the best delta variant and ToMe, for a few prompts) into ``--out``. The folder k
 budgets, the classifier and every method's samples (keyed by the model's weights and the
 settings): a rerun, an interrupted run or one with more methods samples only what is missing.
 
-    python benchmarks/quality.py                       # tiny-shapes, 256 prompts, about 30 min on 2 cores
+    python benchmarks/quality.py                       # tiny-shapes, 256 prompts, 4 budgets
     python benchmarks/quality.py --model atedm_compile/weights/tiny-shapes-xl --prompts 32 --out out/quality-xl
     python benchmarks/quality.py --prompts 16 --budgets 4.1 --jobs 1    # a smoke run
 """
@@ -436,7 +436,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS),
-                        help=f"default: {', '.join(DEFAULT_METHODS)}")
+                        help=f"default: {'; '.join(DEFAULT_METHODS)}")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each")
     parser.add_argument("--figure-prompts", type=int, default=6)
     parser.add_argument("--figure-budgets", type=float, nargs="+", default=[4.1, 2.9])
