@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import MAX_ITERATIONS, PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES, PruningConfig
+from .config import DEFAULT_PRUNING, MAX_ITERATIONS, PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES, PruningConfig
 from .schedule import PRESETS, make_schedule
 
 EXAMPLES = """examples:
@@ -100,10 +100,14 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
                         help="how the attention heads are combined before scoring")
     parser.add_argument("--prune-point", default="after-ff", choices=PRUNE_POINTS,
                         help="prune after the first layer's feed-forward (paper) or before it")
-    parser.add_argument("--recovery", default="similarity", choices=RECOVERIES,
-                        help="how pruned tokens get a value back before proj_out")
-    parser.add_argument("--similarity", default="attention", choices=SIMILARITIES,
-                        help="similarity recovery: by the first layer's attention map or by key cosine")
+    parser.add_argument("--recovery", default=DEFAULT_PRUNING.recovery, choices=RECOVERIES,
+                        help="how pruned tokens get a value back before proj_out: delta (ours, the default) or "
+                             "the paper's: --recovery similarity --similarity attention")
+    parser.add_argument("--similarity", default=DEFAULT_PRUNING.similarity, choices=SIMILARITIES,
+                        help="which kept token a pruned one takes from: by key cosine or by the first layer's "
+                             "attention map")
+    parser.add_argument("--neighbours", type=positive_int, default=DEFAULT_PRUNING.neighbours,
+                        help="delta recovery: how many most similar kept tokens give their update (1 to 64)")
 
 
 def check_output(path: Path, folder: bool) -> None:
@@ -137,6 +141,7 @@ def _pruning_config(args) -> PruningConfig:
         prune_point=args.prune_point,
         recovery=args.recovery,
         similarity=args.similarity,
+        neighbours=args.neighbours,
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import PruningConfig
+from .config import DEFAULT_PRUNING, PruningConfig
 from .modules import TokenRecovery, TokenSelector
 from .passes.insert_token_merging import TokenMatching, TokenMerge, TokenUnmerge, ToMeConfig
 from .runner import apply, latent_multiple, remove, runner_of
@@ -89,7 +89,7 @@ class FlopsReport:
 def count_phases(
     unet,
     schedule: Schedule,
-    config: PruningConfig | ToMeConfig = PruningConfig(),
+    config: PruningConfig | ToMeConfig | None = None,
     height: int = 1024,
     width: int = 1024,
     images: int = 1,
@@ -99,9 +99,11 @@ def count_phases(
 ) -> FlopsReport:
     """Cost of one U-Net call (CFG pair: batch ``2 * images``) in every phase of ``schedule``.
 
-    ``unet`` is best on the meta device (no memory). It is left as it was. ``full_flops``, when
-    known from an earlier count at the same size, saves counting the full model again.
+    ``unet`` is best on the meta device (no memory). It is left as it was. ``config`` defaults
+    to what ``apply`` runs (``config.DEFAULT_PRUNING``). ``full_flops``, when known from an earlier
+    count at the same size, saves counting the full model again.
     """
+    config = config or DEFAULT_PRUNING
     multiple = latent_multiple(unet) * vae_factor
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise ValueError(f"image size {height}x{width} is not a positive multiple of {multiple} for this model")
@@ -165,20 +167,23 @@ def solve_keep_ratio(
     target_tmacs: float,
     preset: str = "atedm",
     num_steps: int = 50,
-    config: PruningConfig | ToMeConfig = PruningConfig(),
+    config: PruningConfig | ToMeConfig | None = None,
     height: int = 1024,
     width: int = 1024,
     tolerance: float = 2e-3,
     vae_factor: int = 8,
     lowest: float = 0.01,
+    with_scoring: bool = False,
     **preset_options,
 ) -> tuple[float, FlopsReport]:
-    """The largest keep ratio in [``lowest``, 1] whose schedule-average ``tmacs`` is at most
+    """The largest keep ratio in [``lowest``, 1] whose schedule-average ``tmacs`` (with
+    ``with_scoring``: ``tmacs_with_scoring``, the method's own work included) is at most
     ``target_tmacs``.
 
     Bisection to ``tolerance`` (cost grows with the keep ratio). Raises ValueError for an
     unreachable target. ToMe (a ``ToMeConfig``, merging ``1 - keep``) needs ``lowest=0.25``.
     """
+    measure = "average_tmacs_with_scoring" if with_scoring else "average_tmacs"
     full_flops = None
 
     def report(keep: float) -> FlopsReport:
@@ -190,10 +195,10 @@ def solve_keep_ratio(
 
     low, high = lowest, 1.0
     bottom = report(low)
-    if bottom.average_tmacs > target_tmacs:
+    if getattr(bottom, measure) > target_tmacs:
         raise ValueError(
             f"target {target_tmacs} TMACs is below what preset {preset!r} reaches at keep_ratio={low} "
-            f"({bottom.average_tmacs:.3f}); the full model costs {bottom.full_tmacs:.3f}"
+            f"({getattr(bottom, measure):.3f}); the full model costs {bottom.full_tmacs:.3f}"
         )
     if bottom.full_tmacs <= target_tmacs:
         return 1.0, report(1.0)
@@ -201,7 +206,7 @@ def solve_keep_ratio(
     while high - low > tolerance:
         middle = (low + high) / 2
         candidate = report(middle)
-        if candidate.average_tmacs <= target_tmacs:
+        if getattr(candidate, measure) <= target_tmacs:
             low, best = middle, (middle, candidate)
         else:
             high = middle

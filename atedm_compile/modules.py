@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .config import PruningConfig
+from .config import SIMILARITY_RECOVERIES, PruningConfig
 
 
 class TokenSelector(torch.nn.Module):
@@ -52,21 +52,33 @@ class TokenRecovery(torch.nn.Module):
 
     forward(kept [B, k, C], index [B, k], before [B, N, C] (the value at the pruning point),
             grid [B, C', H, W] (the block input, for its H and W),
-            similarity [B, N, N] head-combined map or keys [B, N, C'']) -> [B, N, C]
+            similarity [B, N, N] head-combined map or keys [B, N, C''],
+            kept_before [B, k, C] (the kept tokens at the pruning point; ``delta`` only)) -> [B, N, C]
     """
 
     def __init__(self, config: PruningConfig):
         super().__init__()
-        self.method = config.recovery if config.recovery != "similarity" else f"similarity:{config.similarity}"
+        self.method = config.recovery
+        self.similarity = config.similarity if config.recovery in SIMILARITY_RECOVERIES else None
+        self.neighbours = config.neighbours if config.recovery == "delta" else None
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}"
+        text = f"method={self.method!r}"
+        if self.similarity is not None:
+            text += f", similarity={self.similarity!r}"
+        if self.neighbours is not None:
+            text += f", neighbours={self.neighbours}"
+        return text
 
-    def forward(self, kept, index, before, grid, similarity=None):
-        if self.method == "similarity:attention":
-            return ops.copy_from_most_similar(kept, index, similarity)
-        if self.method == "similarity:key-cosine":
-            return ops.copy_from_most_similar_key(kept, index, similarity)
+    def forward(self, kept, index, before, grid, similarity=None, kept_before=None):
+        if self.similarity is not None:
+            if self.similarity == "attention":
+                to_kept = ops.similarity_to_kept(index, similarity)
+            else:
+                to_kept = ops.key_cosine_to_kept(index, similarity)
+            if self.method == "delta":
+                return ops.recover_delta(kept, kept_before, index, before, to_kept, self.neighbours)
+            return ops.copy_from(kept, index, to_kept)
         if self.method == "zeros":
             return ops.recover_zeros(kept, index, before.shape[1])
         if self.method == "direct-copy":

@@ -293,32 +293,80 @@ def scatter_tokens(base: torch.Tensor, index: torch.Tensor, kept: torch.Tensor) 
     return base.scatter(1, index.unsqueeze(-1).expand(-1, -1, base.shape[-1]), kept)
 
 
-def copy_from_most_similar(kept: torch.Tensor, index: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
-    """Similarity-based copy: every token takes the value of the kept token it is most similar to;
-    kept tokens keep their own.
+def similarity_to_kept(index: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+    """The columns of a similarity map that belong to kept tokens.
 
-    kept: [B, k, C] (final values), index: [B, k], similarity: [B, N, N] (row i: token i's
-    similarity to every token) -> [B, N, C].
+    index: [B, k], similarity: [B, N, N] (row i: token i's similarity to every token) -> [B, N, k].
     """
-    to_kept = torch.gather(similarity, 2, index.unsqueeze(1).expand(-1, similarity.shape[1], -1))  # [B, N, k]
+    return torch.gather(similarity, 2, index.unsqueeze(1).expand(-1, similarity.shape[1], -1))
+
+
+def key_cosine_to_kept(index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every token's key to every kept token's key: only the [B, N, k] block
+    of the full matrix that recovery reads. keys: [B, N, C'], index: [B, k] -> [B, N, k]."""
+    unit = F.normalize(keys, dim=-1)
+    return torch.bmm(unit, gather_tokens(unit, index).transpose(1, 2))
+
+
+def copy_from(kept: torch.Tensor, index: torch.Tensor, to_kept: torch.Tensor) -> torch.Tensor:
+    """Similarity-based copy (the paper's recovery): every token takes the final value of the kept
+    token it is most similar to; kept tokens keep their own.
+
+    kept: [B, k, C] (final values), index: [B, k], to_kept: [B, N, k] similarity of every token to
+    each kept one (``similarity_to_kept``, ``key_cosine_to_kept``) -> [B, N, C].
+    """
     source = to_kept.argmax(dim=-1)  # [B, N], a position in the kept list
     return scatter_tokens(gather_tokens(kept, source), index, kept)
 
 
-def key_cosine_similarity(keys: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of the first layer's keys. keys: [B, N, C] -> [B, N, N]."""
-    unit = F.normalize(keys, dim=-1)
-    return torch.bmm(unit, unit.transpose(1, 2))
+def copy_from_most_similar(kept: torch.Tensor, index: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+    """``copy_from`` by a similarity map. similarity: [B, N, N] (row i: token i's similarity to
+    every token) -> [B, N, C]."""
+    return copy_from(kept, index, similarity_to_kept(index, similarity))
 
 
 def copy_from_most_similar_key(kept: torch.Tensor, index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Similarity-based copy by key cosine. keys: [B, N, C'] -> [B, N, C].
+    """``copy_from`` by key cosine. keys: [B, N, C'] -> [B, N, C]."""
+    return copy_from(kept, index, key_cosine_to_kept(index, keys))
 
-    Computes only the [B, N, k] block of the similarity matrix that the copy needs.
+
+def recover_delta(
+    kept: torch.Tensor,
+    kept_before: torch.Tensor,
+    index: torch.Tensor,
+    before: torch.Tensor,
+    to_kept: torch.Tensor,
+    neighbours: int = 1,
+) -> torch.Tensor:
+    """Delta recovery: a pruned token keeps its own value from the pruning point and adds the
+    update that the later layers gave the kept token(s) most similar to it; kept tokens keep
+    their final values.
+
+        x_i = x_i(prune) + sum_j w_ij (x_j(final) - x_j(prune))
+
+    With ``neighbours=1``, w_ij = 1 for the most similar kept token j. With m > 1 neighbours the
+    update is a weighted mean over the m most similar kept tokens (all of them where k < m), weighted by their similarity
+    renormalised over those m (for a head-averaged attention map: the map restricted to them);
+    similarities below zero (key cosines) weigh nothing.
+
+    kept: [B, k, C] final values of the kept tokens, kept_before: [B, k, C] their values at the
+    pruning point, index: [B, k], before: [B, N, C] every token at the pruning point, to_kept:
+    [B, N, k] similarity of every token to each kept one (``similarity_to_kept``,
+    ``key_cosine_to_kept``) -> [B, N, C].
     """
-    unit = F.normalize(keys, dim=-1)
-    to_kept = torch.bmm(unit, gather_tokens(unit, index).transpose(1, 2))  # [B, N, k]
-    return scatter_tokens(gather_tokens(kept, to_kept.argmax(dim=-1)), index, kept)
+    update = kept - kept_before  # [B, k, C]
+    if neighbours == 1:
+        moved = gather_tokens(update, to_kept.argmax(dim=-1))
+    else:
+        batch, tokens, num_kept = to_kept.shape
+        neighbours = min(neighbours, num_kept)
+        nearest = torch.topk(to_kept, neighbours, dim=-1, largest=True, sorted=True)
+        # Key cosines can be negative: those weigh (next to) nothing, and all-negative rows average evenly.
+        weights = nearest.values.clamp_min(torch.finfo(to_kept.dtype).tiny)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        updates = gather_tokens(update, nearest.indices.flatten(1)).view(batch, tokens, neighbours, -1)
+        moved = torch.matmul(weights.unsqueeze(-2), updates).squeeze(-2)  # [B, N, C]
+    return scatter_tokens(before + moved, index, kept)
 
 
 def recover_zeros(kept: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .config import PruningConfig
+from .config import DEFAULT_PRUNING, PruningConfig
 from .modules import TokenSelector
 from .passes import ToMeConfig, pruning_passes, run_passes
 from .schedule import Phase, Schedule, make_schedule
@@ -370,8 +370,10 @@ def apply(
             follows its scheduler), or a ``UNet2DConditionModel`` (drive ``Runner.set_step``).
         schedule: a preset name (built for whatever step count the pipeline is called with) or
             a ``Schedule`` (its step count must match the pipeline's).
-        config: scoring, recovery and pruning point; ``PruningConfig()`` is the paper's setting.
-            A ``ToMeConfig`` runs the ToMe baseline instead, merging ``1 - keep`` of the tokens.
+        config: scoring, recovery and pruning point. Default ``config.DEFAULT_PRUNING``: the paper's
+            G-WPR scoring with the ``delta`` recovery by key cosine; ``PruningConfig()`` is the
+            paper's setting (similarity copy). A ``ToMeConfig`` runs the ToMe baseline instead,
+            merging ``1 - keep`` of the tokens.
         **preset_options: passed to ``make_schedule`` with a preset name (``keep_ratio``,
             ``prune_less_fraction``, ``prune_less_blocks``...).
 
@@ -390,7 +392,7 @@ def apply(
     remove(target)
     if isinstance(schedule, Schedule) and preset_options:
         raise ValueError(f"preset options {sorted(preset_options)} only go with a preset name, not a Schedule")
-    runner = Runner(unet, schedule, PruningConfig() if config is None else config, preset_options)
+    runner = Runner(unet, schedule, DEFAULT_PRUNING if config is None else config, preset_options)
     runner._install(target if scheduler is not None else None)
     return runner
 

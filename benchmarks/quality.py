@@ -1,33 +1,45 @@
-"""Quality at matched FLOPs on the trained ``tiny-shapes`` model: AT-EDM against ToMe, random
-pruning and the recovery baselines, side by side in one run.
+"""Quality at matched FLOPs on a trained model (``tiny-shapes``, or ``--model`` another folder
+such as ``tiny-shapes-xl``): AT-EDM against its ``delta`` recovery, direct copy, ToMe and random
+pruning, side by side in one run.
 
 Budgets. The paper's budgets are SD-XL figures: 2.9, 3.6, 4.1 and 4.5 TMACs per pruned step of
-6.7 (43%, 54%, 61%, 67%). The tiny model cannot reach those shares: its transformer blocks hold
+6.7 (43%, 54%, 61%, 67%). A tiny model cannot reach those shares: its transformer blocks hold
 less of its MACs than SD-XL's, and the first layer of each block is never pruned. So each budget
 is carried over as the keep ratio that gives SD-XL's all-pruned phase that cost (the paper's 4.1
 is keep 0.37), counted here on the SD-XL config on the meta device. Every method then runs the
-DSAP schedule (``atedm`` preset: the first 30% of steps leave F-L unpruned) on the tiny model:
-AT-EDM, random pruning and the recovery baselines at that keep ratio (the same MACs); ToMe at the
-merge ratio, and AT-EDM-dagger (``atedm-dagger``: level 2, 4 x 4 tokens here, never pruned) at the
-keep ratio, whose schedule-average MACs on the tiny model match AT-EDM's (solved by bisection).
+DSAP schedule (``atedm`` preset: the first 30% of steps leave F-L unpruned) on the tiny model.
+AT-EDM (the paper's: G-WPR, similarity copy by attention) runs at that keep ratio; its
+DSAP-average MACs *with its own work counted in* (G-WPR, recovery) are the budget of every other
+method, with theirs counted in too (key similarities, weighted updates, ToMe's matching, merging
+and unmerging). Methods that prune the same tokens (the recoveries, random) run at the same keep
+ratio where their own work fits the budget and at the largest keep ratio that fits otherwise;
+ToMe and AT-EDM-dagger (``atedm-dagger``: level 2 never pruned) at the largest keep ratio (ToMe:
+1 - merge ratio) that fits (bisection).
+
+Methods: ``--methods`` (default: AT-EDM, the best delta variant, direct copy, ToMe, random); the
+other delta variants, the zeros / interpolation recoveries and AT-EDM-dagger by name.
 
 Metrics, over ``--prompts`` held-out captions, one fixed seed per prompt, the same noise for
 every method:
 - PSNR and SSIM against the full model's image from the same noise (fidelity);
 - the detector's colour / shape / position / all-three accuracy against the caption (alignment,
   the CLIP-score analogue);
-- Frechet distance of a small classifier's features (``atedm_compile.quality``, trained in the
-  run on the synthetic data) of the samples against the rendered images of the same captions
-  (the FID analogue; lower is better);
+- Frechet distance of a small classifier's features (``atedm_compile.quality``, trained on 64 px
+  renders; larger images are area-averaged to 64 px, which it reads as well: held-out accuracy
+  1.00 on 128 px renders) of the samples against the rendered images of the same captions (the
+  FID analogue; lower is better);
 - where the pruning lands: the share of the kept tokens' area that the object covers (object
   mask: the detector's, on the method's own image; the conditional half of the CFG batch; every
   pruned block of every step) next to the object's share of all tokens. Their ratio is 1 for a
   choice blind to the object.
 
-Prints one table, writes ``results.json`` and a figure (full model, AT-EDM with its kept tokens
-and ToMe, for a few prompts) into ``--out``.
+Prints one table, writes ``results.json`` and a figure (full model, AT-EDM with its kept tokens,
+the best delta variant and ToMe, for a few prompts) into ``--out``. The folder keeps the solved
+budgets, the classifier and every method's samples (keyed by the model's weights and the
+settings): a rerun, an interrupted run or one with more methods samples only what is missing.
 
-    python benchmarks/quality.py                       # 256 prompts, about 25 min on 2 cores
+    python benchmarks/quality.py                       # tiny-shapes, 256 prompts, 4 budgets
+    python benchmarks/quality.py --model atedm_compile/weights/tiny-shapes-xl --prompts 32 --out out/quality-xl
     python benchmarks/quality.py --prompts 16 --budgets 4.1 --jobs 1    # a smoke run
 """
 
@@ -35,12 +47,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import io
 import json
 import math
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -52,24 +66,33 @@ from PIL import Image, ImageDraw  # noqa: E402
 import atedm_compile as ac  # noqa: E402
 from atedm_compile import quality, synthetic  # noqa: E402
 from atedm_compile.config import PruningConfig  # noqa: E402
+from atedm_compile.export.manifest import sha256_file, sha256_json, write_atomically  # noqa: E402
 from atedm_compile.flops import count_phases, solve_keep_ratio  # noqa: E402
 from atedm_compile.models import build_unet  # noqa: E402
+from atedm_compile.ops import keep_count  # noqa: E402
 from atedm_compile.passes import ToMeConfig  # noqa: E402
 from atedm_compile.trained import TINY_SHAPES, load_trained_pipeline, read_config  # noqa: E402
 from atedm_compile.trained import vae_factor as factor_of  # noqa: E402
 
 SDXL_FULL_TMACS = 6.7  # the paper's label of the full model; shares below use our own count
 BUDGETS = (2.9, 3.6, 4.1, 4.5)
-# name -> (schedule preset, config, keep ratio: "budget" = the budget's own, "solve" = matched MACs)
+DELTA = "delta, key-cosine"  # the best delta variant measured (README, "Quality at matched FLOPs")
+# name -> (schedule preset, config, keep ratio: "budget" = the budget's own unless that costs more
+# than AT-EDM with the method's own work counted in, "solve" = matched MACs)
 METHODS = {
-    "AT-EDM": ("atedm", PruningConfig(), "budget"),
+    "AT-EDM": ("atedm", PruningConfig(), "budget"),  # the paper's: similarity copy by attention
+    "delta, attention": ("atedm", PruningConfig(recovery="delta"), "budget"),
+    "delta, key-cosine": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine"), "budget"),
+    "soft delta, key-cosine": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", neighbours=4),
+                               "budget"),
+    "direct-copy recovery": ("atedm", PruningConfig(recovery="direct-copy"), "budget"),
     "ToMe": ("atedm", ToMeConfig(), "solve"),
     "random": ("atedm", PruningConfig(scorer="random"), "budget"),
     "zeros recovery": ("atedm", PruningConfig(recovery="zeros"), "budget"),
     "interpolation recovery": ("atedm", PruningConfig(recovery="interpolation"), "budget"),
-    "direct-copy recovery": ("atedm", PruningConfig(recovery="direct-copy"), "budget"),
     "AT-EDM-dagger": ("atedm-dagger", PruningConfig(), "solve"),
 }
+DEFAULT_METHODS = ("AT-EDM", DELTA, "direct-copy recovery", "ToMe", "random")
 TOME_MIN_KEEP = 0.25  # ToMe merges at most 75% with 2 x 2 cells
 
 
@@ -95,43 +118,87 @@ def sdxl_keep_ratios(budgets, cache: Path) -> dict[float, dict]:
 
 
 def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir: Path, cache: Path,
-                methods=tuple(METHODS)) -> list[dict]:
+                methods=DEFAULT_METHODS, known: list[dict] = ()) -> list[dict]:
     """Per budget: SD-XL's keep ratio and, per method, the keep ratio it runs at on the tiny model
-    and its DSAP-average share of the full model's MACs. Methods marked "solve" (ToMe; AT-EDM-dagger,
-    which prunes level 2 nowhere) get the largest keep ratio whose MACs are at most AT-EDM's (bisection); ``capped``
-    where even their smallest keep ratio costs more."""
+    and its DSAP-average share of the full model's MACs, without and with the method's own work
+    (scoring, recovery, ToMe's matching and merging).
+
+    AT-EDM runs at SD-XL's keep ratio; its MACs with its own work counted in are the budget every
+    other method must meet. A "budget" method runs at the same keep ratio where that meets it; a
+    "solve" method (ToMe; AT-EDM-dagger, which prunes level 2 nowhere), or a "budget" method whose
+    own work costs more than AT-EDM's, gets the largest keep ratio that meets it (bisection);
+    ``capped`` where even its smallest keep ratio costs more. Methods that ``known`` (an earlier plan
+    for the same U-Net and steps) has for a budget, with the same config, are taken from it."""
     sdxl = sdxl_keep_ratios(budgets, cache)
-    tiny = build_unet(read_config(model_dir)["unet"], device="meta")
     size = dict(height=image_size, width=image_size, vae_factor=vae_factor)
-    full = count_phases(tiny, ac.make_schedule("none", steps), **size).full_tmacs
+
+    @functools.cache
+    def model():  # built and counted only where something is to be solved
+        tiny = build_unet(read_config(model_dir)["unet"], device="meta")
+        return tiny, count_phases(tiny, ac.make_schedule("none", steps), **size)
+
+    def tokens() -> set[int]:
+        latent = image_size // vae_factor
+        return {(latent // 2 ** (b.level - 1)) ** 2 for b in ac.attention_blocks(model()[0])}
 
     def cost(method: str, keep: float):
         preset, config, _ = METHODS[method]
-        return count_phases(tiny, ac.make_schedule(preset, steps, keep_ratio=keep), config, **size)
+        tiny, unpruned = model()
+        return count_phases(tiny, ac.make_schedule(preset, steps, keep_ratio=keep), config, **size,
+                            full_flops=unpruned.full_flops)
 
+    earlier = {entry["budget"]: entry for entry in known}
     plan = []
     for budget in budgets:
         keep = sdxl[budget]["keep_ratio"]
-        target = cost("AT-EDM", keep)
+        before = earlier.get(budget, {"methods": {}})
+        reuse = {m: c for m, c in before["methods"].items() if m in methods and c["config"] == repr(METHODS[m])}
+        if len(reuse) == len(methods):
+            plan.append({**before, "methods": {m: reuse[m] for m in methods}})
+            continue
+        full = model()[1].full_tmacs
         entry = {"budget": budget, "sdxl_keep_ratio": keep, "sdxl_pruned_tmacs": sdxl[budget]["pruned_tmacs"],
                  "sdxl_full_tmacs": sdxl[budget]["full_tmacs"], "tiny_full_gmacs": full * 1e3, "methods": {}}
+        plan.append(entry)
+        target = cost("AT-EDM", keep)
+        limit = target.average_tmacs_with_scoring * (1 + 1e-9)
         for method in methods:
-            if METHODS[method][2] == "budget":
-                chosen, report = keep, target if METHODS[method][0] == "atedm" else cost(method, keep)
-            else:
-                preset, config, _ = METHODS[method]
+            if method in reuse:
+                entry["methods"][method] = reuse[method]
+                continue
+            preset, config, kind = METHODS[method]
+            chosen = keep
+            report = target if method == "AT-EDM" else cost(method, keep) if kind == "budget" else None
+            if report is not None:
+                # Over budget by its own work only: drop one token at a time (the cost changes only
+                # where a block's count k = round(keep * N) does), a count or two instead of a bisection.
+                while report.average_tmacs_with_scoring > limit and chosen > 0.01:
+                    chosen = next_keep_down(chosen, tokens())
+                    report = cost(method, chosen)
+            if report is None or report.average_tmacs_with_scoring > limit:
                 lowest = TOME_MIN_KEEP if isinstance(config, ToMeConfig) else 0.01
                 try:
-                    chosen, report = solve_keep_ratio(tiny, target.average_tmacs, preset, steps, config,
-                                                      tolerance=1e-3, lowest=lowest, **size)
+                    chosen, _ = solve_keep_ratio(model()[0], target.average_tmacs_with_scoring, preset, steps, config,
+                                                 tolerance=1e-3, lowest=lowest, with_scoring=True, **size)
                 except ValueError:  # out of reach: run at the lowest keep ratio, flagged capped
-                    chosen, report = lowest, cost(method, lowest)
+                    chosen = lowest
+                report = cost(method, chosen)
+                # The solved ratio is rounded to 4 digits: step down where that rounding went up.
+                while report.average_tmacs_with_scoring > limit and chosen > lowest:
+                    chosen = max(lowest, round(chosen - 1e-4, 4))
+                    report = cost(method, chosen)
             entry["methods"][method] = {
                 "keep_ratio": round(chosen, 4), "share": report.average_tmacs / full,
                 "share_with_overhead": report.average_tmacs_with_scoring / full,
-                "capped": report.average_tmacs > target.average_tmacs * (1 + 1e-9)}
-        plan.append(entry)
+                "capped": report.average_tmacs_with_scoring > limit, "config": repr(METHODS[method])}
     return plan
+
+
+def next_keep_down(keep: float, token_counts) -> float:
+    """The largest keep ratio (4 digits) below ``keep`` at which some block of ``token_counts``
+    tokens keeps one token fewer (``ops.keep_count``)."""
+    below = max(((keep_count(n, keep) - 0.5) / n for n in token_counts if keep_count(n, keep) > 1), default=0.01)
+    return math.ceil(below * 1e4 - 1) / 1e4
 
 
 # -- sampling (in worker processes) ------------------------------------------------------------
@@ -212,6 +279,74 @@ def sample_method(task: dict) -> dict:
             "cpu_seconds": time.process_time() - started}
 
 
+# -- what a run keeps in its output folder ------------------------------------------------------
+
+def task_key(task: dict, model_sha256: str) -> str:
+    """A sampling task's identity: the model's weights, the method (its full config) and every
+    setting that changes its images."""
+    method = task["method"]
+    preset, config, _ = METHODS[method] if method != "full" else ("none", None, None)
+    keys = ("prompts", "seeds", "steps", "guidance", "batch", "image_size", "keep_ratio", "figure_prompts")
+    return sha256_json({"model": model_sha256, "preset": preset, "config": repr(config),
+                        **{k: task[k] for k in keys}})
+
+
+def save_samples(path: Path, result: dict) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, images=result["images"], kept_share=np.asarray(result["kept_share"], np.float64),
+             area_share=np.asarray(result["area_share"], np.float64),
+             kept_maps=np.asarray(result["kept_maps"], np.float64), cpu_seconds=result["cpu_seconds"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, buffer.getvalue())
+
+
+def load_samples(path: Path, task: dict) -> dict | None:
+    """A task's saved result, or None where there is none (or it cannot be read: sampled again)."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return {"method": task["method"], "budget": task["budget"], "images": saved["images"],
+                    "kept_share": saved["kept_share"].tolist(), "area_share": saved["area_share"].tolist(),
+                    "kept_maps": list(saved["kept_maps"]), "cpu_seconds": float(saved["cpu_seconds"])}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+CLASSIFIER_SIZE = 64
+
+
+def classifier_view(images: np.ndarray) -> np.ndarray:
+    """uint8 images [N, S, S, 3], S a multiple of 64 -> [N, 64, 64, 3] by area averaging: the
+    Frechet classifier reads every model's images at 64 px."""
+    count, side = images.shape[:2]
+    if side % CLASSIFIER_SIZE:
+        raise ValueError(f"{side} px images do not average down to the classifier's {CLASSIFIER_SIZE} px")
+    factor = side // CLASSIFIER_SIZE
+    blocks = images.reshape(count, CLASSIFIER_SIZE, factor, CLASSIFIER_SIZE, factor, 3)
+    return blocks.mean(axis=(2, 4)).round().astype(np.uint8)
+
+
+def feature_classifier(out: Path, image_size: int):
+    """The Frechet-distance classifier (64 px), trained once per output folder (a minute) and kept
+    in it as safetensors, and its held-out accuracy on renders at ``image_size`` seen through
+    ``classifier_view``."""
+    from safetensors.torch import load_file, safe_open, save
+
+    path = out / f"classifier-{CLASSIFIER_SIZE}px.safetensors"
+    if path.is_file():
+        model = quality.ShapeClassifier(size=CLASSIFIER_SIZE)
+        model.load_state_dict(load_file(path))
+        with safe_open(path, "pt") as saved:
+            accuracy = json.loads(saved.metadata()["accuracy"])
+        model.eval().requires_grad_(False)
+    else:
+        model, accuracy = quality.train_classifier(size=CLASSIFIER_SIZE, progress=False)
+        write_atomically(path, save(model.state_dict(), metadata={"accuracy": json.dumps(accuracy)}))
+    if image_size != CLASSIFIER_SIZE:
+        held_out, _, _, scenes = synthetic.make_dataset(500, seed=1, size=image_size)
+        accuracy = quality.accuracy(model, classifier_view(held_out), scenes)
+    return model, accuracy
+
+
 # -- metrics, table, figure --------------------------------------------------------------------
 
 def metrics(result: dict, full: np.ndarray, captions, classifier, reference_features) -> dict:
@@ -223,7 +358,8 @@ def metrics(result: dict, full: np.ndarray, captions, classifier, reference_feat
         psnrs = [synthetic.psnr(a, b) for a, b in zip(images, full)]
         row["psnr"] = float(np.mean([min(p, 100.0) for p in psnrs]))  # identical images: capped at 100 dB
         row["ssim"] = float(np.mean([synthetic.ssim(a, b) for a, b in zip(images, full)]))
-    row["frechet"] = synthetic.frechet_distance(quality.features(classifier, images), reference_features)
+    row["frechet"] = synthetic.frechet_distance(quality.features(classifier, classifier_view(images)),
+                                                reference_features)
     if result["kept_share"]:
         row["kept_in_object"] = float(np.mean(result["kept_share"]))
         row["object_area"] = float(np.mean(result["area_share"]))
@@ -233,11 +369,12 @@ def metrics(result: dict, full: np.ndarray, captions, classifier, reference_feat
 
 def print_table(rows: list[dict], plan: list[dict]) -> None:
     print("\nBudgets: the paper's SD-XL TMACs per pruned step -> SD-XL keep ratio -> per method, the keep "
-          "ratio run on this model (ToMe: 1 - merge ratio) and its DSAP-average share of the full model's MACs")
+          "ratio run on this model (ToMe: 1 - merge ratio) and its DSAP-average share of the full model's MACs, "
+          "its own work (scoring, recovery, matching) included")
     methods = list(plan[0]["methods"])
     print(f"{'budget':>6} {'SD-XL keep':>10} " + " ".join(f"{m[:22]:>22}" for m in methods))
     for p in plan:
-        cells = [f"{c['keep_ratio']:.3f} / {c['share']:.3f}{' cap' if c['capped'] else ''}"
+        cells = [f"{c['keep_ratio']:.3f} / {c['share_with_overhead']:.4f}{' cap' if c['capped'] else ''}"
                  for c in p["methods"].values()]
         print(f"{p['budget']:>6} {p['sdxl_keep_ratio']:>10.4f} " + " ".join(f"{c:>22}" for c in cells))
     header = (f"\n{'budget':>6} {'method':<24} {'MACs':>6} {'PSNR':>6} {'SSIM':>6} {'colour':>6} {'shape':>6} {'pos.':>6} "
@@ -251,18 +388,23 @@ def print_table(rows: list[dict], plan: list[dict]) -> None:
               f"{cell('kept_in_object', '11.3f'):>11} {cell('object_area', '8.3f'):>8} {cell('enrichment', '6.2f'):>6}")
 
 
+FIGURE_METHODS = ("AT-EDM", DELTA, "ToMe")
+
+
 def write_figure(path: Path, captions, results: dict, budgets, count: int, zoom: int = 2) -> None:
-    """Rows: prompts. Columns: the full model, then per budget AT-EDM, AT-EDM with its pruned tokens
-    darkened (kept frequency over the pruned steps, finest attention level), ToMe and AT-EDM-dagger."""
+    """Rows: prompts. Columns: the full model, then per budget AT-EDM (the paper's copy), its pruned
+    tokens darkened (kept frequency over the pruned steps, finest attention level), the best delta
+    variant and ToMe, each where the run has it."""
     full = results[("full", None)]["images"]
     columns = [("full model", full[:count], None)]
     for budget in budgets:
-        atedm = results[("AT-EDM", budget)]
-        columns += [(f"AT-EDM {budget}", atedm["images"][:count], None),
-                    (f"kept {budget}", atedm["images"][:count], atedm["kept_maps"]),
-                    (f"ToMe {budget}", results[("ToMe", budget)]["images"][:count], None)]
-        if ("AT-EDM-dagger", budget) in results:
-            columns.append((f"AT-EDM-dagger {budget}", results[("AT-EDM-dagger", budget)]["images"][:count], None))
+        for method in FIGURE_METHODS:
+            if (method, budget) not in results:
+                continue
+            result = results[(method, budget)]
+            columns.append((f"{method} {budget}", result["images"][:count], None))
+            if method == "AT-EDM":
+                columns.append((f"kept {budget}", result["images"][:count], result["kept_maps"]))
     tile, label = full.shape[1] * zoom, 12
     figure = Image.new("RGB", (tile * len(columns), label + count * (tile + label)), "white")
     draw = ImageDraw.Draw(figure)
@@ -279,9 +421,9 @@ def write_figure(path: Path, captions, results: dict, budgets, count: int, zoom:
                 draw.text((2, top), captions[r], fill="black")
             figure.paste(picture, (c * tile, top + label))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part.png")
-    figure.save(tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    figure.save(buffer, format="PNG")
+    write_atomically(path, buffer.getvalue())
 
 
 def main() -> None:
@@ -293,11 +435,13 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS),
+                        help=f"default: {'; '.join(DEFAULT_METHODS)}")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each")
     parser.add_argument("--figure-prompts", type=int, default=6)
     parser.add_argument("--figure-budgets", type=float, nargs="+", default=[4.1, 2.9])
-    parser.add_argument("--out", default="out/quality")
+    parser.add_argument("--out", default="out/quality",
+                        help="output folder; a run keeps its budgets, classifier and samples there and reuses them")
     args = parser.parse_args()
     for budget in args.budgets:
         if not 0 < budget < SDXL_FULL_TMACS:
@@ -307,30 +451,32 @@ def main() -> None:
     for name in ("steps", "batch", "jobs"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} {getattr(args, name)}: must be 1 or more")
-    if not (Path(args.model) / "config.json").is_file():
-        raise SystemExit(f"--model {args.model}: not a trained model folder (no config.json in it)")
+    model = Path(args.model)
+    if not (model / "config.json").is_file() or not (model / "model.safetensors").is_file():
+        raise SystemExit(f"--model {args.model}: not a trained model folder (config.json and model.safetensors)")
+    if "AT-EDM" not in args.methods:
+        args.methods.insert(0, "AT-EDM")  # every other method's budget is AT-EDM's cost
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    config = read_config(args.model)
+    config = read_config(model)
     image_size = config["image_size"]
     vae_factor = factor_of(config)
-    # Solving the budgets counts FLOPs a few dozen times (minutes): reuse a plan made for the same
-    # budgets, steps and U-Net.
-    key = {"budgets": args.budgets, "steps": args.steps, "unet": config["unet"], "image_size": image_size,
-           "methods": args.methods}
+    # Solving the budgets counts FLOPs a few dozen times (minutes): reuse what an earlier plan for the
+    # same U-Net, size and steps solved, and solve only the budgets and methods it lacks.
+    key = {"steps": args.steps, "unet": config["unet"], "image_size": image_size, "matched": "with overhead"}
     saved = json.loads((out / "plan.json").read_text()) if (out / "plan.json").is_file() else {}
-    if saved.get("key") == key:
-        plan = saved["plan"]
-        print(f"budgets: reusing {out / 'plan.json'}")
-    else:
-        plan = budget_plan(args.budgets, args.steps, image_size, vae_factor, Path(args.model), out / "sdxl-keep.json",
-                           args.methods)
-        (out / "plan.json.part").write_text(json.dumps({"key": key, "plan": plan}, indent=1))
-        os.replace(out / "plan.json.part", out / "plan.json")
-        print(f"budgets solved in {time.time() - started:.0f} s")
+    known = saved["plan"] if saved.get("key") == key else []
+    plan = budget_plan(args.budgets, args.steps, image_size, vae_factor, model, out / "sdxl-keep.json",
+                       args.methods, known)
+    kept = {entry["budget"]: entry for entry in known}
+    for entry in plan:  # what the earlier plan solved for other methods stays in it
+        entry = {**entry, "methods": {**kept.get(entry["budget"], {}).get("methods", {}), **entry["methods"]}}
+        kept[entry["budget"]] = entry
+    write_atomically(out / "plan.json", json.dumps({"key": key, "plan": list(kept.values())}, indent=1).encode())
+    print(f"budgets ready in {time.time() - started:.0f} s")
 
     rendered, _, captions, _ = synthetic.make_dataset(args.prompts, seed=args.seed, size=image_size)
     seeds = [args.seed + i for i in range(args.prompts)]
@@ -341,19 +487,31 @@ def main() -> None:
     tasks = {}
     for method, budget, keep in wanted:
         tasks.setdefault((method, keep), dict(common, method=method, budget=budget, keep_ratio=keep))
+    # Samples are kept per task, keyed by the model's weights and everything that changes them: an
+    # interrupted run, or one with more methods, samples only what is missing.
+    weights = sha256_json([sha256_file(model / "config.json"), sha256_file(model / "model.safetensors")])
+    paths = {key: out / "samples" / f"{task_key(task, weights)[:24]}.npz" for key, task in tasks.items()}
+    done = {key: found for key in tasks if (found := load_samples(paths[key], tasks[key])) is not None}
+    if done:
+        print(f"samples: reusing {len(done)} of {len(tasks)} tasks from {out / 'samples'}")
+
+    from tqdm import tqdm
 
     # Spawned, not forked: a forked torch can hang in its thread pools.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.jobs, context, initializer=_init_worker, initargs=(args.model,)) as pool:
-        futures = {key: pool.submit(sample_method, task) for key, task in tasks.items()}
-        classifier, accuracy = quality.train_classifier(progress=False)
-        print(f"classifier trained: held-out accuracy {accuracy}")
-        reference = quality.features(classifier, rendered)
-        from tqdm import tqdm
-
-        done = {key: future.result() for key, future in tqdm(futures.items(), desc="methods x budgets")}
+    missing = [key for key in tasks if key not in done]
+    with ProcessPoolExecutor(min(args.jobs, max(1, len(missing))), context, initializer=_init_worker,
+                             initargs=(str(model),)) if missing else contextlib.nullcontext() as pool:
+        futures = {pool.submit(sample_method, tasks[key]): key for key in missing}
+        classifier, accuracy = feature_classifier(out, image_size)
+        print(f"classifier: held-out accuracy {accuracy}")
+        reference = quality.features(classifier, classifier_view(rendered))
+        for future in tqdm(as_completed(futures), total=len(futures), desc="methods x budgets"):
+            key = futures[future]
+            done[key] = future.result()
+            save_samples(paths[key], done[key])
     results = {(method, budget): done[(method, keep)] for method, budget, keep in wanted}
-    shares = {(m, p["budget"]): p["methods"][m]["share"] for p in plan for m in args.methods}
+    shares = {(m, p["budget"]): p["methods"][m]["share_with_overhead"] for p in plan for m in args.methods}
 
     full = results[("full", None)]["images"]
     rows = []
@@ -363,16 +521,16 @@ def main() -> None:
                      "macs_share": shares.get((method, budget), 1.0),
                      "cpu_seconds": round(done[(method, keep)]["cpu_seconds"], 1), **measured[(method, keep)]})
     print_table(rows, plan)
-    figure_budgets = [b for b in args.figure_budgets if ("AT-EDM", b) in results and ("ToMe", b) in results]
+    figure_budgets = [b for b in args.figure_budgets if ("AT-EDM", b) in results]
     if figure_budgets:
         figure = out / "quality.png"
         write_figure(figure, captions, results, figure_budgets, min(args.figure_prompts, args.prompts))
         print(f"wrote {figure}")
-    record = {"settings": {k: v for k, v in vars(args).items()}, "classifier_accuracy": accuracy,
+    record = {"settings": {k: v for k, v in vars(args).items()}, "model_weights_sha256": weights,
+              "model_training": config.get("training"), "classifier_accuracy": accuracy,
               "plan": plan, "rows": rows, "seconds": round(time.time() - started)}
-    tmp = out / "results.json.part"
-    tmp.write_text(json.dumps(record, indent=1, default=lambda v: None if isinstance(v, float) and math.isinf(v) else v))
-    os.replace(tmp, out / "results.json")
+    text = json.dumps(record, indent=1, default=lambda v: None if isinstance(v, float) and math.isinf(v) else v)
+    write_atomically(out / "results.json", text.encode())
     print(f"wrote {out / 'results.json'} ({time.time() - started:.0f} s)")
 
 

@@ -31,7 +31,12 @@ def gwpr(attn, iterations):
     return s
 
 
-def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity"):
+def first_layer_keys(layer, hidden):
+    return layer.attn1.to_k(layer.norm1(hidden))
+
+
+def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity", similarity="attention",
+                 neighbours=1):
     """Transformer2DModel forward with AT-EDM (linear projections, after-FF pruning)."""
     batch, channels, height, width = x.shape
     tokens = height * width
@@ -39,6 +44,7 @@ def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity"
     h = block.proj_in(h)
     first = block.transformer_blocks[0]
     attn = self_attention_map(first, h)
+    keys = first_layer_keys(first, h)
     h = first(h, encoder_hidden_states=text)
     k = int(keep_ratio * tokens + 0.5)
     order = torch.sort(gwpr(attn, iterations), dim=-1, descending=True).indices
@@ -49,9 +55,20 @@ def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity"
     full = torch.zeros_like(h)
     for b in range(batch):
         for i in range(tokens):
+            if similarity == "attention":
+                to_kept = attn[b, i, index[b]]
+            else:
+                to_kept = torch.stack([torch.dot(keys[b, i], keys[b, j]) / (keys[b, i].norm() * keys[b, j].norm())
+                                       for j in index[b]])
             if recovery == "similarity":
-                j = int(torch.argmax(attn[b, i, index[b]]))
-                full[b, i] = kept[b, j]
+                full[b, i] = kept[b, int(torch.argmax(to_kept))]
+            elif recovery == "delta":
+                ranked = torch.sort(to_kept, descending=True).indices[:neighbours]
+                weights = to_kept[ranked].clamp_min(torch.finfo(to_kept.dtype).tiny)
+                weights = weights / weights.sum()
+                full[b, i] = h[b, i]
+                for w, j in zip(weights, ranked):
+                    full[b, i] += w * (kept[b, j] - h[b, index[b, j]])
             elif recovery == "direct-copy":
                 full[b, i] = h[b, i]
         full[b, index[b]] = kept[b]

@@ -504,3 +504,23 @@ def test_tool_made_weight_names_never_clash_across_phase_graphs(tmp_path):
         y = ort.InferenceSession(str(tmp_path / f"{i}.onnx")).run(None, {"x": x})[0]
         assert np.array_equal(y, np.maximum(x + weight, 0))
     assert len(store.index) == 1 and next(iter(store.index.values()))["name"].startswith("shared::")
+
+
+def test_delta_recovery_phase_exports_and_passes_check(tmp_path):
+    from atedm_compile.config import PruningConfig
+    from atedm_compile.export import check
+
+    pruning = PruningConfig(recovery="delta", similarity="key-cosine", neighbours=3)
+    config = BuildConfig(model="tiny", schedule="uniform", num_steps=1, pruning=pruning)
+    manifest, _ = build(config, tmp_path / "delta", log=lambda _: None)
+    assert check(tmp_path / "delta", compare_tensorrt=False, log=lambda _: None).ok
+    model = onnx.load(str(tmp_path / "delta" / manifest.phases[0].onnx.file), load_external_data=False)
+    assert "ScatterElements" in {n.op_type for n in model.graph.node}
+    unet = build_unet("tiny")
+    ac.apply(unet, ac.make_schedule("uniform", 1), pruning).start(1)
+    feed = example_inputs(manifest.phases[0].inputs, seed=3)
+    with torch.no_grad():
+        expected = unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"],
+                        added_cond_kwargs={"text_embeds": feed["text_embeds"], "time_ids": feed["time_ids"]}).sample
+    got = load(tmp_path / "delta", cpu_cache=False).engines[manifest.phases[0].name].infer(feed)["latent"]
+    assert (got - expected).abs().max().item() <= 1e-4

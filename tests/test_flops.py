@@ -17,7 +17,8 @@ def sdxl():
 
 @pytest.fixture(scope="module")
 def atedm_report(sdxl):
-    return count_phases(sdxl, ac.make_schedule("atedm", 50), height=1024, width=1024)
+    # PAPER.md's figures are the paper's method: similarity copy, no similarity products.
+    return count_phases(sdxl, ac.make_schedule("atedm", 50), PruningConfig(), height=1024, width=1024)
 
 
 def test_full_model(atedm_report):
@@ -93,6 +94,33 @@ def test_cross_attention_scorer_cost_is_counted_apart():
     report = count_phases(unet, ac.make_schedule("uniform", 1), PruningConfig(scorer="ca-power"), 256, 256)
     assert report.phases[0].tmacs_with_scoring > report.phases[0].tmacs
     assert isinstance(torch.tensor(0), torch.Tensor)
+
+
+def test_soft_delta_recovery_cost_is_counted_apart():
+    unet = build_unet("tiny", device="meta")
+    schedule = ac.make_schedule("uniform", 1, keep_ratio=0.5)
+    hard, soft = (count_phases(unet, schedule, PruningConfig(recovery="delta", neighbours=m), 256, 256,
+                               full_flops=1).phases[0] for m in (1, 3))
+    assert soft.tmacs == hard.tmacs
+    tokens = {b.name: (32 // 2 ** (b.level - 1)) ** 2 for b in ac.attention_blocks(unet)}
+    widths = {b.name: unet.get_submodule(b.path).proj_in.out_features for b in ac.attention_blocks(unet)}
+    for h, s in zip(hard.blocks, soft.blocks):
+        # The weighted mean of 3 updates: one [1, 3] x [3, C] product per token of the CFG pair.
+        assert (s.scoring_tmacs - h.scoring_tmacs) * 1e12 == pytest.approx(2 * tokens[h.name] * 3 * widths[h.name])
+
+
+def test_solve_keep_ratio_with_scoring_counts_the_methods_own_work(monkeypatch):
+    from atedm_compile import flops
+
+    def fake_count(unet, schedule, *args, **kwargs):  # model cost = keep ratio, the method adds 0.1
+        keep = schedule.phases[0].rules[0][1]
+        return flops.FlopsReport("", "", 0, 0, 1, 2.0, 0, keep, keep + 0.1, [])
+
+    monkeypatch.setattr(flops, "count_phases", fake_count)
+    plain, _ = solve_keep_ratio(None, 0.6, "uniform", 1, tolerance=1e-3)
+    keep, report = solve_keep_ratio(None, 0.6, "uniform", 1, tolerance=1e-3, with_scoring=True)
+    assert plain == pytest.approx(0.6, abs=1e-3) and keep == pytest.approx(0.5, abs=1e-3)
+    assert report.average_tmacs_with_scoring <= 0.6
 
 
 def test_tome_at_half_ratio_meets_the_4_1_budget(sdxl):

@@ -15,8 +15,10 @@ def _pruned(block, keep, config=PruningConfig()):
     return run_passes(trace_block(block), pruning_passes(keep, config))
 
 
-def test_keep_one_is_identity(level2_block, block_inputs):
-    gm = _pruned(level2_block, 1.0)
+@pytest.mark.parametrize("config", [PruningConfig(), PruningConfig(recovery="delta", similarity="key-cosine",
+                                                                     neighbours=3)])
+def test_keep_one_is_identity(level2_block, block_inputs, config):
+    gm = _pruned(level2_block, 1.0, config)
     assert node_with_role(gm, "kept_indices") is None
     torch.testing.assert_close(gm(*block_inputs)[0], level2_block(*block_inputs, return_dict=False)[0],
                                atol=1e-5, rtol=0)
@@ -41,6 +43,26 @@ def test_matches_reference_level3_with_direct_copy(tiny_unet):
     x, text = torch.randn(1, 128, 8, 8), torch.randn(1, 77, 64)
     expected, _ = pruned_block(block, x, text, keep_ratio=0.5, recovery="direct-copy")
     (out,) = _pruned(block, 0.5, PruningConfig(recovery="direct-copy"))(x, text)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("similarity", ["attention", "key-cosine"])
+@pytest.mark.parametrize("neighbours", [1, 3])
+def test_delta_recovery_matches_reference(level2_block, block_inputs, similarity, neighbours):
+    config = PruningConfig(recovery="delta", similarity=similarity, neighbours=neighbours)
+    expected, _ = pruned_block(level2_block, *block_inputs, keep_ratio=0.37, recovery="delta",
+                               similarity=similarity, neighbours=neighbours)
+    with torch.no_grad():
+        (out,) = _pruned(level2_block, 0.37, config)(*block_inputs)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_delta_recovery_matches_reference_level3(tiny_unet):
+    block = tiny_unet.mid_block.attentions[0]
+    x, text = torch.randn(1, 128, 8, 8), torch.randn(1, 77, 64)
+    expected, _ = pruned_block(block, x, text, keep_ratio=0.5, recovery="delta", neighbours=4)
+    with torch.no_grad():
+        (out,) = _pruned(block, 0.5, PruningConfig(recovery="delta", neighbours=4))(x, text)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
@@ -136,7 +158,8 @@ def test_recovery_without_pruning_changes_nothing(level2_block):
 
 
 @pytest.mark.parametrize("field,value", [("scorer", "pagerank"), ("recovery", "copy"), ("prune_point", "middle"),
-                                         ("head_reduction", "max"), ("similarity", "l2"), ("iterations", 0)])
+                                         ("head_reduction", "max"), ("similarity", "l2"), ("iterations", 0),
+                                         ("neighbours", 0), ("neighbours", 1.5)])
 def test_bad_config_names_the_value(field, value):
     with pytest.raises(ValueError, match=f"{field}={value!r}"):
         PruningConfig(**{field: value})

@@ -41,3 +41,12 @@ def test_scoring_and_recovery_share_one_head_combined_map(level2_block):
     assert combined.meta["head_reduction"] == "mean"
     assert node_with_role(gm, "kept_indices").args[1] is combined
     assert node_with_role(gm, "recovered").args[-1] is combined
+
+
+@pytest.mark.parametrize("prune_point", ["after-ff", "before-ff"])
+def test_delta_reads_the_kept_tokens_at_the_pruning_point(level2_block, block_inputs, prune_point):
+    gm = _pruned(level2_block, PruningConfig(recovery="delta", prune_point=prune_point))
+    recovered, pruned = node_with_role(gm, "recovered"), node_with_role(gm, "pruned")
+    assert recovered.args[-1] is pruned and recovered.args[2] is pruned.args[0]
+    (out,) = gm(*block_inputs)
+    assert out.shape == block_inputs[0].shape and torch.isfinite(out).all()

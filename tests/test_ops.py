@@ -78,6 +78,29 @@ def test_key_cosine_copy():
     assert out.flatten().tolist() == [5.0, 5.0, 7.0, 7.0]
 
 
+def test_delta_adds_the_most_similar_kept_tokens_update():
+    before = torch.tensor([[[1.0], [2.0], [3.0], [4.0]]])  # every token at the pruning point
+    index = torch.tensor([[1, 3]])
+    kept = torch.tensor([[[12.0], [34.0]]])  # final values: updates +10 (token 1) and +30 (token 3)
+    to_kept = torch.tensor([[[0.9, 0.1], [0.5, 0.5], [0.2, 0.8], [0.0, 1.0]]])
+    out = ops.recover_delta(kept, ops.gather_tokens(before, index), index, before, to_kept)
+    assert out.flatten().tolist() == [11.0, 12.0, 33.0, 34.0]
+
+
+def test_soft_delta_weighs_updates_by_similarity():
+    before = torch.zeros(1, 4, 1)
+    index = torch.tensor([[2, 3]])
+    kept, kept_before = torch.tensor([[[10.0], [30.0]]]), torch.zeros(1, 2, 1)
+    to_kept = torch.tensor([[[0.25, 0.75],     # -> 0.25 * 10 + 0.75 * 30
+                             [-0.5, -0.5],     # no positive similarity: the plain mean
+                             [1.0, 0.0],       # kept tokens keep their final values
+                             [0.0, 1.0]]])
+    out = ops.recover_delta(kept, kept_before, index, before, to_kept, neighbours=2)
+    assert out.flatten().tolist() == pytest.approx([25.0, 20.0, 10.0, 30.0])
+    # More neighbours than kept tokens: all of them.
+    assert torch.equal(ops.recover_delta(kept, kept_before, index, before, to_kept, neighbours=5), out)
+
+
 def test_baseline_recoveries():
     kept = torch.tensor([[[1.0], [2.0]]])
     index = torch.tensor([[0, 3]])

@@ -55,6 +55,18 @@ def test_switch_follows_the_loop_whatever_the_scheduler(pipe, scheduler_class):
     assert [c.phase for c in runner.calls] == [expected.phase_at(i).name for i in range(loop)]
 
 
+def test_default_recovery_is_delta_by_key_cosine_and_the_papers_stays_by_name(pipe):
+    from atedm_compile.config import DEFAULT_PRUNING, PruningConfig
+    from atedm_compile.modules import TokenRecovery
+
+    assert ac.apply(pipe, "uniform").config == DEFAULT_PRUNING
+    recoveries = [m for m in ac.runner_of(pipe).graph("down1.F", 0.37).modules() if isinstance(m, TokenRecovery)]
+    assert [(r.method, r.similarity) for r in recoveries] == [("delta", "key-cosine")]
+    paper = PruningConfig()
+    assert (paper.recovery, paper.similarity, paper.scorer) == ("similarity", "attention", "gwpr")
+    assert ac.apply(pipe, "uniform", paper).config == paper
+
+
 def test_pruning_changes_the_output(pipe):
     expected = _sample(pipe)
     ac.apply(pipe, "uniform", keep_ratio=0.37)

@@ -12,11 +12,11 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..config import PruningConfig, check_keep_ratio, check_number
+from ..config import DEFAULT_PRUNING, PruningConfig, check_keep_ratio, check_number
 from ..memory import check_fits, prunes, unet_bytes
 from ..schedule import PRESETS, make_schedule
 from .extras import UnavailableError
@@ -39,7 +39,7 @@ class BuildConfig:
             ``seed``), a shipped trained model (``tiny-shapes``) or the folder of one, or a local
             diffusers pipeline / U-Net directory.
         schedule, num_steps, keep_ratio, prune_less_blocks: the DSAP schedule (``make_schedule``).
-        pruning: scoring and recovery settings.
+        pruning: scoring and recovery settings (default: what ``apply`` runs, ``config.DEFAULT_PRUNING``).
         height, width: image size in pixels (default: the model's ``sample_size`` x 8).
         batch: the U-Net's batch: 2 per image with classifier-free guidance.
         precision: ``fp32`` or ``fp16`` (fp16 graphs are for GPUs).
@@ -55,7 +55,7 @@ class BuildConfig:
     num_steps: int = 50
     keep_ratio: float = 0.37
     prune_less_blocks: str = "F-L"
-    pruning: PruningConfig = field(default_factory=PruningConfig)
+    pruning: PruningConfig = DEFAULT_PRUNING
     height: int | None = None
     width: int | None = None
     batch: int = 2

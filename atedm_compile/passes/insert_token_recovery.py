@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..config import PruningConfig
+from ..config import SIMILARITY_RECOVERIES, PruningConfig
 from ..modules import TokenRecovery
 from ..tracing import ROLE, finalize, last_layer_node, node_with_role
 from .expose_attention_map import exposed_map
@@ -14,7 +14,9 @@ RECOVERY = "atedm_recovery"
 
 def insert_token_recovery(gm: fx.GraphModule, config: PruningConfig = PruningConfig()) -> fx.GraphModule:
     """After the block's last layer, every pruned token takes a value by ``config.recovery``
-    (default: the final value of the kept token most similar to it); kept tokens keep their own.
+    (default: the final value of the kept token most similar to it; ``delta``: its own value at
+    the pruning point plus the update of the kept token most similar to it, which reads the kept
+    tokens' values at the pruning point, the node with role ``pruned``); kept tokens keep their own.
 
     Returns the graph unchanged when the block is not pruned or already recovered.
     """
@@ -24,17 +26,20 @@ def insert_token_recovery(gm: fx.GraphModule, config: PruningConfig = PruningCon
     before = index.args[0]
     grid = node_with_role(gm, "block_input")
     similarity = None
-    if config.recovery == "similarity" and config.similarity == "attention":
+    if config.recovery in SIMILARITY_RECOVERIES and config.similarity == "attention":
         similarity = exposed_map(gm, "self", config.head_reduction)
-    elif config.recovery == "similarity":
+    elif config.recovery in SIMILARITY_RECOVERIES:
         similarity = node_with_role(gm, "self_attention_keys")
         if similarity is None:
             raise ValueError("key-cosine recovery needs the first layer's keys: run expose_attention_map first")
-
     last = last_layer_node(gm)
+    args = (last, index, before, grid, similarity)
+    if config.recovery == "delta":
+        # The kept tokens' values at the pruning point: their update is final minus these.
+        args += (node_with_role(gm, "pruned"),)
     gm.add_submodule(RECOVERY, TokenRecovery(config))
     with gm.graph.inserting_after(last):
-        recovered = gm.graph.call_module(RECOVERY, (last, index, before, grid, similarity))
+        recovered = gm.graph.call_module(RECOVERY, args)
     recovered.meta[ROLE] = "recovered"
     last.replace_all_uses_with(recovered, delete_user_cb=lambda user: user is not recovered)
     return finalize(gm)
