@@ -122,7 +122,7 @@ def count_phases(
             captured = []
             hooks = [
                 m.register_forward_hook(lambda mod, args, out: captured.append((mod, args)))
-                for gm in runner._graphs.values() for m in gm.modules() if isinstance(m, OVERHEAD_MODULES)
+                for gm in runner.built_graphs().values() for m in gm.modules() if isinstance(m, OVERHEAD_MODULES)
             ]
             try:
                 total, by_module = _count(lambda: unet(**inputs))
@@ -131,7 +131,7 @@ def count_phases(
                     hook.remove()
             # Scoring and recovery re-counted alone, with the inputs they saw, per block.
             scoring: dict[str, int] = {}
-            block_of = {id(m): name for (name, _), gm in runner._graphs.items() for m in gm.modules()}
+            block_of = {id(m): name for (name, _), gm in runner.built_graphs().items() for m in gm.modules()}
             for module, args in captured:
                 flops, _ = _count(lambda: module(*args))
                 scoring[block_of[id(module)]] = scoring.get(block_of[id(module)], 0) + flops
@@ -151,7 +151,7 @@ def count_phases(
     finally:
         remove(unet)
         if previous is not None:
-            previous._install()
+            previous.install()
 
     def average(attr: str) -> float:
         return sum(getattr(p, attr) * (p.steps[1] - p.steps[0]) for p in phases) / schedule.num_steps
