@@ -78,10 +78,6 @@ class PruningConfig:
     def uses_cross_attention(self) -> bool:
         return self.scorer in CROSS_ATTENTION_SCORERS
 
-    @property
-    def needs_self_attention_map(self) -> bool:
-        return self.scorer == "gwpr" or (self.recovery == "similarity" and self.similarity == "attention")
-
 
 def check_keep_ratio(keep_ratio, where: str = "keep_ratio") -> float:
     """A keep ratio must lie in (0, 1]; 1.0 means unpruned."""

@@ -454,7 +454,7 @@ def _dead_pid() -> int:
 def test_leftovers_of_dead_processes_are_removed_and_only_those(copy_of):
     import os
 
-    from atedm_compile.export.manifest import temp_prefix
+    from atedm_compile.files import temp_prefix
 
     dead, alive = _dead_pid(), os.getpid()
     leftovers, kept = [], []
