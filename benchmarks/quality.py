@@ -55,8 +55,8 @@ from atedm_compile.config import PruningConfig  # noqa: E402
 from atedm_compile.flops import count_phases, solve_keep_ratio  # noqa: E402
 from atedm_compile.models import build_unet  # noqa: E402
 from atedm_compile.passes import ToMeConfig  # noqa: E402
-from atedm_compile.trained import TINY_SHAPES, load_trained_pipeline, read_config  # noqa: E402
-from atedm_compile.trained import vae_factor as factor_of  # noqa: E402
+from atedm_compile.models import TINY_SHAPES, load_trained_pipeline, read_config  # noqa: E402
+from atedm_compile.models import folder_vae_factor as factor_of  # noqa: E402
 
 SDXL_FULL_TMACS = 6.7  # the paper's label of the full model; shares below use our own count
 BUDGETS = (2.9, 3.6, 4.1, 4.5)

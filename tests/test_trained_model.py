@@ -6,7 +6,7 @@ import torch
 from atedm_compile import synthetic
 from atedm_compile.runner import apply, remove
 from atedm_compile.tracing import attention_blocks
-from atedm_compile.trained import TINY_SHAPES, load_trained_pipeline
+from atedm_compile.models import TINY_SHAPES, load_trained_pipeline
 
 PROMPT = "a large red square in the center on a plain white background"
 

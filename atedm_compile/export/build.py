@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import PruningConfig, check_keep_ratio, check_number
+from ..files import remove_leftovers, temp_prefix, write_atomically
 from ..memory import check_fits, prunes, unet_bytes
+from ..models import check_image_size
 from ..schedule import PRESETS, make_schedule
 from .extras import UnavailableError
 from .manifest import (BACKENDS, EXPORT_KEY, MANIFEST, PHASE_KEY, PRECISIONS, WEIGHTS, Artefact, Manifest,
                        ManifestError, PhaseEntry, build_settings, export_key, io_specs, read_manifest,
-                       remove_leftovers, sha256_file, sha256_json, temp_prefix, tool_versions, write_atomically)
+                       sha256_file, sha256_json, tool_versions)
 from .onnx import DEFAULT_OPSET, EXPORTERS, OPSETS, WeightStore, export_phase, share_weights
 
 MARKER = ".atedm-export"
@@ -138,9 +140,8 @@ def model_identity(model: str, seed: int) -> tuple[dict, dict, int]:
     trained model or a directory by the sha256 of its weight files; every one also by the sha256
     of its U-Net config.
     """
-    from ..models import TRAINED_MODELS, UNET_CONFIGS, unet_config, vae_factor
-    from ..trained import model_folder, read_config
-    from ..trained import vae_factor as trained_vae_factor
+    from ..models import (TRAINED_MODELS, UNET_CONFIGS, folder_vae_factor, model_folder, read_config, unet_config,
+                          vae_factor)
 
     folder = model_folder(model)
     if model in UNET_CONFIGS:
@@ -149,7 +150,7 @@ def model_identity(model: str, seed: int) -> tuple[dict, dict, int]:
         trained = read_config(folder)
         identity = {"name": model if model in TRAINED_MODELS else str(folder.resolve()),
                     "files": {name: sha256_file(folder / name) for name in ("config.json", "model.safetensors")}}
-        config, factor = trained["unet"], trained_vae_factor(trained)
+        config, factor = trained["unet"], folder_vae_factor(trained)
     else:
         root = Path(model)
         unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
@@ -186,8 +187,7 @@ def _with_defaults(config: dict) -> dict:
 def _load_unet(model: str, seed: int, precision: str, device: str):
     import torch
 
-    from ..models import UNET_CONFIGS, build_unet, quiet_loading
-    from ..trained import load_unet, model_folder
+    from ..models import UNET_CONFIGS, build_unet, load_unet, model_folder, quiet_loading
 
     with quiet_loading():
         if model in UNET_CONFIGS:
@@ -218,9 +218,7 @@ class _Build:
         self.vae_factor = config.vae_factor or factor
         height = config.height or self.unet_config["sample_size"] * self.vae_factor
         width = config.width or self.unet_config["sample_size"] * self.vae_factor
-        multiple = 2 ** (len(self.unet_config["down_block_types"]) - 1) * self.vae_factor
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise ValueError(f"image size {height}x{width} is not a positive multiple of {multiple} for this model")
+        check_image_size(height, width, self.unet_config, self.vae_factor)
         self.height, self.width = height, width
         self.latent = (height // self.vae_factor, width // self.vae_factor)
         self.schedule = make_schedule(config.schedule, config.num_steps, **config.schedule_options())
