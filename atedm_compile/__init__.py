@@ -1,6 +1,6 @@
 """atedm-compile: AT-EDM attention-driven token pruning for diffusers U-Nets, as FX graph passes."""
 
-from .config import PruningConfig
+from .config import PruningConfig, ToMeConfig
 from .runner import PhaseCall, Runner, apply, remove, runner_of
 from .schedule import PRESETS, Phase, Schedule, make_schedule
 from .tracing import BlockInfo, attention_blocks, trace_block
@@ -15,6 +15,7 @@ __all__ = [
     "PruningConfig",
     "Runner",
     "Schedule",
+    "ToMeConfig",
     "apply",
     "attention_blocks",
     "make_schedule",

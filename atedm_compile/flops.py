@@ -14,10 +14,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import PruningConfig
-from .modules import TokenRecovery, TokenSelector
-from .passes.insert_token_merging import TokenMatching, TokenMerge, TokenUnmerge, ToMeConfig
+from .config import PruningConfig, ToMeConfig
 from .models import check_image_size, unet_input_shapes
+from .modules import TokenMatching, TokenMerge, TokenRecovery, TokenSelector, TokenUnmerge
 from .runner import apply, remove, runner_of
 from .schedule import Schedule, make_schedule
 

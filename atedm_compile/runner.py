@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .config import PruningConfig
+from .config import PruningConfig, ToMeConfig
 from .modules import TokenSelector
-from .passes import ToMeConfig, pruning_passes, run_passes
+from .passes import pruning_passes, run_passes
 from .schedule import Phase, Schedule, make_schedule
 from .steps import PhaseCall, SchedulerFollower, StepCounter
 from .tracing import BlockInfo, attention_blocks, trace_block
