@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 import atedm_compile as ac  # noqa: E402
-from atedm_compile import quality, synthetic  # noqa: E402
+from atedm_compile.shapes import quality, synthetic  # noqa: E402
 from atedm_compile.config import PruningConfig  # noqa: E402
 from atedm_compile.flops import count_phases, solve_keep_ratio  # noqa: E402
 from atedm_compile.models import build_unet  # noqa: E402

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from atedm_compile import synthetic
-from atedm_compile.quality import to_pixels
+from atedm_compile.shapes import synthetic
+from atedm_compile.shapes.quality import to_pixels
 from atedm_compile.models import SDXL_BASE_UNET, TINY_VAE, tiny_tokenizer
 from atedm_compile.models import TINY_SHAPES, TINY_SHAPES_XL, build_pipeline
-from atedm_compile.trained import save_model, state_dict
+from atedm_compile.shapes.trained import save_model, state_dict
 
 IMAGE_SIZE = 64
 TEXT_HIDDEN = 48

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atedm_compile import synthetic
+from atedm_compile.shapes import synthetic
 from atedm_compile.cli import main
 from atedm_compile.evaluate import EvaluateConfig, Metrics, evaluate, read_captions
 from atedm_compile.evaluate import metrics as metrics_module
@@ -71,7 +71,7 @@ def test_frechet_distance_matches_its_closed_form():
     expected = ((mu_a - mu_b) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum()
     assert value == pytest.approx(expected, rel=1e-9)
     assert implementation == ("clean-fid" if importlib.util.find_spec("cleanfid") else
-                              "atedm_compile.synthetic (clean-fid absent)")
+                              "atedm_compile.shapes.synthetic (clean-fid absent)")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cleanfid") is not None or importlib.util.find_spec("open_clip") is not None,

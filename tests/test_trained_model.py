@@ -3,7 +3,7 @@ import socket
 import pytest
 import torch
 
-from atedm_compile import synthetic
+from atedm_compile.shapes import synthetic
 from atedm_compile.runner import apply, remove
 from atedm_compile.tracing import attention_blocks
 from atedm_compile.models import TINY_SHAPES, load_trained_pipeline

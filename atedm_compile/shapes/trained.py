@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .files import write_atomically
+from ..files import write_atomically
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
