@@ -393,6 +393,43 @@ def sha256_json(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# -- what a rebuild may reuse ----------------------------------------------------------------
+
+
+def reusable(previous: Manifest | None, manifest: Manifest, directory: Path) -> tuple[Manifest | None, str | None]:
+    """The previous build's manifest when a build of ``manifest`` into ``directory`` may reuse its
+    artefacts, else None and why not: other build settings (model, precision, exporter, opset)
+    or a missing or altered ``weights.bin`` (every graph refers into it) make everything anew."""
+    if previous is None:
+        return None, None
+    if previous.tools.get("settings") != manifest.tools["settings"]:
+        return None, "build settings changed (model, precision, exporter or opset): rebuilding from scratch"
+    if previous.weights is not None:
+        path = directory / previous.weights.file
+        if not path.is_file() or sha256_file(path) != previous.weights.sha256:
+            return None, f"{WEIGHTS} is missing or altered: rebuilding every phase"
+    return previous, None
+
+
+def carry_over(entry: PhaseEntry, previous: Manifest | None) -> PhaseEntry:
+    """``entry`` with the previous build's artefacts of its phase (graph, lint, engine) where they
+    were made under the same export key; whether their files are still intact is the build
+    steps' check."""
+    old = next((p for p in previous.phases if p.name == entry.name), None) if previous else None
+    if old is not None and old.export_key == entry.export_key:
+        entry.onnx, entry.lint, entry.engine, entry.engine_key = old.onnx, old.lint, old.engine, old.engine_key
+    return entry
+
+
+def dropped_artefacts(previous: Manifest | None, phases: list[PhaseEntry]) -> list[str]:
+    """Files of the previous build's phases that the new schedule no longer has."""
+    if previous is None:
+        return []
+    current = {p.name for p in phases}
+    return [artefact.file for old in previous.phases if old.name not in current
+            for artefact in (old.onnx, old.engine) if artefact is not None]
+
+
 def tool_versions() -> dict[str, str]:
     """Versions of the tools an artefact depends on (absent ones left out)."""
     import importlib.metadata
@@ -423,7 +460,10 @@ __all__ = [
     "TensorSpec",
     "check_meaning",
     "export_key",
+    "carry_over",
+    "dropped_artefacts",
     "io_specs",
     "read_manifest",
+    "reusable",
     "verify_artefacts",
 ]
