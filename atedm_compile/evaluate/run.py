@@ -301,7 +301,7 @@ def _reference_files(folder: Path) -> list[Path]:
     return files
 
 
-def _reference_image(path: Path, width: int, height: int) -> np.ndarray:
+def reference_image(path: Path, width: int, height: int) -> np.ndarray:
     """Center-cropped to the generated images' aspect ratio and resized to their size (supp. A.4:
     COCO images center-cropped and resized to 1024 px), PIL bicubic."""
     image = Image.open(path).convert("RGB")
@@ -333,7 +333,7 @@ def _reference_statistics(config: EvaluateConfig, files: list[Path], metrics: Me
         path = out / "features" / "reference" / f"{c:06d}.safetensors"
         found = _read_features(path, indices, metrics.name, key)
         if found is None:
-            images = np.stack([_reference_image(files[i], size["width"], size["height"]) for i in indices])
+            images = np.stack([reference_image(files[i], size["width"], size["height"]) for i in indices])
             found = {"indices": np.asarray(indices, np.int64), "fid": _fid_features(metrics, images)}
             _write_features(path, found, metrics.name, key)
             counts["reference features computed"] += len(indices)
