@@ -1,4 +1,8 @@
-"""U-Net configs and pipeline builders.
+"""U-Net configs, pipeline builders, and the one registry of named models.
+
+A model name is a U-Net config (``UNET_CONFIGS``: random weights) or a shipped trained model
+(``TRAINED_MODELS``: a folder under ``weights/``, loaded by ``load_trained_pipeline``); every
+other part of the package asks this module, never the folders.
 
 No weights can be downloaded where this project is developed and tested, so every model here is
 built from a config: the real SD-XL / SD 1.5 / SD 2.1 U-Net configs (for FLOPs on the meta device)
