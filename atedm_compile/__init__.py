@@ -1,8 +1,9 @@
 """atedm-compile: AT-EDM attention-driven token pruning for diffusers U-Nets, as FX graph passes."""
 
-from .config import PruningConfig
-from .runner import PhaseCall, Runner, apply, remove, runner_of
+from .config import PruningConfig, ToMeConfig
+from .runner import Runner, apply, remove, runner_of
 from .schedule import PRESETS, Phase, Schedule, make_schedule
+from .steps import PhaseCall
 from .tracing import BlockInfo, attention_blocks, trace_block
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "PruningConfig",
     "Runner",
     "Schedule",
+    "ToMeConfig",
     "apply",
     "attention_blocks",
     "make_schedule",

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
-from .config import DEFAULT_PRUNING, MAX_ITERATIONS, PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES, PruningConfig
-from .schedule import PRESETS, make_schedule
+from .arguments import (ArgumentParser, HelpFormatter, add_pruning_options, check_output, finite_float,
+                        positive_float, positive_int, pruning_config, save_png, schedule_of, utf8_text)
 
 EXAMPLES = """examples:
   atedm-compile generate --out out                      # the shipped tiny-shapes model: out/image.png, out/masks.png
@@ -25,131 +24,6 @@ EXAMPLES = """examples:
   atedm-compile check build/tiny-shapes
 
 Each command has its own --help."""
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where it has none to show (None: "the model's own"),
-    and keeps the lines of example paragraphs as written."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
-
-    def _fill_text(self, text, width, indent):
-        return "\n\n".join(paragraph if paragraph.startswith("example") else super(HelpFormatter, self)._fill_text(
-            paragraph, width, indent) for paragraph in text.split("\n\n"))
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Bad arguments: one line naming the problem (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
-    return value
-
-
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
-    return value
-
-
-def utf8_text(text: str) -> str:
-    try:
-        text.encode("utf-8")  # bytes that were not UTF-8 reach Python as lone surrogates
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8 text") from None
-    return text
-
-
-def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--schedule", default="atedm", choices=PRESETS,
-                        help="DSAP preset: atedm (prune-less first 30%% of steps), atedm-dagger (level 2 never "
-                             "pruned), prune-more-early, uniform (every step prunes) or none")
-    parser.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
-    parser.add_argument("--keep-ratio", type=float, default=0.37,
-                        help="share of tokens kept in pruned blocks, in (0, 1]")
-    parser.add_argument("--prune-less-blocks", default="F-L",
-                        help="blocks the prune-less phase leaves alone: X-Y, X in F/L (down stages), Y in F/M/L (up)")
-    parser.add_argument("--scorer", default="gwpr", choices=SCORERS,
-                        help="token scores: gwpr (self-attention G-WPR), ca-* (cross-attention) or random")
-    parser.add_argument("--iterations", type=positive_int, default=PruningConfig.iterations,
-                        help=f"G-WPR rounds, 1 to {MAX_ITERATIONS}")
-    parser.add_argument("--head-reduction", default="mean", choices=("mean", "rms"),
-                        help="how the attention heads are combined before scoring")
-    parser.add_argument("--prune-point", default="after-ff", choices=PRUNE_POINTS,
-                        help="prune after the first layer's feed-forward (paper) or before it")
-    parser.add_argument("--recovery", default=DEFAULT_PRUNING.recovery, choices=RECOVERIES,
-                        help="how pruned tokens get a value back before proj_out: delta (ours, the default) or "
-                             "the paper's: --recovery similarity --similarity attention")
-    parser.add_argument("--similarity", default=DEFAULT_PRUNING.similarity, choices=SIMILARITIES,
-                        help="which kept token a pruned one takes from: by key cosine or by the first layer's "
-                             "attention map")
-    parser.add_argument("--neighbours", type=positive_int, default=DEFAULT_PRUNING.neighbours,
-                        help="delta recovery: how many most similar kept tokens give their update (1 to 64)")
-
-
-def check_output(path: Path, folder: bool) -> None:
-    """ValueError unless ``path`` can be written as a folder (``folder``) or a PNG file, checked
-    before any model is loaded; nothing is created."""
-    path = Path(path)
-    what = "folder" if folder else "file"
-    if not folder and path.suffix.lower() != ".png":
-        raise ValueError(f"--out {path} must name a .png file")
-    if path.exists():
-        if folder and not path.is_dir():
-            raise ValueError(f"--out {path} exists and is not a folder")
-        if not folder and path.is_dir():
-            raise ValueError(f"--out {path} is a folder; give the image file's name (e.g. {path / 'image.png'})")
-        target = path if folder else path.parent
-    else:
-        target = path.parent
-        while not target.exists():
-            target = target.parent
-        if not target.is_dir():
-            raise ValueError(f"--out {path}: {target} is not a folder, so the output {what} cannot be made there")
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {path}: {target} is not writable")
-
-
-def _pruning_config(args) -> PruningConfig:
-    return PruningConfig(
-        scorer=args.scorer,
-        iterations=args.iterations,
-        head_reduction=args.head_reduction,
-        prune_point=args.prune_point,
-        recovery=args.recovery,
-        similarity=args.similarity,
-        neighbours=args.neighbours,
-    )
-
-
-def _schedule(args, keep_ratio=None):
-    return make_schedule(
-        args.schedule, args.steps, keep_ratio=args.keep_ratio if keep_ratio is None else keep_ratio,
-        prune_less_blocks=args.prune_less_blocks,
-    )
 
 
 def _sig(value: float) -> float:
@@ -175,7 +49,7 @@ def cmd_flops(args) -> int:
     # Default: the model's own size (SD-XL 1024, SD 1.5 512, tiny 256, tiny-shapes 64 px).
     args.height = args.height or unet.config.sample_size * factor  # 0 never gets here: positive_int
     args.width = args.width or args.height
-    config = _pruning_config(args)
+    config = pruning_config(args)
     keep = args.keep_ratio
     if args.target_tflops is not None:
         keep, report = solve_keep_ratio(
@@ -183,7 +57,7 @@ def cmd_flops(args) -> int:
             vae_factor=factor, prune_less_blocks=args.prune_less_blocks,
         )
     else:
-        report = count_phases(unet, _schedule(args), config, args.height, args.width, vae_factor=factor,
+        report = count_phases(unet, schedule_of(args), config, args.height, args.width, vae_factor=factor,
                               model_name=args.model)
     report.model = args.model
     if args.json:
@@ -227,30 +101,17 @@ def cmd_flops(args) -> int:
     return 0
 
 
-def save_png(image, path: Path) -> None:
-    """Write a PIL image as PNG atomically (never a half-written file), making its folder."""
-    import io
-
-    from .export.manifest import write_atomically
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, buffer.getvalue())
-
-
 def image_size(height: int | None, width: int | None, unet_config: dict, vae_config: dict | None, images: int,
                pruned: bool, device: str = "cpu") -> tuple[int, int, int]:
     """(height, width, VAE factor) of a sampling run: the model's own size by default (width:
     the height), checked against the U-Net's size multiple and the memory the run needs."""
     from .memory import check_fits, sampling_bytes
+    from .models import check_image_size
 
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 8
     height = height or unet_config["sample_size"] * factor
     width = width or height
-    multiple = 2 ** (len(unet_config["down_block_types"]) - 1) * factor
-    if height % multiple or width % multiple:
-        raise ValueError(f"image size {width}x{height} is not a positive multiple of {multiple} for this model")
+    check_image_size(height, width, unet_config, factor)
     check_fits(sampling_bytes(unet_config, vae_config, images, 2 * images, height, width, factor, pruned), device,
                f"sampling {images} image{'s' * (images > 1)} of {width}x{height} px")
     return height, width, factor
@@ -269,8 +130,8 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     check_output(out, folder=True)
     device = resolve_device(args.device)
-    schedule = _schedule(args)
-    config = _pruning_config(args)
+    schedule = schedule_of(args)
+    config = pruning_config(args)
     configs = pipeline_configs(args.model)  # None for a hub id: known only once loaded
     if configs is not None:
         image_size(args.height, args.width, *configs, images=1, pruned=prunes(schedule.phases))
@@ -341,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--json", action="store_true", help="print a JSON object")
     flops.add_argument("--target-tflops", type=positive_float,
                        help="solve for the largest keep ratio whose schedule average is at most this many TMACs")
-    _add_pruning_options(flops)
+    add_pruning_options(flops)
     flops.set_defaults(func=cmd_flops)
 
     generate = sub.add_parser(
@@ -366,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     generate.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                           help="weights and activations (default: fp32; fp16 is slow on a CPU)")
-    _add_pruning_options(generate)
+    add_pruning_options(generate)
     generate.set_defaults(func=cmd_generate)
 
     from .export.cli import add_export_commands

@@ -87,10 +87,6 @@ class PruningConfig:
     def uses_cross_attention(self) -> bool:
         return self.scorer in CROSS_ATTENTION_SCORERS
 
-    @property
-    def needs_self_attention_map(self) -> bool:
-        return self.scorer == "gwpr" or (self.recovery in SIMILARITY_RECOVERIES and self.similarity == "attention")
-
 
 # What ``apply``, FLOPs counting, builds and the command line run when given no config: the
 # paper's scoring and schedules with the ``delta`` recovery by key cosine, which measured better
@@ -104,3 +100,53 @@ def check_keep_ratio(keep_ratio, where: str = "keep_ratio") -> float:
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"{where}={keep_ratio!r} is outside (0, 1]: keep at least one token, at most all")
     return float(keep_ratio)
+
+
+# -- ToMe, the baseline (supp. B.1) ----------------------------------------------------------
+
+SUBLAYERS = {"self-attention": "attn1", "cross-attention": "attn2", "ff": "ff"}
+DESTINATIONS = ("random", "fixed")
+
+
+@dataclass(frozen=True)
+class ToMeConfig:
+    """Args:
+    ratio: share of a layer's tokens merged away, r = int(N * ratio) (tomesd's ``ratio``); at
+        most 1 - 1 / (sx * sy), 0.75 with 2 x 2 cells. 0.5 is the paper's baseline at 4.1 TMACs.
+    sublayers: where to merge, any of ``self-attention``, ``cross-attention``, ``ff`` (tomesd's
+        ``merge_attn``, ``merge_crossattn``, ``merge_mlp``). Default: all three, the paper's baseline.
+    destination: ``random`` (one token per cell drawn from ``seed``, the same draw at every call;
+        tomesd's ``use_rand=True`` redraws at every call) or ``fixed`` (the top-left token of every
+        cell, tomesd's ``use_rand=False``).
+    seed: seed of the ``random`` destinations; layer i of a block draws from ``seed + i``.
+    sx, sy: cell width and height in tokens.
+
+    Every layer of every block it is applied to merges: tomesd's ``max_downsample`` is the choice
+    of blocks, which belongs to the caller (the paper's baseline: all levels).
+    """
+
+    ratio: float = 0.5
+    sublayers: tuple[str, ...] = ("self-attention", "cross-attention", "ff")
+    destination: str = "random"
+    seed: int = 0
+    sx: int = 2
+    sy: int = 2
+
+    def __post_init__(self):
+        for field in ("sx", "sy"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field}={value!r} must be an integer >= 1")
+        check_merge_ratio(self.ratio, self.sx, self.sy)
+        if not self.sublayers or any(s not in SUBLAYERS for s in self.sublayers):
+            raise ValueError(f"sublayers={self.sublayers!r}: choose one or more of {list(SUBLAYERS)}")
+        if self.destination not in DESTINATIONS:
+            raise ValueError(f"destination={self.destination!r} is not allowed; choose one of {list(DESTINATIONS)}")
+
+
+def check_merge_ratio(ratio, sx: int = 2, sy: int = 2) -> float:
+    """A merge ratio lies in [0, 1 - 1 / (sx * sy)]: each cell keeps its destination."""
+    cap = 1.0 - 1.0 / (sx * sy)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= cap:
+        raise ValueError(f"merge ratio={ratio!r} is outside [0, {cap}] (one destination per {sy}x{sx} cell stays)")
+    return float(ratio)

@@ -14,28 +14,22 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import DEFAULT_PRUNING, PruningConfig
-from .modules import TokenRecovery, TokenSelector
-from .passes.insert_token_merging import TokenMatching, TokenMerge, TokenUnmerge, ToMeConfig
-from .runner import apply, latent_multiple, remove, runner_of
+from .config import DEFAULT_PRUNING, PruningConfig, ToMeConfig
+from .models import check_image_size, unet_input_shapes
+from .modules import TokenMatching, TokenMerge, TokenRecovery, TokenSelector, TokenUnmerge
+from .runner import apply, remove, runner_of
 from .schedule import Schedule, make_schedule
 
 
 def unet_inputs(unet, batch: int, latent_height: int, latent_width: int, device="meta", dtype=torch.float32) -> dict:
     """Keyword inputs of one ``UNet2DConditionModel`` call at a given U-Net batch and latent size."""
-    config = unet.config
-    inputs = {
-        "sample": torch.randn(batch, config.in_channels, latent_height, latent_width, device=device, dtype=dtype),
-        "timestep": torch.tensor(999.0, device=device),
-        "encoder_hidden_states": torch.randn(batch, 77, config.cross_attention_dim, device=device, dtype=dtype),
-    }
-    if config.addition_embed_type == "text_time":
-        time_ids = 6
-        text_dim = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, text_dim, device=device, dtype=dtype),
-            "time_ids": torch.randn(batch, time_ids, device=device, dtype=dtype),
-        }
+    shapes = unet_input_shapes(unet.config, batch, latent_height, latent_width)
+    inputs = {name: torch.randn(shapes[name], device=device, dtype=dtype) for name in ("sample", "encoder_hidden_states")}
+    inputs["timestep"] = torch.tensor(999.0, device=device)
+    added = {name: torch.randn(shapes[name], device=device, dtype=dtype) for name in ("text_embeds", "time_ids")
+             if name in shapes}
+    if added:
+        inputs["added_cond_kwargs"] = added
     return inputs
 
 
@@ -104,9 +98,7 @@ def count_phases(
     count at the same size, saves counting the full model again.
     """
     config = config or DEFAULT_PRUNING
-    multiple = latent_multiple(unet) * vae_factor
-    if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(f"image size {height}x{width} is not a positive multiple of {multiple} for this model")
+    check_image_size(height, width, unet.config, vae_factor)
     device = next(unet.parameters()).device
     inputs = unet_inputs(unet, 2 * images, height // vae_factor, width // vae_factor, device=device)
     macs = 2 * 1e12  # FLOPs per TMAC
@@ -124,7 +116,7 @@ def count_phases(
             captured = []
             hooks = [
                 m.register_forward_hook(lambda mod, args, out: captured.append((mod, args)))
-                for gm in runner._graphs.values() for m in gm.modules() if isinstance(m, OVERHEAD_MODULES)
+                for gm in runner.built_graphs().values() for m in gm.modules() if isinstance(m, OVERHEAD_MODULES)
             ]
             try:
                 total, by_module = _count(lambda: unet(**inputs))
@@ -133,7 +125,7 @@ def count_phases(
                     hook.remove()
             # Scoring and recovery re-counted alone, with the inputs they saw, per block.
             scoring: dict[str, int] = {}
-            block_of = {id(m): name for (name, _), gm in runner._graphs.items() for m in gm.modules()}
+            block_of = {id(m): name for (name, _), gm in runner.built_graphs().items() for m in gm.modules()}
             for module, args in captured:
                 flops, _ = _count(lambda: module(*args))
                 scoring[block_of[id(module)]] = scoring.get(block_of[id(module)], 0) + flops
@@ -153,7 +145,7 @@ def count_phases(
     finally:
         remove(unet)
         if previous is not None:
-            previous._install()
+            previous.install()
 
     def average(attr: str) -> float:
         return sum(getattr(p, attr) * (p.steps[1] - p.steps[0]) for p in phases) / schedule.num_steps

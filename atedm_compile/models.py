@@ -1,4 +1,8 @@
-"""U-Net configs and pipeline builders.
+"""U-Net configs, pipeline builders, and the one registry of named models.
+
+A model name is a U-Net config (``UNET_CONFIGS``: random weights) or a shipped trained model
+(``TRAINED_MODELS``: a folder under ``weights/``, loaded by ``load_trained_pipeline``); every
+other part of the package asks this module, never the folders.
 
 No weights can be downloaded where this project is developed and tested, so every model here is
 built from a config: the real SD-XL / SD 1.5 / SD 2.1 U-Net configs (for FLOPs on the meta device)
@@ -9,7 +13,9 @@ and tiny SD-XL-topology models with random weights (for tests and the embedded d
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -111,15 +117,47 @@ TINY_VAE = {
 }
 
 
-# The trained pipelines shipped in the package, by name: one folder each under weights/.
+# The trained pipelines shipped in the package, by name: one folder each under weights/, holding
+# config.json (the configs of the U-Net, VAE, both text encoders and the scheduler, and how it was
+# trained) and model.safetensors (every weight, fp16, keys prefixed by component). Loading reads
+# those two files only: no pickle, no network. benchmarks/train_tiny_model.py writes them.
 TRAINED_MODELS = ("tiny-shapes", "tiny-shapes-xl")
+WEIGHTS = Path(__file__).parent / "weights"
+TINY_SHAPES = WEIGHTS / "tiny-shapes"
+TINY_SHAPES_XL = WEIGHTS / "tiny-shapes-xl"
+
+
+def model_folder(model: str | Path) -> Path | None:
+    """The folder of a trained model: ``weights/<name>`` for a shipped model's name
+    (``TRAINED_MODELS``), the path itself for a folder laid out like one (``config.json``
+    with the component configs, ``model.safetensors``); None for anything else."""
+    if str(model) in TRAINED_MODELS:
+        return WEIGHTS / str(model)
+    folder = Path(model)
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        return None
+    try:
+        config = read_config(folder)
+    except (OSError, ValueError):
+        return None
+    return folder if isinstance(config, dict) and {"unet", "vae"} <= config.keys() else None
+
+
+def read_config(directory: str | Path = TINY_SHAPES) -> dict:
+    """The component configs of a shipped model (``config.json``)."""
+    return json.loads((Path(directory) / "config.json").read_text())
+
+
+def folder_vae_factor(config: dict) -> int:
+    """Pixels per latent cell, per side, of a model folder's config: one halving per VAE level but the last."""
+    return 2 ** (len(config["vae"]["block_out_channels"]) - 1)
+
+
 
 
 def unet_config(name: str) -> dict:
     """The U-Net config called ``name`` (one of ``UNET_CONFIGS``, or a shipped trained model)."""
     if name in TRAINED_MODELS:
-        from .trained import model_folder, read_config
-
         return dict(read_config(model_folder(name))["unet"])
     if name not in UNET_CONFIGS:
         raise ValueError(f"unknown model config {name!r}; choose one of {sorted(UNET_CONFIGS) + list(TRAINED_MODELS)}")
@@ -130,12 +168,51 @@ def vae_factor(name: str) -> int:
     """Pixels per latent cell, per side, of the pipeline a named config belongs to (8 for the
     SD families and ``tiny``; the shipped trained models say in their config)."""
     if name in TRAINED_MODELS:
-        from .trained import model_folder, read_config
-        from .trained import vae_factor as factor_of
-
-        return factor_of(read_config(model_folder(name)))
+        return folder_vae_factor(read_config(model_folder(name)))
     unet_config(name)  # a clear error for an unknown name
     return 8
+
+
+TEXT_LENGTH = 77  # tokens of the CLIP text encoders
+TIME_IDS = 6  # SD-XL's added time ids: original size, crop corner, target size
+
+
+def unet_input_shapes(unet_config, batch: int, latent_height: int, latent_width: int) -> dict[str, tuple]:
+    """Shapes of a U-Net call's inputs (timestep: one scalar for the batch), with SD-XL's added
+    ``text_embeds`` (the pooled text: what the added projection takes besides the time ids) and
+    ``time_ids`` where the config has them.
+
+    Example:
+        >>> unet_input_shapes(unet_config("sdxl-base"), 2, 128, 128)["text_embeds"]
+        (2, 1280)
+    """
+    shapes = {
+        "sample": (batch, unet_config["in_channels"], latent_height, latent_width),
+        "timestep": (),
+        "encoder_hidden_states": (batch, TEXT_LENGTH, unet_config["cross_attention_dim"]),
+    }
+    if unet_config.get("addition_embed_type") == "text_time":
+        time_width = TIME_IDS * unet_config["addition_time_embed_dim"]
+        text_width = unet_config["projection_class_embeddings_input_dim"] - time_width
+        shapes["text_embeds"] = (batch, text_width)
+        shapes["time_ids"] = (batch, TIME_IDS)
+    return shapes
+
+
+def check_image_size(height: int, width: int, unet_config, vae_factor: int) -> None:
+    """ValueError unless ``height`` x ``width`` px suits a U-Net of this config: positive multiples
+    of the VAE factor times one halving per U-Net down stage but the last.
+
+    Example:
+        >>> check_image_size(1024, 1024, unet_config("sdxl-base"), 8)
+        >>> check_image_size(1000, 1024, unet_config("sdxl-base"), 8)
+        Traceback (most recent call last):
+        ...
+        ValueError: image size 1000x1024 is not a positive multiple of 32 for this model
+    """
+    multiple = 2 ** (len(unet_config["down_block_types"]) - 1) * vae_factor
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        raise ValueError(f"image size {height}x{width} is not a positive multiple of {multiple} for this model")
 
 
 def build_unet(
@@ -306,13 +383,73 @@ def tiny_sd15_pipeline(seed: int = 0):
     return pipe
 
 
+def build_pipeline(config: dict, weights: dict[str, torch.Tensor] | None = None):
+    """A ``StableDiffusionXLPipeline`` from a model folder's config, with ``weights`` (the
+    prefixed state dict of ``model.safetensors``) loaded, or randomly initialised without."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_tokenizer(config.get("tokenizer_words", ()))
+    parts = {
+        "unet": build_unet(config["unet"]),
+        "vae": AutoencoderKL.from_config(config["vae"]),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
+        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])),
+    }
+    if weights is not None:
+        for name, module in parts.items():
+            prefix = name + "."
+            state = {k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)}
+            module.load_state_dict(state, strict=True)
+    pipe = StableDiffusionXLPipeline(
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=EulerDiscreteScheduler.from_config(config["scheduler"]),
+        add_watermarker=False,
+        **{name: module.eval().requires_grad_(False) for name, module in parts.items()},
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_unet(directory: str | Path = TINY_SHAPES):
+    """The U-Net of a trained model folder alone (float32), without its VAE and text encoders."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    unet = build_unet(read_config(directory)["unet"])
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as weights:
+        state = {k[len("unet."):]: weights.get_tensor(k).float() for k in weights.keys() if k.startswith("unet.")}
+    unet.load_state_dict(state, strict=True)
+    return unet
+
+
+def load_trained_pipeline(directory: str | Path = TINY_SHAPES, device: str | torch.device = "cpu"):
+    """The trained pipeline shipped in the package (or the one in ``directory``), in float32.
+
+    Trained on 64 x 64 px images (latent 16 x 16): sample at ``height=width=64``.
+
+    Example:
+        >>> import torch
+        >>> from atedm_compile.models import load_trained_pipeline
+        >>> pipe = load_trained_pipeline()
+        >>> image = pipe("a large red circle in the center on a plain white background", height=64,
+        ...              width=64, num_inference_steps=20, guidance_scale=4.0,
+        ...              generator=torch.Generator().manual_seed(0)).images[0]
+        >>> image.size
+        (64, 64)
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    pipe = build_pipeline(read_config(directory), load_file(directory / "model.safetensors"))
+    return pipe.to(device)
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """The pipeline for ``model`` on ``device`` in ``dtype``: a shipped trained model
     (``TRAINED_MODELS``: ``"tiny-shapes"``, ``"tiny-shapes-xl"``, trained on synthetic shapes) or the
     folder of one, ``"tiny"`` (built in, random weights) or a local path / hub id loaded with
     diffusers' ``DiffusionPipeline.from_pretrained`` (SD-XL and SD 1.x / 2.x pipelines)."""
     from .devices import cast
-    from .trained import load_trained_pipeline, model_folder
 
     folder = model_folder(model)
     if folder is not None:
@@ -337,7 +474,6 @@ def pipeline_configs(model: str) -> tuple[dict, dict] | None:
     import json
     from pathlib import Path
 
-    from .trained import model_folder, read_config
 
     folder = model_folder(model)
     if folder is not None:

@@ -1,4 +1,5 @@
-"""The two modules the passes insert: token selection and token recovery.
+"""The modules the passes insert: token selection and token recovery (AT-EDM), and token
+matching, merging and unmerging (the ToMe baseline).
 
 They hold their configuration as attributes (readable in ``gm.code`` and ``print(gm)``) and call
 the pure functions of ``ops``. Being modules also lets FLOPs counting attribute the scoring and
@@ -7,9 +8,11 @@ recovery work to them, apart from the U-Net's own work.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from . import ops
+from . import ops, tome
 from .config import SIMILARITY_RECOVERIES, PruningConfig
 
 
@@ -84,3 +87,61 @@ class TokenRecovery(torch.nn.Module):
         if self.method == "direct-copy":
             return ops.recover_direct_copy(kept, index, before)
         return ops.recover_interpolation(kept, index, grid.shape[-2], grid.shape[-1])
+
+
+# -- ToMe, the baseline: the modules insert_token_merging puts around each merged sub-layer --
+
+
+def _static_sizes(*sizes) -> tuple[int, ...]:
+    # Traced for export, sizes are tensors; the grid is static per engine (one per shape
+    # profile), so they become constants on purpose and the tracer's warning says nothing new.
+    if torch.compiler.is_compiling():  # plain ints there, and no warnings filter to trace
+        return tuple(int(size) for size in sizes)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        return tuple(int(size) for size in sizes)
+
+
+class TokenMatching(torch.nn.Module):
+    """Computes the matching of one layer from the hidden states entering it.
+
+    forward(x [B, N, C], grid [B, C', H, W] (the block input, for H and W; N = H * W)) -> tome.Matching
+    """
+
+    def __init__(self, ratio: float, sx: int, sy: int, seed: int | None, where: str = ""):
+        super().__init__()
+        self.ratio = ratio
+        self.sx, self.sy = sx, sy
+        self.seed = seed
+        self.where = where
+        # (height, width, device) -> the grid's split, kept from eager calls: on a GPU, no
+        # host-to-device copy (and wait) per layer and call; a compiled graph reads it as a constant.
+        self._splits: dict = {}
+
+    def extra_repr(self) -> str:
+        return f"where={self.where!r}, ratio={self.ratio}, cell={self.sy}x{self.sx}, seed={self.seed}"
+
+    def forward(self, x: torch.Tensor, grid: torch.Tensor) -> tome.Matching:
+        height, width, tokens = _static_sizes(grid.shape[-2], grid.shape[-1], x.shape[1])
+        if height * width != tokens:
+            raise ValueError(f"{self.where}: {tokens} tokens do not form the {height}x{width} grid")
+        r = tome.merge_count(tokens, self.ratio)
+        key = (height, width, x.device)
+        split = None if torch.jit.is_tracing() else self._splits.get(key)
+        if split is None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            split = self._splits[key] = tome.grid_split(height, width, self.sx, self.sy, self.seed, x.device)
+        return tome.bipartite_soft_matching(x, height, width, r, self.sx, self.sy, self.seed, split)
+
+
+class TokenMerge(torch.nn.Module):
+    """forward(x [B, N, C], matching) -> [B, N - r, C]"""
+
+    def forward(self, x: torch.Tensor, matching: tome.Matching) -> torch.Tensor:
+        return tome.merge_tokens(x, matching)
+
+
+class TokenUnmerge(torch.nn.Module):
+    """forward(x [B, N - r, C], matching) -> [B, N, C]"""
+
+    def forward(self, x: torch.Tensor, matching: tome.Matching) -> torch.Tensor:
+        return tome.unmerge_tokens(x, matching)

@@ -15,31 +15,23 @@ from __future__ import annotations
 
 import contextlib
 import types
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from .config import DEFAULT_PRUNING, PruningConfig
+from .config import DEFAULT_PRUNING, PruningConfig, ToMeConfig
 from .modules import TokenSelector
-from .passes import ToMeConfig, pruning_passes, run_passes
+from .passes import pruning_passes, run_passes
 from .schedule import Phase, Schedule, make_schedule
+from .steps import PhaseCall, SchedulerFollower, StepCounter
 from .tracing import BlockInfo, attention_blocks, trace_block
 
 _RUNNER_ATTR = "_atedm_runner"
 
 
 @dataclass
-class PhaseCall:
-    """One U-Net call made under the runner: the step index and the phase that ran."""
-
-    step: int
-    phase: str
-
-
-@dataclass
-class Runner:
+class Runner(StepCounter):
     """The state of AT-EDM on one U-Net: the schedule, the phase graphs, the current step.
 
     Use ``apply`` to make one. With a pipeline the step advances by itself; with a bare U-Net
@@ -122,6 +114,10 @@ class Runner:
     def phase(self) -> Phase | None:
         return self._phase
 
+    def built_graphs(self) -> dict[tuple[str, float], fx.GraphModule]:
+        """Every block graph made so far, by (block name, keep ratio)."""
+        return dict(self._graphs)
+
     def graph(self, block_name: str, keep_ratio: float) -> fx.GraphModule | None:
         """The rewritten graph of a block at a keep ratio (None where nothing is pruned)."""
         if keep_ratio == 1.0:
@@ -140,9 +136,10 @@ class Runner:
                 if isinstance(module, TokenSelector):
                     module.capture = captured
 
-    def _advance(self) -> None:
-        if self.schedule is not None and self.step + 1 < self.schedule.num_steps:
-            self.set_step(self.step + 1)
+    @property
+    def num_steps(self) -> int | None:
+        """Steps of the current sampling run (None before one starts)."""
+        return None if self.schedule is None else self.schedule.num_steps
 
     @contextlib.contextmanager
     def capture_kept_tokens(self):
@@ -196,17 +193,20 @@ class Runner:
 
     # -- installation ----------------------------------------------------------------------
 
-    def _install(self, pipe=None) -> None:
+    def install(self, pipe=None) -> None:
+        """Put the phase graphs in the U-Net's blocks (``apply`` does this); given ``pipe``, follow
+        its scheduler. After ``uninstall``, installs again as before."""
         for name, module in self._modules.items():
             module.forward = _phased_forward(self, name, module)
         self._hook = self.unet.register_forward_pre_hook(self._before_unet_call, with_kwargs=True)
         if pipe is not None:
-            self._follower = SchedulerFollower(pipe, self.start, self._advance, self.set_step)
-        elif self._follower is not None:  # installed again after a _uninstall (flops counting does this)
+            self._follower = self.follow(pipe)
+        elif self._follower is not None:  # installed again after uninstall (flops counting does this)
             self._follower.hook()
         object.__setattr__(self.unet, _RUNNER_ATTR, self)
 
-    def _uninstall(self) -> None:
+    def uninstall(self) -> None:
+        """Give the U-Net (and scheduler) their own behaviour back (``remove`` does this)."""
         for module in self._modules.values():
             module.__dict__.pop("forward", None)
         self.unet.__dict__.pop("forward", None)  # compile()'s
@@ -237,73 +237,6 @@ def _own_code(function):
     code object, so a copy's graphs are its own and go away with it."""
     return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
                               function.__defaults__, function.__closure__)
-
-
-def follow_scheduler(scheduler, start, advance) -> None:
-    """Hook a diffusers scheduler instance: after ``set_timesteps``, ``start(len(timesteps))``;
-    after each ``step``, ``advance()``. That is the pipeline's loop index, whatever the scheduler."""
-    set_timesteps, step = scheduler.set_timesteps, scheduler.step
-
-    def hooked_set_timesteps(*args, **kwargs):
-        out = set_timesteps(*args, **kwargs)
-        start(len(scheduler.timesteps))
-        return out
-
-    def hooked_step(*args, **kwargs):
-        out = step(*args, **kwargs)
-        advance()
-        return out
-
-    scheduler.set_timesteps, scheduler.step = hooked_set_timesteps, hooked_step
-
-
-def unfollow_scheduler(scheduler) -> None:
-    """Undo ``follow_scheduler``: the instance's class methods are visible again."""
-    scheduler.__dict__.pop("set_timesteps", None)
-    scheduler.__dict__.pop("step", None)
-
-
-class SchedulerFollower:
-    """Keeps ``start`` / ``advance`` hooked (``follow_scheduler``) on the scheduler a pipeline
-    actually calls. Diffusers users often swap schedulers (``pipe.scheduler = X.from_config(...)``)
-    after ``apply``; ``sync``, called before every U-Net call, moves the hooks to the new one and
-    picks up the run its ``set_timesteps`` (which ran unhooked) set up."""
-
-    def __init__(self, pipe, start, advance, set_step):
-        self._pipe = weakref.ref(pipe)
-        self._start, self._advance, self._set_step = start, advance, set_step
-        self.scheduler = None
-        self.hook()
-
-    def hook(self) -> None:
-        """Follow the pipeline's current scheduler (and no other)."""
-        self.unhook()
-        pipe = self._pipe()
-        if pipe is not None:
-            self.scheduler = pipe.scheduler
-            follow_scheduler(self.scheduler, self._start, self._advance)
-
-    def sync(self) -> None:
-        """If the pipeline's scheduler was replaced, follow the new one from the step it is at."""
-        pipe = self._pipe()
-        if pipe is None or pipe.scheduler is self.scheduler:
-            return
-        self.hook()
-        timesteps = getattr(pipe.scheduler, "timesteps", None)
-        if timesteps is None:
-            raise RuntimeError(
-                f"pipe.scheduler was replaced by a {type(pipe.scheduler).__name__} whose set_timesteps was never "
-                f"called: the AT-EDM runner cannot tell the step; call set_timesteps first, or apply again")
-        self._start(len(timesteps))
-        # step_index: how many step() calls this run has made (None before the first one).
-        step = getattr(pipe.scheduler, "step_index", None)
-        if step:
-            self._set_step(int(step))
-
-    def unhook(self) -> None:
-        if self.scheduler is not None:
-            unfollow_scheduler(self.scheduler)
-            self.scheduler = None
 
 
 _UNSUPPORTED = ("timestep", "added_cond_kwargs", "class_labels", "attention_mask", "encoder_attention_mask")
@@ -393,7 +326,7 @@ def apply(
     if isinstance(schedule, Schedule) and preset_options:
         raise ValueError(f"preset options {sorted(preset_options)} only go with a preset name, not a Schedule")
     runner = Runner(unet, schedule, DEFAULT_PRUNING if config is None else config, preset_options)
-    runner._install(target if scheduler is not None else None)
+    runner.install(target if scheduler is not None else None)
     return runner
 
 
@@ -402,7 +335,7 @@ def remove(target) -> None:
     unet, _ = _unet_and_scheduler(target)
     runner = unet.__dict__.get(_RUNNER_ATTR)
     if runner is not None:
-        runner._uninstall()
+        runner.uninstall()
 
 
 def runner_of(target) -> Runner | None:

@@ -24,7 +24,7 @@ every method:
 - PSNR and SSIM against the full model's image from the same noise (fidelity);
 - the detector's colour / shape / position / all-three accuracy against the caption (alignment,
   the CLIP-score analogue);
-- Frechet distance of a small classifier's features (``atedm_compile.quality``, trained on 64 px
+- Frechet distance of a small classifier's features (``atedm_compile.shapes.quality``, trained on 64 px
   renders; larger images are area-averaged to 64 px, which it reads as well: held-out accuracy
   1.00 on 128 px renders) of the samples against the rendered images of the same captions (the
   FID analogue; lower is better);
@@ -64,15 +64,15 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 import atedm_compile as ac  # noqa: E402
-from atedm_compile import quality, synthetic  # noqa: E402
+from atedm_compile.shapes import quality, synthetic  # noqa: E402
 from atedm_compile.config import PruningConfig  # noqa: E402
 from atedm_compile.export.manifest import sha256_file, sha256_json, write_atomically  # noqa: E402
 from atedm_compile.flops import count_phases, solve_keep_ratio  # noqa: E402
 from atedm_compile.models import build_unet  # noqa: E402
 from atedm_compile.ops import keep_count  # noqa: E402
 from atedm_compile.passes import ToMeConfig  # noqa: E402
-from atedm_compile.trained import TINY_SHAPES, load_trained_pipeline, read_config  # noqa: E402
-from atedm_compile.trained import vae_factor as factor_of  # noqa: E402
+from atedm_compile.models import TINY_SHAPES, load_trained_pipeline, read_config  # noqa: E402
+from atedm_compile.models import folder_vae_factor as factor_of  # noqa: E402
 
 SDXL_FULL_TMACS = 6.7  # the paper's label of the full model; shares below use our own count
 BUDGETS = (2.9, 3.6, 4.1, 4.5)

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from atedm_compile import synthetic
-from atedm_compile.quality import to_pixels
+from atedm_compile.shapes import synthetic
+from atedm_compile.shapes.quality import to_pixels
 from atedm_compile.models import SDXL_BASE_UNET, TINY_VAE, tiny_tokenizer
-from atedm_compile.trained import TINY_SHAPES, TINY_SHAPES_XL, build_pipeline, save_model, state_dict
+from atedm_compile.models import TINY_SHAPES, TINY_SHAPES_XL, build_pipeline
+from atedm_compile.shapes.trained import save_model, state_dict
 
 IMAGE_SIZE = 64
 TEXT_HIDDEN = 48
@@ -275,7 +276,7 @@ def detector_accuracy(pipe, count: int, steps: int, guidance: float, seed: int =
 
 
 def evaluate(directory: Path, grid: Path, steps: int, guidance: float, count: int) -> None:
-    from atedm_compile.trained import load_trained_pipeline
+    from atedm_compile.models import load_trained_pipeline
 
     pipe = load_trained_pipeline(directory)
     write_sample_grid(pipe, grid, steps, guidance)

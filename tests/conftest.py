@@ -33,3 +33,26 @@ def block_inputs():
 @pytest.fixture
 def level2_block(tiny_unet):
     return tiny_unet.down_blocks[1].attentions[0]
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """The export tests' build (``export_build.CONFIG``): (directory, manifest, step records).
+    Tests that alter a build work on ``copy_of``."""
+    from export_build import CONFIG
+
+    from atedm_compile.export import build
+
+    directory = tmp_path_factory.mktemp("export") / "tiny"
+    manifest, records = build(CONFIG, directory, log=lambda _: None)
+    return directory, manifest, records
+
+
+@pytest.fixture
+def copy_of(built, tmp_path):
+    """A copy of the shared build, for a test to alter."""
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(built[0], target)
+    return target

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atedm_compile import synthetic
+from atedm_compile.shapes import synthetic
 from atedm_compile.cli import main
 from atedm_compile.evaluate import EvaluateConfig, Metrics, evaluate, read_captions
 from atedm_compile.evaluate import metrics as metrics_module
 from atedm_compile.evaluate.metrics import MissingMetricDependency, frechet_distance, load_metrics, paper_metrics
 from atedm_compile.evaluate.plan import plan_budgets
-from atedm_compile.evaluate.run import _reference_image
+from atedm_compile.evaluate.run import reference_image
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_METRICS = f"{Path(__file__).with_name('evaluate_toy_metrics.py')}:toy_metrics"
@@ -71,7 +71,7 @@ def test_frechet_distance_matches_its_closed_form():
     expected = ((mu_a - mu_b) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum()
     assert value == pytest.approx(expected, rel=1e-9)
     assert implementation == ("clean-fid" if importlib.util.find_spec("cleanfid") else
-                              "atedm_compile.synthetic (clean-fid absent)")
+                              "atedm_compile.shapes.synthetic (clean-fid absent)")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cleanfid") is not None or importlib.util.find_spec("open_clip") is not None,
@@ -121,7 +121,7 @@ def test_reference_images_are_center_cropped_to_the_generated_shape(tmp_path):
     wide = np.zeros((40, 100, 3), np.uint8)
     wide[:, 30:70] = 255  # a white centre square between black side bands
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    image = _reference_image(tmp_path / "wide.png", 20, 20)
+    image = reference_image(tmp_path / "wide.png", 20, 20)
     assert image.shape == (20, 20, 3)
     assert image.min() == 255  # the side bands were cropped away
 

@@ -12,7 +12,7 @@ from atedm_compile.export import BuildConfig, build, load
 from atedm_compile.export.build import model_identity
 from atedm_compile.export.onnx import example_inputs
 from atedm_compile.models import load_pipeline
-from atedm_compile.trained import TINY_SHAPES, load_unet
+from atedm_compile.models import TINY_SHAPES, load_unet
 
 STEPS = 4
 

@@ -3,7 +3,9 @@ import torch
 
 from atedm_compile import tome
 from atedm_compile.models import build_unet
-from atedm_compile.passes.insert_token_merging import ToMeConfig, TokenMatching, insert_token_merging
+from atedm_compile.config import ToMeConfig
+from atedm_compile.modules import TokenMatching
+from atedm_compile.passes.insert_token_merging import insert_token_merging
 from atedm_compile.tracing import attention_blocks, trace_block
 
 FIXED = ToMeConfig(destination="fixed")

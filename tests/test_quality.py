@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from atedm_compile import quality, synthetic
+from atedm_compile.shapes import quality, synthetic
 from atedm_compile.models import tiny_tokenizer
 
 

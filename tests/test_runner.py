@@ -96,7 +96,7 @@ def test_phase_graphs_share_the_unet_weights(pipe):
     runner = ac.apply(pipe, "atedm")
     runner.start(10)
     unet_storage = {p.data_ptr() for p in pipe.unet.parameters()}
-    graphs = list(runner._graphs.values())
+    graphs = list(runner.built_graphs().values())
     assert len(graphs) == 11  # 7 blocks pruned in both phases share a graph, 4 more in the pruned phase
     for gm in graphs:
         assert {p.data_ptr() for p in gm.parameters()} <= unet_storage

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from atedm_compile import synthetic
-from atedm_compile.synthetic import Scene, detect, frechet_distance, parse_caption, psnr, score, ssim
+from atedm_compile.shapes import synthetic
+from atedm_compile.shapes.synthetic import Scene, detect, frechet_distance, parse_caption, psnr, score, ssim
 
 
 def _drawn(shape: str, fill=(230, 20, 20), box=(8, 8, 28, 28), background=(255, 255, 255)) -> Image.Image:

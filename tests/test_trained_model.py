@@ -3,11 +3,10 @@ import socket
 import pytest
 import torch
 
-from atedm_compile import synthetic
-from atedm_compile.models import TRAINED_MODELS, load_pipeline
+from atedm_compile.models import TRAINED_MODELS, load_pipeline, load_trained_pipeline, model_folder, read_config
 from atedm_compile.runner import apply, remove
+from atedm_compile.shapes import synthetic
 from atedm_compile.tracing import attention_blocks
-from atedm_compile.trained import load_trained_pipeline, model_folder, read_config
 
 PROMPT = "a large red square in the center on a plain white background"
 

@@ -16,7 +16,7 @@ EXAMPLES = """examples:
 
 def add_evaluate_command(sub) -> None:
     """Add ``evaluate`` to the ``atedm-compile`` subparsers."""
-    from ..cli import HelpFormatter, finite_float, positive_float, positive_int
+    from ..arguments import HelpFormatter, finite_float, positive_float, positive_int
 
     evaluate = sub.add_parser(
         "evaluate", help="FID and CLIP score of each method at matched FLOPs budgets (runs under torchrun too)",

@@ -71,9 +71,10 @@ def frechet_distance(mu_a, sigma_a, mu_b, sigma_b) -> tuple[float, str]:
     try:
         from cleanfid.fid import frechet_distance as library_distance
     except ImportError:
-        from ..synthetic import frechet_distance_of_statistics
+        from ..shapes.synthetic import frechet_distance_of_statistics
 
-        return frechet_distance_of_statistics(mu_a, sigma_a, mu_b, sigma_b), "atedm_compile.synthetic (clean-fid absent)"
+        return (frechet_distance_of_statistics(mu_a, sigma_a, mu_b, sigma_b),
+                "atedm_compile.shapes.synthetic (clean-fid absent)")
     return float(library_distance(mu_a, sigma_a, mu_b, sigma_b)), "clean-fid"
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..config import PruningConfig, check_keep_ratio
 from ..flops import count_phases, solve_keep_ratio
-from ..passes import ToMeConfig
+from ..config import ToMeConfig
 from ..schedule import make_schedule
 
 

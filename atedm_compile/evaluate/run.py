@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ..config import check_keep_ratio
-from ..trained import write_atomically
+from ..files import write_atomically
 from . import report, shards
 from .captions import Caption, read_captions
 from .metrics import Metrics, frechet_distance, paper_metrics, statistics
@@ -301,7 +301,7 @@ def _reference_files(folder: Path) -> list[Path]:
     return files
 
 
-def _reference_image(path: Path, width: int, height: int) -> np.ndarray:
+def reference_image(path: Path, width: int, height: int) -> np.ndarray:
     """Center-cropped to the generated images' aspect ratio and resized to their size (supp. A.4:
     COCO images center-cropped and resized to 1024 px), PIL bicubic."""
     image = Image.open(path).convert("RGB")
@@ -333,7 +333,7 @@ def _reference_statistics(config: EvaluateConfig, files: list[Path], metrics: Me
         path = out / "features" / "reference" / f"{c:06d}.safetensors"
         found = _read_features(path, indices, metrics.name, key)
         if found is None:
-            images = np.stack([_reference_image(files[i], size["width"], size["height"]) for i in indices])
+            images = np.stack([reference_image(files[i], size["width"], size["height"]) for i in indices])
             found = {"indices": np.asarray(indices, np.int64), "fid": _fid_features(metrics, images)}
             _write_features(path, found, metrics.name, key)
             counts["reference features computed"] += len(indices)
@@ -390,8 +390,7 @@ def evaluate(config: EvaluateConfig, metrics: Metrics | Callable[[torch.device],
 def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> dict:
     from tqdm import tqdm
 
-    from ..models import load_pipeline
-    from ..runner import latent_multiple
+    from ..models import check_image_size, load_pipeline
 
     device = shard.device
     if metrics is None:
@@ -404,9 +403,7 @@ def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> d
     vae_factor = getattr(pipe, "vae_scale_factor", 8)
     height = config.height or pipe.unet.config.sample_size * vae_factor
     width = config.width or height
-    multiple = latent_multiple(pipe.unet) * vae_factor
-    if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(f"image size {width}x{height} is not a positive multiple of {multiple} for this model")
+    check_image_size(height, width, pipe.unet.config, vae_factor)
     size = {"height": height, "width": width}
     out = Path(config.out)
     settings = {"model": config.model, "steps": config.steps, "seed": config.seed, "batch": config.batch, **size,

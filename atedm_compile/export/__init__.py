@@ -7,7 +7,7 @@ Example:
     >>> unet = load("out/tiny")  # doctest: +SKIP
 """
 
-from .build import BuildConfig, Step, StepRecord, build
+from .build import BuildConfig, BuildPlan, Step, StepRecord, build
 from .check import check
 from .lint import LintIssue, lint_file, lint_model
 from .manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest, verify_artefacts
@@ -16,6 +16,7 @@ from .runtime import ExportedUNet, load
 __all__ = [
     "FORMAT_VERSION",
     "BuildConfig",
+    "BuildPlan",
     "ExportedUNet",
     "LintIssue",
     "Manifest",

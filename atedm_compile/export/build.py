@@ -12,17 +12,20 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from ..config import DEFAULT_PRUNING, PruningConfig, check_keep_ratio, check_number
+from ..files import remove_leftovers, temp_prefix, write_atomically
 from ..memory import check_fits, prunes, unet_bytes
+from ..models import check_image_size
 from ..schedule import PRESETS, make_schedule
 from .extras import UnavailableError
 from .manifest import (BACKENDS, EXPORT_KEY, MANIFEST, PHASE_KEY, PRECISIONS, WEIGHTS, Artefact, Manifest,
-                       ManifestError, PhaseEntry, build_settings, export_key, io_specs, read_manifest,
-                       remove_leftovers, sha256_file, sha256_json, temp_prefix, tool_versions, write_atomically)
+                       ManifestError, PhaseEntry, build_settings, carry_over, dropped_artefacts, export_key, io_specs,
+                       read_manifest, reusable, sha256_file, sha256_json, tool_versions)
 from .onnx import DEFAULT_OPSET, EXPORTERS, OPSETS, WeightStore, export_phase, share_weights
 
 MARKER = ".atedm-export"
@@ -138,9 +141,8 @@ def model_identity(model: str, seed: int) -> tuple[dict, dict, int]:
     trained model or a directory by the sha256 of its weight files; every one also by the sha256
     of its U-Net config.
     """
-    from ..models import TRAINED_MODELS, UNET_CONFIGS, unet_config, vae_factor
-    from ..trained import model_folder, read_config
-    from ..trained import vae_factor as trained_vae_factor
+    from ..models import (TRAINED_MODELS, UNET_CONFIGS, folder_vae_factor, model_folder, read_config, unet_config,
+                          vae_factor)
 
     folder = model_folder(model)
     if model in UNET_CONFIGS:
@@ -149,7 +151,7 @@ def model_identity(model: str, seed: int) -> tuple[dict, dict, int]:
         trained = read_config(folder)
         identity = {"name": model if model in TRAINED_MODELS else str(folder.resolve()),
                     "files": {name: sha256_file(folder / name) for name in ("config.json", "model.safetensors")}}
-        config, factor = trained["unet"], trained_vae_factor(trained)
+        config, factor = trained["unet"], folder_vae_factor(trained)
     else:
         root = Path(model)
         unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
@@ -186,8 +188,7 @@ def _with_defaults(config: dict) -> dict:
 def _load_unet(model: str, seed: int, precision: str, device: str):
     import torch
 
-    from ..models import UNET_CONFIGS, build_unet, quiet_loading
-    from ..trained import load_unet, model_folder
+    from ..models import UNET_CONFIGS, build_unet, load_unet, model_folder, quiet_loading
 
     with quiet_loading():
         if model in UNET_CONFIGS:
@@ -203,8 +204,18 @@ def _load_unet(model: str, seed: int, precision: str, device: str):
         return unet.to(device, torch.float16 if precision == "fp16" else torch.float32)
 
 
-class _Build:
-    def __init__(self, config: BuildConfig, directory: Path, log):
+class BuildPlan:
+    """The named steps that bring ``directory`` up to date for ``config`` (``steps()``), with the
+    directory's lock held from here until ``close`` (or the end of a ``with`` block). ``build``
+    runs them; each step's ``skip()`` says, without doing anything, why it would be skipped.
+
+    Example:
+        >>> with BuildPlan(BuildConfig(model="tiny", num_steps=4), "out/tiny") as plan:  # doctest: +SKIP
+        ...     [step.name for step in plan.steps()][:3]
+        ['load model', 'trace + passes', 'export ONNX: prune-less']
+    """
+
+    def __init__(self, config: BuildConfig, directory: str | Path, log: Callable[[str], None] = print):
         self.config = config
         self.directory = Path(directory)
         self.log = log
@@ -218,9 +229,7 @@ class _Build:
         self.vae_factor = config.vae_factor or factor
         height = config.height or self.unet_config["sample_size"] * self.vae_factor
         width = config.width or self.unet_config["sample_size"] * self.vae_factor
-        multiple = 2 ** (len(self.unet_config["down_block_types"]) - 1) * self.vae_factor
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise ValueError(f"image size {height}x{width} is not a positive multiple of {multiple} for this model")
+        check_image_size(height, width, self.unet_config, self.vae_factor)
         self.height, self.width = height, width
         self.latent = (height // self.vae_factor, width // self.vae_factor)
         self.schedule = make_schedule(config.schedule, config.num_steps, **config.schedule_options())
@@ -284,6 +293,12 @@ class _Build:
             self.lock.release()
             self.lock = None
 
+    def __enter__(self) -> BuildPlan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _start_manifest(self) -> Manifest:
         previous = None
         if (self.directory / MANIFEST).exists():
@@ -300,14 +315,9 @@ class _Build:
             opset=config.opset, tools=tool_versions(), phases=[], vae_factor=self.vae_factor,
         )
         manifest.tools["settings"] = sha256_json(build_settings(manifest))
-        if previous is not None and previous.tools.get("settings") != manifest.tools["settings"]:
-            self.log("build settings changed (model, precision, exporter or opset): rebuilding from scratch")
-            previous = None
-        if previous is not None and previous.weights is not None:
-            path = self.directory / previous.weights.file
-            if not path.is_file() or sha256_file(path) != previous.weights.sha256:
-                self.log(f"{WEIGHTS} is missing or altered: rebuilding every phase")
-                previous = None
+        previous, reason = reusable(previous, manifest, self.directory)
+        if reason:
+            self.log(reason)
         if previous is None:
             (self.directory / WEIGHTS).unlink(missing_ok=True)
         phases = []
@@ -315,18 +325,10 @@ class _Build:
             inputs, outputs = io_specs(self.unet_config, config.batch, *self.latent, config.precision)
             rules = [list(r) for r in phase.rules]
             key = export_key(manifest, rules, inputs)
-            entry = PhaseEntry(phase.name, phase.start, phase.stop, rules, inputs, outputs, key)
-            old = next((p for p in previous.phases if p.name == phase.name), None) if previous else None
-            if old is not None and old.export_key == key:
-                entry.onnx, entry.lint, entry.engine, entry.engine_key = old.onnx, old.lint, old.engine, old.engine_key
-            phases.append(entry)
-        if previous is not None:
-            current = {p.name for p in phases}
-            for old in previous.phases:
-                if old.name not in current:
-                    for artefact in (old.onnx, old.engine):
-                        if artefact is not None:
-                            (self.directory / artefact.file).unlink(missing_ok=True)
+            phases.append(carry_over(PhaseEntry(phase.name, phase.start, phase.stop, rules, inputs, outputs, key),
+                                     previous))
+        for file in dropped_artefacts(previous, phases):
+            (self.directory / file).unlink(missing_ok=True)
         wanted = {self._raw_dir(entry).name for entry in phases}
         for raw in (self.directory / _RAW).glob("*"):
             if raw.is_dir() and not raw.name.startswith(".") and raw.name not in wanted:
@@ -353,24 +355,29 @@ class _Build:
     def steps(self) -> list[Step]:
         entries = self.manifest.phases
 
-        def nothing_to_export():
-            if all(self._onnx_current(e) or (self._raw_dir(e) / "model.onnx").is_file() for e in entries):
-                return "no phase needs exporting"
-            return None
-
         steps = [
-            Step("load model", nothing_to_export, self._load_model),
-            Step("trace + passes", nothing_to_export, self._apply_passes),
+            Step("load model", self._nothing_to_export, self._load_model),
+            Step("trace + passes", self._nothing_to_export, self._apply_passes),
         ]
         for entry in entries:
-            steps.append(Step(f"export ONNX: {entry.name}", self._export_skip(entry), self._export(entry)))
-            steps.append(Step(f"clean up: {entry.name}", self._cleanup_skip(entry), self._cleanup(entry)))
-            steps.append(Step(f"check: {entry.name}", self._check_skip(entry), self._check(entry)))
+            steps.append(Step(f"export ONNX: {entry.name}", partial(self._exported, entry),
+                              partial(self._export, entry)))
+            steps.append(Step(f"clean up: {entry.name}", partial(self._cleaned, entry), partial(self._cleanup, entry)))
+            steps.append(Step(f"check: {entry.name}", partial(self._checked, entry), partial(self._check, entry)))
         if self.config.backend == "tensorrt":
             for entry in entries:
-                steps.append(Step(f"engine: {entry.name}", self._engine_skip(entry), self._engine(entry)))
+                steps.append(Step(f"engine: {entry.name}", partial(self._engine_built, entry),
+                                  partial(self._engine, entry)))
         steps.append(Step("manifest", lambda: None, self._finish))
         return steps
+
+    # Each step is a pair of plain methods: why it can be skipped (None: it must run), and the work.
+
+    def _nothing_to_export(self) -> str | None:
+        entries = self.manifest.phases
+        if all(self._onnx_current(e) or (self._raw_dir(e) / "model.onnx").is_file() for e in entries):
+            return "no phase needs exporting"
+        return None
 
     def _load_model(self) -> None:
         import torch
@@ -387,95 +394,83 @@ class _Build:
     def _raw_dir(self, entry: PhaseEntry) -> Path:
         return self.directory / _RAW / f"{entry.name}-{entry.export_key[:16]}"
 
-    def _export_skip(self, entry):
-        def skip():
-            if self._onnx_current(entry):
-                return f"{entry.onnx.file} is up to date"
-            if (self._raw_dir(entry) / "model.onnx").is_file():
-                return f"raw export {self._raw_dir(entry).relative_to(self.directory)} exists"
-            return None
-        return skip
+    def _exported(self, entry: PhaseEntry) -> str | None:
+        if self._onnx_current(entry):
+            return f"{entry.onnx.file} is up to date"
+        if (self._raw_dir(entry) / "model.onnx").is_file():
+            return f"raw export {self._raw_dir(entry).relative_to(self.directory)} exists"
+        return None
 
-    def _export(self, entry):
-        def run():
-            self.runner.use_phase(entry.name)
-            final = self._raw_dir(entry)
-            final.parent.mkdir(exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(final.name)))
-            try:
-                export_phase(self.unet, entry.inputs, tmp / "model.onnx", self.config.exporter, self.config.opset)
-                shutil.rmtree(final, ignore_errors=True)
-                tmp.rename(final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        return run
+    def _export(self, entry: PhaseEntry) -> None:
+        self.runner.use_phase(entry.name)
+        final = self._raw_dir(entry)
+        final.parent.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(final.name)))
+        try:
+            export_phase(self.unet, entry.inputs, tmp / "model.onnx", self.config.exporter, self.config.opset)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
-    def _cleanup_skip(self, entry):
-        return lambda: f"{entry.onnx.file} is up to date" if self._onnx_current(entry) else None
+    def _cleaned(self, entry: PhaseEntry) -> str | None:
+        return f"{entry.onnx.file} is up to date" if self._onnx_current(entry) else None
 
-    def _cleanup(self, entry):
-        def run():
-            import onnx
+    def _cleanup(self, entry: PhaseEntry) -> None:
+        import onnx
 
-            raw = self._raw_dir(entry)
-            model = share_weights(onnx.load(str(raw / "model.onnx")), self.store)
-            # The graph says which phase it is: load compares this with the manifest.
-            onnx.helper.set_model_props(model, {PHASE_KEY: entry.name, EXPORT_KEY: entry.export_key})
-            file = f"{entry.name}.onnx"
-            write_atomically(self.directory / file, model.SerializeToString())
-            entry.onnx = Artefact.of(self.directory, file)
-            entry.lint = None
-            self._save()
-            shutil.rmtree(raw)
-            if not any((self.directory / _RAW).iterdir()):
-                (self.directory / _RAW).rmdir()
-        return run
+        raw = self._raw_dir(entry)
+        model = share_weights(onnx.load(str(raw / "model.onnx")), self.store)
+        # The graph says which phase it is: load compares this with the manifest.
+        onnx.helper.set_model_props(model, {PHASE_KEY: entry.name, EXPORT_KEY: entry.export_key})
+        file = f"{entry.name}.onnx"
+        write_atomically(self.directory / file, model.SerializeToString())
+        entry.onnx = Artefact.of(self.directory, file)
+        entry.lint = None
+        self._save()
+        shutil.rmtree(raw)
+        if not any((self.directory / _RAW).iterdir()):
+            (self.directory / _RAW).rmdir()
 
-    def _check_skip(self, entry):
-        return lambda: "passed on this file before" if entry.onnx and entry.lint == entry.onnx.sha256 else None
+    def _checked(self, entry: PhaseEntry) -> str | None:
+        return "passed on this file before" if entry.onnx and entry.lint == entry.onnx.sha256 else None
 
-    def _check(self, entry):
-        def run():
-            from .lint import lint_file
+    def _check(self, entry: PhaseEntry) -> None:
+        from .lint import lint_file
 
-            issues = lint_file(self.directory / entry.onnx.file)
-            if issues:
-                listing = "\n  ".join(map(str, issues[:20]))
-                message = f"{entry.onnx.file}: {len(issues)} TensorRT-compatibility issues:\n  {listing}"
-                if self.config.backend == "tensorrt":
-                    raise ValueError(message)
-                self.log(f"warning: {message}")
-                return
-            entry.lint = entry.onnx.sha256
-            self._save()
-        return run
+        issues = lint_file(self.directory / entry.onnx.file)
+        if issues:
+            listing = "\n  ".join(map(str, issues[:20]))
+            message = f"{entry.onnx.file}: {len(issues)} TensorRT-compatibility issues:\n  {listing}"
+            if self.config.backend == "tensorrt":
+                raise ValueError(message)
+            self.log(f"warning: {message}")
+            return
+        entry.lint = entry.onnx.sha256
+        self._save()
 
     def _engine_file(self, entry: PhaseEntry, key: str) -> str:
         return f"engines/{entry.name}-{key[:16]}.plan"
 
-    def _engine_skip(self, entry):
-        def skip():
-            from .tensorrt import engine_key
+    def _engine_built(self, entry: PhaseEntry) -> str | None:
+        from .tensorrt import engine_key
 
-            key = engine_key(entry.onnx.sha256, entry.inputs, self.config.precision, self.config.optimization_level)
-            path = self.directory / self._engine_file(entry, key)
-            if entry.engine_key == key and path.is_file() and entry.engine and sha256_file(path) == entry.engine.sha256:
-                return f"{entry.engine.file} is up to date"
-            return None
-        return skip
+        key = engine_key(entry.onnx.sha256, entry.inputs, self.config.precision, self.config.optimization_level)
+        path = self.directory / self._engine_file(entry, key)
+        if entry.engine_key == key and path.is_file() and entry.engine and sha256_file(path) == entry.engine.sha256:
+            return f"{entry.engine.file} is up to date"
+        return None
 
-    def _engine(self, entry):
-        def run():
-            from .tensorrt import TIMING_CACHE, build_engine, engine_key
+    def _engine(self, entry: PhaseEntry) -> None:
+        from .tensorrt import TIMING_CACHE, build_engine, engine_key
 
-            key = engine_key(entry.onnx.sha256, entry.inputs, self.config.precision, self.config.optimization_level)
-            file = self._engine_file(entry, key)
-            build_engine(self.directory / entry.onnx.file, self.directory / file, entry.inputs, self.config.precision,
-                         self.directory / TIMING_CACHE, self.config.optimization_level)
-            entry.engine, entry.engine_key = Artefact.of(self.directory, file), key
-            self._save()
-        return run
+        key = engine_key(entry.onnx.sha256, entry.inputs, self.config.precision, self.config.optimization_level)
+        file = self._engine_file(entry, key)
+        build_engine(self.directory / entry.onnx.file, self.directory / file, entry.inputs, self.config.precision,
+                     self.directory / TIMING_CACHE, self.config.optimization_level)
+        entry.engine, entry.engine_key = Artefact.of(self.directory, file), key
+        self._save()
 
     def _finish(self) -> None:
         missing = [e.name for e in self.manifest.phases if e.onnx is None]
@@ -498,7 +493,7 @@ def build(config: BuildConfig, directory: str | Path, log: Callable[[str], None]
         >>> [p.name for p in manifest.phases]  # doctest: +SKIP
         ['prune-less', 'pruned']
     """
-    job = _Build(config, Path(directory), log)
+    job = BuildPlan(config, Path(directory), log)
     try:
         records = run_steps(job.steps(), log)
     except BaseException:

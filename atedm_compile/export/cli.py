@@ -13,7 +13,7 @@ from .onnx import DEFAULT_OPSET, EXPORTERS, OPSETS
 
 def add_export_commands(sub) -> None:
     """Add ``build``, ``run`` and ``check`` to the ``atedm-compile`` subparsers."""
-    from ..cli import HelpFormatter, _add_pruning_options, finite_float, positive_int, utf8_text
+    from ..arguments import HelpFormatter, add_pruning_options, finite_float, positive_int, utf8_text
 
     build = sub.add_parser(
         "build", help="export one ONNX graph (and TensorRT engine) per schedule phase", formatter_class=HelpFormatter,
@@ -40,7 +40,7 @@ def add_export_commands(sub) -> None:
     build.add_argument("--optimization-level", type=int, default=3, choices=range(6), metavar="{0..5}",
                        help="TensorRT builder optimisation level")
     build.add_argument("--out", required=True, help="output directory (new, empty, or an earlier build's)")
-    _add_pruning_options(build)
+    add_pruning_options(build)
     build.set_defaults(func=cmd_build)
 
     run = sub.add_parser(
@@ -83,14 +83,14 @@ def add_export_commands(sub) -> None:
 
 
 def cmd_build(args) -> int:
-    from ..cli import _pruning_config, check_output
+    from ..arguments import check_output, pruning_config
     from .build import BuildConfig, build
 
     require_extra("onnx", "build", modules=EXTRAS["onnx"] + (("onnxscript",) if args.exporter == "dynamo" else ()))
     check_output(Path(args.out), folder=True)
     config = BuildConfig(
         model=args.model, schedule=args.schedule, num_steps=args.steps, keep_ratio=args.keep_ratio,
-        prune_less_blocks=args.prune_less_blocks, pruning=_pruning_config(args), height=args.height,
+        prune_less_blocks=args.prune_less_blocks, pruning=pruning_config(args), height=args.height,
         width=args.width, batch=args.batch, precision=args.precision, backend=args.backend, exporter=args.exporter,
         opset=args.opset, seed=args.seed, optimization_level=args.optimization_level,
     )
@@ -116,7 +116,7 @@ def cmd_build(args) -> int:
 def cmd_run(args) -> int:
     import torch
 
-    from ..cli import check_output, save_png
+    from ..arguments import check_output, save_png
     from ..memory import check_fits, prunes, sampling_bytes
     from ..models import UNET_CONFIGS, load_pipeline, pipeline_configs, tiny_sdxl_pipeline
     from .build import model_identity

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import shutil
-import socket
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..files import write_atomically
+from ..models import unet_input_shapes
 
 FORMAT = "atedm-compile/export"
 FORMAT_VERSION = 2  # 2: seal, vae_factor, config_sha256 for every model, phase metadata in the graphs
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
-TEXT_LENGTH = 77
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnxruntime", "tensorrt")
 OUTPUT_NAME = "latent"
@@ -61,18 +58,8 @@ def io_specs(unet_config: dict, batch: int, latent_height: int, latent_width: in
     ``time_ids``.
     """
     dtype = "float16" if precision == "fp16" else "float32"
-    channels = unet_config["in_channels"]
-    inputs = {
-        "sample": TensorSpec((batch, channels, latent_height, latent_width), dtype),
-        "timestep": TensorSpec((), "float32"),
-        "encoder_hidden_states": TensorSpec((batch, TEXT_LENGTH, unet_config["cross_attention_dim"]), dtype),
-    }
-    if unet_config.get("addition_embed_type") == "text_time":
-        time_ids = 6
-        text_dim = unet_config["projection_class_embeddings_input_dim"] - time_ids * unet_config[
-            "addition_time_embed_dim"]
-        inputs["text_embeds"] = TensorSpec((batch, text_dim), dtype)
-        inputs["time_ids"] = TensorSpec((batch, time_ids), dtype)
+    shapes = unet_input_shapes(unet_config, batch, latent_height, latent_width)
+    inputs = {name: TensorSpec(shape, "float32" if name == "timestep" else dtype) for name, shape in shapes.items()}
     outputs = {OUTPUT_NAME: TensorSpec((batch, unet_config["out_channels"], latent_height, latent_width), dtype)}
     return inputs, outputs
 
@@ -406,76 +393,41 @@ def sha256_json(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def temp_prefix(name: str) -> str:
-    """Prefix of a temporary file or folder on its way to becoming ``name``: hidden, and naming
-    this process and machine, so that ``remove_leftovers`` can tell what a dead process left from
-    what a live one is still writing."""
-    return f".{name}.pid{os.getpid()}@{_host()}."
+# -- what a rebuild may reuse ----------------------------------------------------------------
 
 
-_TEMP = re.compile(r"^\..+\.pid(\d+)@([^.]+)\.")
+def reusable(previous: Manifest | None, manifest: Manifest, directory: Path) -> tuple[Manifest | None, str | None]:
+    """The previous build's manifest when a build of ``manifest`` into ``directory`` may reuse its
+    artefacts, else None and why not: other build settings (model, precision, exporter, opset)
+    or a missing or altered ``weights.bin`` (every graph refers into it) make everything anew."""
+    if previous is None:
+        return None, None
+    if previous.tools.get("settings") != manifest.tools["settings"]:
+        return None, "build settings changed (model, precision, exporter or opset): rebuilding from scratch"
+    if previous.weights is not None:
+        path = directory / previous.weights.file
+        if not path.is_file() or sha256_file(path) != previous.weights.sha256:
+            return None, f"{WEIGHTS} is missing or altered: rebuilding every phase"
+    return previous, None
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+def carry_over(entry: PhaseEntry, previous: Manifest | None) -> PhaseEntry:
+    """``entry`` with the previous build's artefacts of its phase (graph, lint, engine) where they
+    were made under the same export key; whether their files are still intact is the build
+    steps' check."""
+    old = next((p for p in previous.phases if p.name == entry.name), None) if previous else None
+    if old is not None and old.export_key == entry.export_key:
+        entry.onnx, entry.lint, entry.engine, entry.engine_key = old.onnx, old.lint, old.engine, old.engine_key
+    return entry
 
 
-def remove_leftovers(folder: Path) -> list[Path]:
-    """Remove the temporary files and folders (``temp_prefix``) in ``folder`` that a process of
-    this machine left when it died (killed, out of memory, power cut); others' are left alone."""
-    removed = []
-    folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    try:
-        paths = list(folder.iterdir())
-    except OSError:  # not ours to read: nothing of ours in it
-        return removed
-    for path in paths:
-        match = _TEMP.match(path.name)
-        if match is None or match.group(2) != _host() or _alive(int(match.group(1))):
-            continue
-        try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        except OSError:  # read-only, or gone meanwhile: leave it
-            continue
-        removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, then rename: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def publish(tmp: str | Path, path: Path) -> None:
-    """Rename a finished temporary file onto ``path`` with the permissions a plain ``open`` would
-    give it (mkstemp makes files private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+def dropped_artefacts(previous: Manifest | None, phases: list[PhaseEntry]) -> list[str]:
+    """Files of the previous build's phases that the new schedule no longer has."""
+    if previous is None:
+        return []
+    current = {p.name for p in phases}
+    return [artefact.file for old in previous.phases if old.name not in current
+            for artefact in (old.onnx, old.engine) if artefact is not None]
 
 
 def tool_versions() -> dict[str, str]:
@@ -508,9 +460,10 @@ __all__ = [
     "TensorSpec",
     "check_meaning",
     "export_key",
+    "carry_over",
+    "dropped_artefacts",
     "io_specs",
     "read_manifest",
-    "remove_leftovers",
-    "temp_prefix",
+    "reusable",
     "verify_artefacts",
 ]

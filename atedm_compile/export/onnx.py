@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .manifest import OUTPUT_NAME, TensorSpec, publish, temp_prefix
+from ..files import publish, temp_prefix
+from .manifest import OUTPUT_NAME, TensorSpec
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17

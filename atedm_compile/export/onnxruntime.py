@@ -186,7 +186,8 @@ def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=N
     import onnx
     import onnxruntime as ort
 
-    from .manifest import WEIGHTS, remove_leftovers, sha256_file, sha256_json, temp_prefix
+    from ..files import remove_leftovers, temp_prefix
+    from .manifest import WEIGHTS, sha256_file, sha256_json
     from .onnx import MIN_SHARED_BYTES, WeightStore, share_weights
 
     directory = Path(directory)

@@ -15,15 +15,16 @@ from types import SimpleNamespace
 import torch
 
 from ..config import PruningConfig
-from ..runner import PhaseCall, SchedulerFollower, apply
+from ..runner import apply
 from ..schedule import make_schedule
+from ..steps import PhaseCall, StepCounter
 from .manifest import WEIGHTS, Manifest, read_manifest, verify_artefacts
 
 ON_MISMATCH = ("error", "fallback")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-class ExportedUNet(torch.nn.Module):
+class ExportedUNet(StepCounter, torch.nn.Module):
     """The phase engines of a build directory behind a ``UNet2DConditionModel``-like interface.
 
     ``calls`` records (step, phase) of every call; a call that fell back to PyTorch is recorded
@@ -97,14 +98,9 @@ class ExportedUNet(torch.nn.Module):
     def attach(self, pipe) -> ExportedUNet:
         """Make this the U-Net of ``pipe`` and follow its scheduler's steps (as ``apply`` does,
         including a scheduler swapped in later)."""
-
-        def advance():
-            if self.num_steps is not None and self.step + 1 < self.num_steps:
-                self.set_step(self.step + 1)
-
         self.detach(pipe)
         # A plain dict: assigning the replaced U-Net to an attribute would make it a submodule.
-        self._attached = {"follower": SchedulerFollower(pipe, self.start, advance, self.set_step),
+        self._attached = {"follower": self.follow(pipe),
                           "unet": pipe.unet}
         pipe.unet = self
         return self

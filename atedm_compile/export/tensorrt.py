@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from ..files import publish, temp_prefix
 from .extras import UnavailableError, require_extra
-from .manifest import TensorSpec, publish, sha256_json, temp_prefix
+from .manifest import TensorSpec, sha256_json
 
 DEFAULT_OPTIMIZATION_LEVEL = 3
 TIMING_CACHE = "timing.cache"

@@ -11,10 +11,10 @@ from typing import Callable
 
 import torch.fx as fx
 
-from ..config import PruningConfig
+from ..config import PruningConfig, ToMeConfig
 from .expose_attention_map import expose_attention_map
 from .insert_token_pruning import insert_token_pruning
-from .insert_token_merging import ToMeConfig, insert_token_merging
+from .insert_token_merging import insert_token_merging
 from .insert_token_recovery import insert_token_recovery
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]

@@ -3,117 +3,11 @@ chosen sub-layers of every layer of a block, as ``tomesd.apply_patch`` does."""
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
-
-import torch
 import torch.fx as fx
 
-from .. import tome
+from ..config import SUBLAYERS, ToMeConfig, check_merge_ratio
+from ..modules import TokenMatching, TokenMerge, TokenUnmerge
 from ..tracing import ROLE, finalize, node_with_role, open_layer
-
-SUBLAYERS = {"self-attention": "attn1", "cross-attention": "attn2", "ff": "ff"}
-DESTINATIONS = ("random", "fixed")
-
-
-@dataclass(frozen=True)
-class ToMeConfig:
-    """Args:
-    ratio: share of a layer's tokens merged away, r = int(N * ratio) (tomesd's ``ratio``); at
-        most 1 - 1 / (sx * sy), 0.75 with 2 x 2 cells. 0.5 is the paper's baseline at 4.1 TMACs.
-    sublayers: where to merge, any of ``self-attention``, ``cross-attention``, ``ff`` (tomesd's
-        ``merge_attn``, ``merge_crossattn``, ``merge_mlp``). Default: all three, the paper's baseline.
-    destination: ``random`` (one token per cell drawn from ``seed``, the same draw at every call;
-        tomesd's ``use_rand=True`` redraws at every call) or ``fixed`` (the top-left token of every
-        cell, tomesd's ``use_rand=False``).
-    seed: seed of the ``random`` destinations; layer i of a block draws from ``seed + i``.
-    sx, sy: cell width and height in tokens.
-
-    Every layer of every block it is applied to merges: tomesd's ``max_downsample`` is the choice
-    of blocks, which belongs to the caller (the paper's baseline: all levels).
-    """
-
-    ratio: float = 0.5
-    sublayers: tuple[str, ...] = ("self-attention", "cross-attention", "ff")
-    destination: str = "random"
-    seed: int = 0
-    sx: int = 2
-    sy: int = 2
-
-    def __post_init__(self):
-        for field in ("sx", "sy"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field}={value!r} must be an integer >= 1")
-        check_merge_ratio(self.ratio, self.sx, self.sy)
-        if not self.sublayers or any(s not in SUBLAYERS for s in self.sublayers):
-            raise ValueError(f"sublayers={self.sublayers!r}: choose one or more of {list(SUBLAYERS)}")
-        if self.destination not in DESTINATIONS:
-            raise ValueError(f"destination={self.destination!r} is not allowed; choose one of {list(DESTINATIONS)}")
-
-
-def check_merge_ratio(ratio, sx: int = 2, sy: int = 2) -> float:
-    """A merge ratio lies in [0, 1 - 1 / (sx * sy)]: each cell keeps its destination."""
-    cap = 1.0 - 1.0 / (sx * sy)
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= cap:
-        raise ValueError(f"merge ratio={ratio!r} is outside [0, {cap}] (one destination per {sy}x{sx} cell stays)")
-    return float(ratio)
-
-
-def _static_sizes(*sizes) -> tuple[int, ...]:
-    # Traced for export, sizes are tensors; the grid is static per engine (one per shape
-    # profile), so they become constants on purpose and the tracer's warning says nothing new.
-    if torch.compiler.is_compiling():  # plain ints there, and no warnings filter to trace
-        return tuple(int(size) for size in sizes)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        return tuple(int(size) for size in sizes)
-
-
-class TokenMatching(torch.nn.Module):
-    """Computes the matching of one layer from the hidden states entering it.
-
-    forward(x [B, N, C], grid [B, C', H, W] (the block input, for H and W; N = H * W)) -> tome.Matching
-    """
-
-    def __init__(self, ratio: float, sx: int, sy: int, seed: int | None, where: str = ""):
-        super().__init__()
-        self.ratio = ratio
-        self.sx, self.sy = sx, sy
-        self.seed = seed
-        self.where = where
-        # (height, width, device) -> the grid's split, kept from eager calls: on a GPU, no
-        # host-to-device copy (and wait) per layer and call; a compiled graph reads it as a constant.
-        self._splits: dict = {}
-
-    def extra_repr(self) -> str:
-        return f"where={self.where!r}, ratio={self.ratio}, cell={self.sy}x{self.sx}, seed={self.seed}"
-
-    def forward(self, x: torch.Tensor, grid: torch.Tensor) -> tome.Matching:
-        height, width, tokens = _static_sizes(grid.shape[-2], grid.shape[-1], x.shape[1])
-        if height * width != tokens:
-            raise ValueError(f"{self.where}: {tokens} tokens do not form the {height}x{width} grid")
-        r = tome.merge_count(tokens, self.ratio)
-        key = (height, width, x.device)
-        split = None if torch.jit.is_tracing() else self._splits.get(key)
-        if split is None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            split = self._splits[key] = tome.grid_split(height, width, self.sx, self.sy, self.seed, x.device)
-        return tome.bipartite_soft_matching(x, height, width, r, self.sx, self.sy, self.seed, split)
-
-
-class TokenMerge(torch.nn.Module):
-    """forward(x [B, N, C], matching) -> [B, N - r, C]"""
-
-    def forward(self, x: torch.Tensor, matching: tome.Matching) -> torch.Tensor:
-        return tome.merge_tokens(x, matching)
-
-
-class TokenUnmerge(torch.nn.Module):
-    """forward(x [B, N - r, C], matching) -> [B, N, C]"""
-
-    def forward(self, x: torch.Tensor, matching: tome.Matching) -> torch.Tensor:
-        return tome.unmerge_tokens(x, matching)
-
 
 def _layer_indices(gm: fx.GraphModule) -> list[int]:
     """The layers the graph calls (the GraphModule holds only the submodules it calls)."""
@@ -149,6 +43,7 @@ def insert_token_merging(
     when the ratio is 0 or the block already merges.
 
     Example:
+        >>> import torch
         >>> from atedm_compile.models import build_unet
         >>> from atedm_compile.tracing import trace_block
         >>> unet = build_unet("tiny")

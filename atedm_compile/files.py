@@ -1,0 +1,104 @@
+"""Files written whole or not at all, and the temporary files a dead process left behind.
+
+Every artefact of this package (images, manifests, graphs, weights, evaluation results) is written
+to a temporary name beside its target and renamed onto it: a reader sees the old file or the new
+one, never part of one. Temporary names say which process on which machine writes them, so that
+``remove_leftovers`` removes what a dead process left and nothing a live one is still writing.
+Finished files get the permissions a plain ``open`` would give them (``0o666`` less the umask).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix of a temporary file or folder on its way to becoming ``name``: hidden, and naming
+    this process and machine, so that ``remove_leftovers`` can tell what a dead process left from
+    what a live one is still writing."""
+    return f".{name}.pid{os.getpid()}@{_host()}."
+
+
+_TEMP = re.compile(r"^\..+\.pid(\d+)@([^.]+)\.")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove the temporary files and folders (``temp_prefix``) in ``folder`` that a process of
+    this machine left when it died (killed, out of memory, power cut); others' are left alone."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    try:
+        paths = list(folder.iterdir())
+    except OSError:  # not ours to read: nothing of ours in it
+        return removed
+    for path in paths:
+        match = _TEMP.match(path.name)
+        if match is None or match.group(2) != _host() or _alive(int(match.group(1))):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:  # read-only, or gone meanwhile: leave it
+            continue
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def write_atomically(path: str | Path, data: bytes | Callable[[str], object]) -> None:
+    """Write ``path`` whole or not at all: ``data`` (bytes), or what ``data(tmp)`` writes to the
+    temporary file's name, goes to a temporary file beside ``path`` that is then renamed onto it.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> write_atomically(folder / "a.txt", b"hello")
+        >>> write_atomically(folder / "b.txt", lambda tmp: pathlib.Path(tmp).write_text("hi"))
+        >>> sorted(p.name for p in folder.iterdir()), (folder / "a.txt").read_bytes()
+        (['a.txt', 'b.txt'], b'hello')
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".part")
+    try:
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+        publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def publish(tmp: str | Path, path: Path) -> None:
+    """Rename a finished temporary file onto ``path`` with the permissions a plain ``open`` would
+    give it (mkstemp makes files private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
