@@ -46,7 +46,7 @@ def cmd_flops(args) -> int:
 
     unet = build_unet(args.model, device="meta")
     factor = vae_factor(args.model)
-    # Default: the model's own size (SD-XL 1024, SD 1.5 512, tiny 256, tiny-shapes 64 px).
+    # Default: the model's own size (SD-XL 1024, SD 1.5 512, tiny 256, tiny-shapes 64, tiny-shapes-xl 128 px).
     args.height = args.height or unet.config.sample_size * factor  # 0 never gets here: positive_int
     args.width = args.width or args.height
     config = pruning_config(args)
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  atedm-compile flops --model sdxl-base --schedule atedm --json\n"
                "  atedm-compile flops --model sdxl-base --target-tflops 4.1")
     flops.add_argument("--model", default="sdxl-base",
-                       help="config name: sdxl-base, sdxl-turbo, sd15, sd21, tiny, tiny-sd15, tiny-shapes")
+                       help="config name: sdxl-base, sdxl-turbo, sd15, sd21, tiny, tiny-sd15, tiny-shapes, tiny-shapes-xl")
     flops.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the "
                                                                          "model's own image size)")
     flops.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: --height)")
@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  atedm-compile generate --out out\n"
                "  atedm-compile generate --model tiny --steps 20 --schedule uniform --keep-ratio 0.5 --out out/tiny")
     generate.add_argument("--model", default="tiny-shapes",
-                          help="'tiny-shapes' (shipped, trained on synthetic shapes, 64 px), 'tiny' (built in, "
-                               "random weights) or a path / hub id")
+                          help="'tiny-shapes' (shipped, trained on synthetic shapes, 64 px), 'tiny-shapes-xl' (shipped, "
+                               "SD-XL's depth pattern, 128 px), 'tiny' (built in, random weights) or a path / hub id")
     generate.add_argument("--prompt", type=utf8_text,
                           default="a small red triangle at the top left on a striped blue background",
                           help="what to draw")

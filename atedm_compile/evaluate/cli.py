@@ -25,7 +25,7 @@ def add_evaluate_command(sub) -> None:
                     "noise for every method) and measure FID (clean-fid) and the CLIP score (OpenCLIP ViT-g-14). "
                     "Under `torchrun --nproc_per_node K` the ranks share the captions; a rerun resumes.")
     evaluate.add_argument("--model", required=True,
-                          help="a diffusers pipeline folder or cached hub id, or 'tiny-shapes' (shipped, 64 px)")
+                          help="a diffusers pipeline folder or cached hub id, or a shipped model: 'tiny-shapes' (64 px), 'tiny-shapes-xl' (128 px)")
     evaluate.add_argument("--captions", required=True,
                           help="a text file of one caption per line, or COCO captions_val2017.json (one caption per image)")
     evaluate.add_argument("--out", required=True, help="output folder; rerunning with the same settings resumes there")

@@ -24,7 +24,7 @@ def add_export_commands(sub) -> None:
                "  atedm-compile build --model tiny --schedule uniform --steps 4 --keep-ratio 0.5 --out build/tiny")
     build.add_argument("--model", default="tiny",
                        help="config name (tiny, tiny-sd15, sdxl-base: random weights), a shipped trained model "
-                            "(tiny-shapes) or its folder, or a local diffusers pipeline / U-Net directory")
+                            "(tiny-shapes, tiny-shapes-xl) or its folder, or a local diffusers pipeline / U-Net directory")
     build.add_argument("--height", type=positive_int, default=None,
                        help="image height in pixels (default: the model's)")
     build.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: the model's)")
