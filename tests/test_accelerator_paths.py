@@ -11,6 +11,7 @@ from atedm_compile.flops import unet_inputs
 from atedm_compile.models import build_unet, initialise_on
 from atedm_compile.passes import ToMeConfig, pruning_passes, run_passes
 from atedm_compile.tracing import trace_block
+from counting_backend import CountingBackend
 
 CONFIGS = {
     "gwpr, similarity": PruningConfig(),
@@ -45,17 +46,6 @@ def test_forced_accelerator_path_of_a_pruned_block_equals_the_cpu_path(level2_bl
         out, index = _run_capturing(gm, block_inputs)
     assert torch.equal(index, expected_index)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-
-
-class CountingBackend:
-    """A torch.compile backend that counts the graphs it is given and runs them as they are."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 @pytest.mark.parametrize("name", [*CONFIGS, "ToMe"])

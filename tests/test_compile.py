@@ -8,6 +8,7 @@ from atedm_compile.config import PruningConfig
 from atedm_compile.flops import unet_inputs
 from atedm_compile.models import TINY_SDXL_UNET, build_unet
 from atedm_compile.schedule import Phase, Schedule
+from counting_backend import CountingBackend
 
 # One attention block (mid, two layers) keeps dynamo's capture of the whole U-Net to seconds.
 MID_ONLY_UNET = {
@@ -20,17 +21,6 @@ MID_ONLY_UNET = {
     "layers_per_block": 1,
 }
 TWO_PHASES = Schedule((Phase("light", 0, 2, (("mid", 0.75),)), Phase("heavy", 2, 4, (("mid", 0.37),))), 4)
-
-
-class CountingBackend:
-    """A torch.compile backend that counts the graphs it compiles and runs them as they are."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 @pytest.fixture
