@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from atedm_compile.files import write_atomically
 from atedm_compile.shapes import synthetic
 from atedm_compile.shapes.quality import to_pixels
 from atedm_compile.models import SDXL_BASE_UNET, TINY_VAE, tiny_tokenizer
@@ -322,9 +323,9 @@ class Checkpoint:
                   "resumed": self.resumed,
                   "schedule": schedule.state_dict()["last_epoch"], "param_groups": optim["param_groups"]}
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.directory / "state.safetensors", lambda tmp: save_file(tensors, tmp))
+        write_atomically(self.directory / "state.safetensors", lambda tmp: save_file(tensors, tmp))
         text = json.dumps(record, default=str)
-        _write_atomically(self.directory / "state.json", lambda tmp: Path(tmp).write_text(text))
+        write_atomically(self.directory / "state.json", text.encode())
 
     def load(self, settings, trained, ema, optimizer, schedule, rng):
         """Restore everything ``save`` wrote; returns (step, running loss). Refuses a checkpoint
@@ -357,15 +358,6 @@ class Checkpoint:
                              f"{settings['steps']}")
         self.resumed = [*record.get("resumed", []), {"at_step": record["step"], "steps": settings["steps"]}]
         return record["step"], record["running"]
-
-
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main() -> None:
