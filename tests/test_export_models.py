@@ -4,6 +4,7 @@ builds, run on the CPU."""
 import numpy as np
 import pytest
 import torch
+from export_build import pytorch_latent
 from PIL import Image
 
 import atedm_compile as ac
@@ -71,10 +72,7 @@ def test_an_fp16_build_runs_on_the_cpu_close_to_fp32(tmp_path):
     try:
         for phase in manifest.phases:
             runner.use_phase(phase.name)
-            with torch.no_grad():
-                expected = reference(feed["sample"].float(), feed["timestep"], feed["encoder_hidden_states"].float(),
-                                     added_cond_kwargs={"text_embeds": feed["text_embeds"].float(),
-                                                        "time_ids": feed["time_ids"].float()}).sample
+            expected = pytorch_latent(reference, feed)
             outputs[phase.name] = unet.engines[phase.name].infer(feed)["latent"]
             error = (outputs[phase.name].float() - expected).abs()
             assert outputs[phase.name].dtype == torch.float16

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_build import STEPS
+from export_build import STEPS, pytorch_latent
 
 import atedm_compile as ac
 from atedm_compile.export import BuildConfig, build, load
@@ -86,10 +86,7 @@ def test_each_phase_graph_matches_its_pytorch_phase(built, pipe):
     try:
         for phase in manifest.phases:
             runner.use_phase(phase.name)
-            with torch.no_grad():
-                reference = pipe.unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"],
-                                      added_cond_kwargs={"text_embeds": feed["text_embeds"],
-                                                         "time_ids": feed["time_ids"]}).sample
+            reference = pytorch_latent(pipe.unet, feed)
             outputs[phase.name] = unet.engines[phase.name].infer(feed)["latent"]
             assert (outputs[phase.name] - reference).abs().max().item() <= 1e-4
     finally:
@@ -181,8 +178,6 @@ def test_delta_recovery_phase_exports_and_passes_check(tmp_path):
     unet = build_unet("tiny")
     ac.apply(unet, ac.make_schedule("uniform", 1), pruning).start(1)
     feed = example_inputs(manifest.phases[0].inputs, seed=3)
-    with torch.no_grad():
-        expected = unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"],
-                        added_cond_kwargs={"text_embeds": feed["text_embeds"], "time_ids": feed["time_ids"]}).sample
+    expected = pytorch_latent(unet, feed)
     got = load(tmp_path / "delta", cpu_cache=False).engines[manifest.phases[0].name].infer(feed)["latent"]
     assert (got - expected).abs().max().item() <= 1e-4
