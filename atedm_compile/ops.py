@@ -132,7 +132,7 @@ def attention_with_map(
     return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim), combined
 
 
-def _fused_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def fused_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q: [B, h, N, d], k and v: [B, h, M, d] -> (out [B, h, N, d], log-sum-exp of each row of
     the scaled scores [B, h, N] float32, or None where no fused kernel returns it)."""
     if q.device.type == "cpu":
@@ -178,7 +178,7 @@ def attention_with_map_chunked(
     q, k, v = split_heads(query, heads), split_heads(key, heads), split_heads(value, heads)
     batch, _, tokens, head_dim = q.shape
     keys = k.shape[2]
-    out, lse = _fused_attention_with_lse(q, k, v)
+    out, lse = fused_attention_with_lse(q, k, v)
     chunk = head_chunk or map_head_chunk(batch, tokens, keys, heads, query.dtype)
     scaled = q * head_dim**-0.5
     combined = query.new_zeros(batch, tokens, keys, dtype=torch.float32)

@@ -38,7 +38,7 @@ def _qkv(batch, tokens, heads, head_dim, dtype, seed=0):
 def test_flash_kernel_statistics_give_the_map(dtype):
     q, k, v = _qkv(2, 1024, 10, 64, dtype)
     heads = [ops.split_heads(t, 10) for t in (q, k, v)]
-    _, lse = ops._fused_attention_with_lse(*heads)
+    _, lse = ops.fused_attention_with_lse(*heads)
     assert lse is not None and lse.dtype == torch.float32  # the flash kernel's, not recomputed
     scores = heads[0].float() @ heads[1].float().transpose(-1, -2) / 8.0
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=2e-3, rtol=0)

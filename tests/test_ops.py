@@ -165,7 +165,7 @@ def test_chunked_map_without_a_kernel_log_sum_exp(monkeypatch):
         calls.append(q.shape)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v), None
 
-    monkeypatch.setattr(ops, "_fused_attention_with_lse", sdpa_only)
+    monkeypatch.setattr(ops, "fused_attention_with_lse", sdpa_only)
     out, combined = ops.attention_with_map_chunked(q, k, v, 3, head_chunk=2)
     assert calls == [(2, 3, 17, 8)]
     torch.testing.assert_close(combined, expected[1], atol=1e-6, rtol=1e-5)
