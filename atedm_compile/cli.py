@@ -224,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="classifier-free guidance scale (1 or less: no guidance)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     generate.add_argument("--out", default="out", help="folder for image.png and masks.png")
-    generate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    generate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     generate.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
-                          help="weights and activations (default: fp32; fp16 is slow on a CPU)")
+                          help="weights and activations (fp16 is slow on a CPU)")
     add_pruning_options(generate)
     generate.set_defaults(func=cmd_generate)
 

@@ -94,6 +94,9 @@ def test_help_describes_every_option_with_its_default_and_examples():
         assert "example" in text, name
         for action in command._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            # A default written into the help text and added by the formatter shows twice.
+            shown = command._get_formatter()._expand_help(action) if action.help != "==SUPPRESS==" else ""
+            assert shown.count("(default:") <= 1, f"{name} {action.option_strings}: {shown!r}"
     generate = commands["generate"].format_help()
     assert "sampling steps (default: 50)" in generate and "(default: tiny-shapes)" in generate
     assert "(default: None)" not in generate
