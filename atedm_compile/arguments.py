@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from .config import DEFAULT_PRUNING, MAX_ITERATIONS, PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES, PruningConfig
+from .config import DEFAULT_PRUNING, MAX_CELL, MAX_ITERATIONS, PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES, PruningConfig
 from .ops import HEAD_REDUCTIONS
 from .schedule import PRESETS, Schedule, make_schedule
 
@@ -101,6 +101,9 @@ def add_pruning_options(parser: argparse.ArgumentParser) -> None:
                              "attention map")
     parser.add_argument("--neighbours", type=positive_int, default=DEFAULT_PRUNING.neighbours,
                         help="delta recovery: how many most similar kept tokens give their update (1 to 64)")
+    parser.add_argument("--cell", type=positive_int, default=DEFAULT_PRUNING.cell,
+                        help=f"keep the best token of every CELL x CELL patch of tokens first, then the rest by "
+                             f"score (1: by score alone, the paper's; at most {MAX_CELL})")
 
 
 def check_output(path: Path, folder: bool) -> None:
@@ -136,6 +139,7 @@ def pruning_config(args) -> PruningConfig:
         recovery=args.recovery,
         similarity=args.similarity,
         neighbours=args.neighbours,
+        cell=args.cell,
     )
 
 

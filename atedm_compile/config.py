@@ -14,6 +14,7 @@ SIMILARITY_RECOVERIES = ("similarity", "delta")  # the recoveries that read ``si
 SIMILARITIES = ("attention", "key-cosine")
 
 
+MAX_CELL = 16  # a patch of 16 x 16 tokens: past that the kept tokens are no longer spread out
 MAX_ITERATIONS = 100  # G-WPR's ranking settles within a few rounds; more is a typo, not a setting
 
 
@@ -56,6 +57,9 @@ class PruningConfig:
         head-combined attention map A[i, j], the paper's, read from its figure) or ``key-cosine``.
     neighbours: for ``delta`` recovery: how many of the most similar kept tokens give their update,
         averaged with weights proportional to their similarity. Default 1 (the most similar one).
+    cell: side, in tokens, of the patches of the token grid of which each keeps its best-scoring
+        token before the remaining kept tokens are taken by score (ours: every pruned token then
+        has a kept token next to it). Default 1: plain top-k by score, the paper's.
     eta, alpha: thresholds of the clip and power cross-attention scorers (paper: 0.2, 5).
     seed: seed of the ``random`` scorer.
     """
@@ -67,6 +71,7 @@ class PruningConfig:
     recovery: str = "similarity"
     similarity: str = "attention"
     neighbours: int = 1
+    cell: int = 1
     eta: float = 0.2
     alpha: float = 5.0
     seed: int = 0
@@ -82,6 +87,7 @@ class PruningConfig:
         check_number("alpha", self.alpha, 0.0, 1e6, low_open=True)
         check_number("seed", self.seed, 0, 2**63 - 1, integer=True)
         check_number("neighbours", self.neighbours, 1, 64, integer=True)
+        check_number("cell", self.cell, 1, MAX_CELL, integer=True)
 
     @property
     def uses_cross_attention(self) -> bool:

@@ -19,7 +19,8 @@ from .config import SIMILARITY_RECOVERIES, PruningConfig
 class TokenSelector(torch.nn.Module):
     """Scores the tokens of one block and returns the indices of the k kept ones per image.
 
-    forward(hidden [B, N, C], attention_map [B, N, M] head-combined or None) -> [B, k]
+    forward(hidden [B, N, C], attention_map [B, N, M] head-combined or None,
+            grid [B, C', H, W] (the block input, for H and W; only with ``cell`` > 1)) -> [B, k]
     """
 
     def __init__(self, keep_ratio: float, config: PruningConfig, block_name: str = ""):
@@ -30,21 +31,33 @@ class TokenSelector(torch.nn.Module):
         self.eta = config.eta
         self.alpha = config.alpha
         self.seed = config.seed
+        self.cell = config.cell
         self.block_name = block_name
         # When a dict, each call records its kept indices here under block_name (capture_kept_tokens).
         self.capture: dict | None = None
 
     def extra_repr(self) -> str:
-        return f"block={self.block_name!r}, keep_ratio={self.keep_ratio}, scorer={self.scorer!r}"
+        text = f"block={self.block_name!r}, keep_ratio={self.keep_ratio}, scorer={self.scorer!r}"
+        return text + (f", cell={self.cell}" if self.cell > 1 else "")
 
-    def forward(self, hidden: torch.Tensor, attention_map: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_map: torch.Tensor | None = None,
+                grid: torch.Tensor | None = None) -> torch.Tensor:
         if self.scorer == "gwpr":
             scores = ops.gwpr_self_attention(attention_map, self.iterations)
         elif self.scorer == "random":
             scores = ops.random_scores(hidden, self.seed)
         else:
             scores = ops.gwpr_cross_attention(attention_map, self.iterations, self.scorer, self.eta, self.alpha)
-        index = ops.select_top_k(scores, ops.keep_count(hidden.shape[1], self.keep_ratio))
+        k = ops.keep_count(hidden.shape[1], self.keep_ratio)
+        if self.cell > 1:
+            if grid is None:
+                raise ValueError(f"{self.block_name}: cell={self.cell} needs the block input for its token grid")
+            height, width, tokens = _static_sizes(grid.shape[-2], grid.shape[-1], hidden.shape[1])
+            if height * width != tokens:
+                raise ValueError(f"{self.block_name}: {tokens} tokens do not form the {height}x{width} grid")
+            index = ops.select_top_k_per_cell(scores, k, height, width, self.cell)
+        else:
+            index = ops.select_top_k(scores, k)
         if self.capture is not None:
             self.capture[self.block_name] = index.detach().clone()
         return index

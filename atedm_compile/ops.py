@@ -283,6 +283,48 @@ def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, dim=-1, largest=True, sorted=True).indices
 
 
+def cell_winners(scores: torch.Tensor, height: int, width: int, cell: int) -> torch.Tensor:
+    """The index of the best-scoring token of every ``cell`` x ``cell`` patch of the token grid
+    (patches from the top left, the last row and column of them cut short where ``cell`` does not
+    divide the grid; on a tie the first token of the patch in row-major order).
+
+    scores: [B, N] with N = height * width -> [B, P], P = ceil(height / cell) * ceil(width / cell),
+    patches in row-major order. Static shapes: Pad, Reshape, Transpose, ArgMax in ONNX.
+    """
+    batch = scores.shape[0]
+    rows, cols = -(-height // cell), -(-width // cell)
+    grid = scores.reshape(batch, height, width)
+    if (rows * cell, cols * cell) != (height, width):
+        grid = torch.nn.functional.pad(grid, (0, cols * cell - width, 0, rows * cell - height), value=float("-inf"))
+    patches = grid.reshape(batch, rows, cell, cols, cell).transpose(2, 3).reshape(batch, rows, cols, cell * cell)
+    local = patches.argmax(dim=-1)  # [B, rows, cols]
+    row = torch.arange(rows, device=scores.device).view(1, rows, 1) * cell + local // cell
+    col = torch.arange(cols, device=scores.device).view(1, 1, cols) * cell + local % cell
+    return (row * width + col).reshape(batch, rows * cols)
+
+
+def select_top_k_per_cell(scores: torch.Tensor, k: int, height: int, width: int, cell: int) -> torch.Tensor:
+    """Indices of k tokens per image: the best-scoring token of every ``cell`` x ``cell`` patch
+    (``cell_winners``) first, by score (only the k best of them where k is smaller than the number
+    of patches), then the highest scores of the rest. ``cell`` 1 is ``select_top_k``.
+
+    scores: [B, N] -> [B, k]. Every pruned token then has a kept token within its own patch, which
+    a pruning by score alone does not promise (G-WPR keeps the tokens everyone attends to, and
+    they may crowd together). Two TopKs, no more than k each, and a ScatterElements without
+    reduction: export-legal."""
+    if cell == 1:
+        return select_top_k(scores, k)
+    winners = cell_winners(scores, height, width, cell)
+    first = min(k, winners.shape[1])
+    order = select_top_k(torch.gather(scores, 1, winners), first)
+    index = torch.gather(winners, 1, order)
+    if first == k:
+        return index
+    others = scores.scatter(1, winners, torch.full(winners.shape, float("-inf"), dtype=scores.dtype,
+                                                   device=scores.device))
+    return torch.cat([index, select_top_k(others, k - first)], dim=1)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: [B, N, C], index: [B, k] -> [B, k, C]."""
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

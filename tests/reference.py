@@ -31,12 +31,27 @@ def gwpr(attn, iterations):
     return s
 
 
+def select(scores, k, height, width, cell=1):
+    """The kept tokens of one image: with cell > 1 the best token of every cell x cell patch
+    (found by looping over the patches), best first, then the rest by a full sort."""
+    order = [int(i) for i in torch.sort(scores, descending=True).indices]
+    if cell == 1:
+        return torch.tensor(order[:k])
+    winners = set()
+    for top in range(0, height, cell):
+        for left in range(0, width, cell):
+            patch = [r * width + c for r in range(top, min(top + cell, height)) for c in range(left, min(left + cell, width))]
+            winners.add(max(patch, key=lambda i: float(scores[i])))
+    first = [i for i in order if i in winners]
+    return torch.tensor((first + [i for i in order if i not in winners])[:k])
+
+
 def first_layer_keys(layer, hidden):
     return layer.attn1.to_k(layer.norm1(hidden))
 
 
 def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity", similarity="attention",
-                 neighbours=1):
+                 neighbours=1, cell=1):
     """Transformer2DModel forward with AT-EDM (linear projections, after-FF pruning)."""
     batch, channels, height, width = x.shape
     tokens = height * width
@@ -47,8 +62,8 @@ def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity"
     keys = first_layer_keys(first, h)
     h = first(h, encoder_hidden_states=text)
     k = int(keep_ratio * tokens + 0.5)
-    order = torch.sort(gwpr(attn, iterations), dim=-1, descending=True).indices
-    index = order[:, :k]
+    scores = gwpr(attn, iterations)
+    index = torch.stack([select(scores[b], k, height, width, cell) for b in range(batch)])
     kept = torch.stack([h[b, index[b]] for b in range(batch)])
     for layer in block.transformer_blocks[1:]:
         kept = layer(kept, encoder_hidden_states=text)

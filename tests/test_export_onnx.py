@@ -165,16 +165,19 @@ def test_a_scheduler_swapped_in_after_attach_is_followed(built, pipe, reference,
     assert np.abs(image - reference[0]).max() <= 1e-4
 
 
-def test_delta_recovery_phase_exports_and_passes_check(tmp_path):
+@pytest.mark.parametrize("options", [dict(neighbours=3), dict(cell=2)])
+def test_delta_recovery_phase_exports_and_passes_check(tmp_path, options):
     from atedm_compile.config import PruningConfig
     from atedm_compile.export import check
 
-    pruning = PruningConfig(recovery="delta", similarity="key-cosine", neighbours=3)
+    pruning = PruningConfig(recovery="delta", similarity="key-cosine", **options)
     config = BuildConfig(model="tiny", schedule="uniform", num_steps=1, pruning=pruning)
     manifest, _ = build(config, tmp_path / "delta", log=lambda _: None)
     assert check(tmp_path / "delta", compare_tensorrt=False, log=lambda _: None).ok
     model = onnx.load(str(tmp_path / "delta" / manifest.phases[0].onnx.file), load_external_data=False)
     assert "ScatterElements" in {n.op_type for n in model.graph.node}
+    if pruning.cell > 1:
+        assert "ArgMax" in {n.op_type for n in model.graph.node}
     unet = build_unet("tiny")
     ac.apply(unet, ac.make_schedule("uniform", 1), pruning).start(1)
     feed = example_inputs(manifest.phases[0].inputs, seed=3)

@@ -16,7 +16,8 @@ def _pruned(block, keep, config=PruningConfig()):
 
 
 @pytest.mark.parametrize("config", [PruningConfig(), PruningConfig(recovery="delta", similarity="key-cosine",
-                                                                     neighbours=3)])
+                                                                     neighbours=3),
+                                    PruningConfig(recovery="delta", similarity="key-cosine", cell=2)])
 def test_keep_one_is_identity(level2_block, block_inputs, config):
     gm = _pruned(level2_block, 1.0, config)
     assert node_with_role(gm, "kept_indices") is None
@@ -55,6 +56,25 @@ def test_delta_recovery_matches_reference(level2_block, block_inputs, similarity
     with torch.no_grad():
         (out,) = _pruned(level2_block, 0.37, config)(*block_inputs)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cell,keep", [(2, 0.37), (2, 0.2), (3, 0.37)])  # 0.2: fewer kept than patches; 3: cut patches
+def test_cells_match_reference(level2_block, block_inputs, cell, keep):
+    config = PruningConfig(recovery="delta", similarity="key-cosine", cell=cell)
+    expected, expected_index = pruned_block(level2_block, *block_inputs, keep_ratio=keep, recovery="delta",
+                                            similarity="key-cosine", cell=cell)
+    gm = _pruned(level2_block, keep, config)
+    captured = {}
+    gm.get_submodule("atedm_selector").capture = captured
+    with torch.no_grad():
+        (out,) = gm(*block_inputs)
+    assert torch.equal(captured[""], expected_index)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    if keep == 0.37 and cell == 2:  # more kept than patches: every patch keeps one
+        side = block_inputs[0].shape[-1]
+        for index in captured[""]:
+            patches = {(int(i) // side // 2, int(i) % side // 2) for i in index}
+            assert len(patches) == (side // 2) ** 2
 
 
 def test_delta_recovery_matches_reference_level3(tiny_unet):
@@ -159,7 +179,8 @@ def test_recovery_without_pruning_changes_nothing(level2_block):
 
 @pytest.mark.parametrize("field,value", [("scorer", "pagerank"), ("recovery", "copy"), ("prune_point", "middle"),
                                          ("head_reduction", "max"), ("similarity", "l2"), ("iterations", 0),
-                                         ("neighbours", 0), ("neighbours", 1.5)])
+                                         ("neighbours", 0), ("neighbours", 1.5), ("cell", 0), ("cell", 17),
+                                         ("cell", True)])
 def test_bad_config_names_the_value(field, value):
     with pytest.raises(ValueError, match=f"{field}={value!r}"):
         PruningConfig(**{field: value})

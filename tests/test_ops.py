@@ -204,3 +204,29 @@ def test_attention_path_is_forced_and_restored(monkeypatch):
     with pytest.raises(ValueError, match="'fused'"):
         with ops.attention_path("fused"):
             pass
+
+
+def test_cell_winners_are_each_patchs_best_with_cut_patches_and_ties():
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.2, 0.0,
+                            0.5, 0.4, 0.3, 0.8, 0.7,
+                            0.6, 0.6, 0.1, 0.2, 0.9]])  # a 3 x 5 grid, 2 x 2 patches
+    # Patches: rows 0-1 x cols 0-1 / 2-3 / 4, then row 2 x cols 0-1 (a tie: the first) / 2-3 / 4.
+    assert ops.cell_winners(scores, 3, 5, 2).tolist() == [[1, 8, 9, 10, 13, 14]]
+
+
+def test_per_cell_top_k():
+    torch.manual_seed(0)
+    scores = torch.rand(3, 64)
+    torch.testing.assert_close(ops.select_top_k_per_cell(scores, 20, 8, 8, 1), ops.select_top_k(scores, 20))
+    index = ops.select_top_k_per_cell(scores, 24, 8, 8, 2)
+    winners = ops.cell_winners(scores, 8, 8, 2)
+    for b in range(3):
+        first = index[b, :16]
+        assert set(first.tolist()) == set(winners[b].tolist())  # every patch keeps its best
+        assert torch.all(scores[b, first][:-1] >= scores[b, first][1:])  # by score
+        rest = [i for i in torch.argsort(scores[b], descending=True).tolist() if i not in set(first.tolist())][:8]
+        assert index[b, 16:].tolist() == rest
+    fewer = ops.select_top_k_per_cell(scores, 5, 8, 8, 2)  # fewer kept than patches: the 5 best winners
+    for b in range(3):
+        best = winners[b][torch.argsort(scores[b, winners[b]], descending=True)[:5]]
+        assert fewer[b].tolist() == best.tolist()

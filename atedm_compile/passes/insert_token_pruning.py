@@ -41,7 +41,9 @@ def insert_token_pruning(
     gm.add_submodule(SELECTOR, TokenSelector(keep_ratio, config, block_name))
     graph = gm.graph
     with graph.inserting_after(point):
-        index = graph.call_module(SELECTOR, (point, attention_map))
+        # With cells, the selector reads the grid's H and W off the block input.
+        grid = (node_with_role(gm, "block_input"),) if config.cell > 1 else ()
+        index = graph.call_module(SELECTOR, (point, attention_map, *grid))
     with graph.inserting_after(index):
         kept = graph.call_function(ops.gather_tokens, (point, index))
     index.meta[ROLE] = "kept_indices"
