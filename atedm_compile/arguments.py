@@ -95,7 +95,7 @@ def add_pruning_options(parser: argparse.ArgumentParser) -> None:
                         help="prune after the first layer's feed-forward (paper) or before it")
     parser.add_argument("--recovery", default=DEFAULT_PRUNING.recovery, choices=RECOVERIES,
                         help="how pruned tokens get a value back before proj_out: delta (ours, the default) or "
-                             "the paper's: --recovery similarity --similarity attention")
+                             "the paper's: --recovery similarity --similarity attention --cell 1")
     parser.add_argument("--similarity", default=DEFAULT_PRUNING.similarity, choices=SIMILARITIES,
                         help="which kept token a pruned one takes from: by key cosine or by the first layer's "
                              "attention map")
