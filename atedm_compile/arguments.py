@@ -10,7 +10,8 @@ import math
 import os
 from pathlib import Path
 
-from .config import DEFAULT_PRUNING, MAX_CELL, MAX_ITERATIONS, PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES, PruningConfig
+from .config import (DEFAULT_PRUNING, FILLS, MAX_CELL, MAX_ITERATIONS, PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES,
+                     PruningConfig)
 from .ops import HEAD_REDUCTIONS
 from .schedule import PRESETS, Schedule, make_schedule
 
@@ -104,6 +105,10 @@ def add_pruning_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cell", type=positive_int, default=DEFAULT_PRUNING.cell,
                         help=f"keep the best token of every CELL x CELL patch of tokens first, then the rest by "
                              f"score (1: by score alone, the paper's; at most {MAX_CELL})")
+    parser.add_argument("--fill", default=None, choices=FILLS,
+                        help="with --cell over 1, the kept tokens beyond one per patch: the highest scores, or the "
+                             f"tokens least similar to the patch winners (default: {DEFAULT_PRUNING.fill} with --cell "
+                             "over 1, score with --cell 1)")
 
 
 def check_output(path: Path, folder: bool) -> None:
@@ -140,6 +145,7 @@ def pruning_config(args) -> PruningConfig:
         similarity=args.similarity,
         neighbours=args.neighbours,
         cell=args.cell,
+        fill=args.fill or (DEFAULT_PRUNING.fill if args.cell > 1 else "score"),
     )
 
 

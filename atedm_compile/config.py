@@ -12,6 +12,7 @@ PRUNE_POINTS = ("after-ff", "before-ff")
 RECOVERIES = ("similarity", "delta", "zeros", "interpolation", "direct-copy")
 SIMILARITY_RECOVERIES = ("similarity", "delta")  # the recoveries that read ``similarity``
 SIMILARITIES = ("attention", "key-cosine")
+FILLS = ("score", "distinct")
 
 
 MAX_CELL = 16  # a patch of 16 x 16 tokens: past that the kept tokens are no longer spread out
@@ -60,6 +61,10 @@ class PruningConfig:
     cell: side, in tokens, of the patches of the token grid of which each keeps its best-scoring
         token before the remaining kept tokens are taken by score (ours: every pruned token then
         has a kept token next to it). Default 1: plain top-k by score, the paper's.
+    fill: with ``cell`` > 1, how the kept tokens beyond one per patch are chosen: ``score`` (the
+        highest scores) or ``distinct`` (ours: the tokens least similar to every patch winner, by
+        the cosine of their values at the pruning point: those a recovery from the winners would
+        get most wrong).
     eta, alpha: thresholds of the clip and power cross-attention scorers (paper: 0.2, 5).
     seed: seed of the ``random`` scorer.
     """
@@ -72,6 +77,7 @@ class PruningConfig:
     similarity: str = "attention"
     neighbours: int = 1
     cell: int = 1
+    fill: str = "score"
     eta: float = 0.2
     alpha: float = 5.0
     seed: int = 0
@@ -88,6 +94,9 @@ class PruningConfig:
         check_number("seed", self.seed, 0, 2**63 - 1, integer=True)
         check_number("neighbours", self.neighbours, 1, 64, integer=True)
         check_number("cell", self.cell, 1, MAX_CELL, integer=True)
+        _check_choice("fill", self.fill, FILLS)
+        if self.fill == "distinct" and self.cell == 1:
+            raise ValueError("fill='distinct' picks tokens unlike the patch winners: it needs cell > 1 (try cell=2)")
 
     @property
     def uses_cross_attention(self) -> bool:
@@ -95,11 +104,11 @@ class PruningConfig:
 
 
 # What ``apply``, FLOPs counting, builds and the command line run when given no config: the
-# paper's G-WPR scores and schedules, with the best token of every 2 x 2 patch kept first and the
-# ``delta`` recovery by key cosine, which measured better than the paper's selection and copy on
-# both shipped models at equal MACs, their own work counted in (README, "Quality at matched
-# FLOPs"). ``PruningConfig()`` stays the paper's setting.
-DEFAULT_PRUNING = PruningConfig(recovery="delta", similarity="key-cosine", cell=2)
+# paper's G-WPR scores and schedules, with the best token of every 2 x 2 patch kept first, the
+# rest of the kept tokens those least like them, and the ``delta`` recovery by key cosine, which
+# measured better than the paper's selection and copy on both shipped models at equal MACs, their
+# own work counted in (README, "Quality at matched FLOPs"). ``PruningConfig()`` stays the paper's.
+DEFAULT_PRUNING = PruningConfig(recovery="delta", similarity="key-cosine", cell=2, fill="distinct")
 
 
 def check_keep_ratio(keep_ratio, where: str = "keep_ratio") -> float:

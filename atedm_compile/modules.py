@@ -32,13 +32,14 @@ class TokenSelector(torch.nn.Module):
         self.alpha = config.alpha
         self.seed = config.seed
         self.cell = config.cell
+        self.fill = config.fill
         self.block_name = block_name
         # When a dict, each call records its kept indices here under block_name (capture_kept_tokens).
         self.capture: dict | None = None
 
     def extra_repr(self) -> str:
         text = f"block={self.block_name!r}, keep_ratio={self.keep_ratio}, scorer={self.scorer!r}"
-        return text + (f", cell={self.cell}" if self.cell > 1 else "")
+        return text + (f", cell={self.cell}, fill={self.fill!r}" if self.cell > 1 else "")
 
     def forward(self, hidden: torch.Tensor, attention_map: torch.Tensor | None = None,
                 grid: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,7 +56,10 @@ class TokenSelector(torch.nn.Module):
             height, width, tokens = _static_sizes(grid.shape[-2], grid.shape[-1], hidden.shape[1])
             if height * width != tokens:
                 raise ValueError(f"{self.block_name}: {tokens} tokens do not form the {height}x{width} grid")
-            index = ops.select_top_k_per_cell(scores, k, height, width, self.cell)
+            if self.fill == "distinct":
+                index = ops.select_distinct_per_cell(scores, hidden, k, height, width, self.cell)
+            else:
+                index = ops.select_top_k_per_cell(scores, k, height, width, self.cell)
         else:
             index = ops.select_top_k(scores, k)
         if self.capture is not None:

@@ -325,6 +325,30 @@ def select_top_k_per_cell(scores: torch.Tensor, k: int, height: int, width: int,
     return torch.cat([index, select_top_k(others, k - first)], dim=1)
 
 
+def select_distinct_per_cell(scores: torch.Tensor, hidden: torch.Tensor, k: int, height: int, width: int,
+                             cell: int) -> torch.Tensor:
+    """Indices of k tokens per image: the best-scoring token of every ``cell`` x ``cell`` patch
+    (``cell_winners``), then the k - P tokens least similar to all of them: those whose highest
+    cosine (of ``hidden``) to a patch winner is lowest. Where k is at most the number of patches P,
+    ``select_top_k_per_cell``. scores: [B, N], hidden: [B, N, C] -> [B, k].
+
+    The winners spread the kept tokens over the grid; the rest go where a recovery from the
+    winners would be worst (ToMe's redundancy criterion, turned around: ToMe merges the tokens
+    most similar to its destinations). One [B, N, P] cosine product, a ScatterElements without
+    reduction and a TopK of k - P: export-legal."""
+    winners = cell_winners(scores, height, width, cell)
+    places = winners.shape[1]
+    if k <= places:
+        return select_top_k_per_cell(scores, k, height, width, cell)
+    unit = torch.nn.functional.normalize(hidden, dim=-1)
+    redundancy = (unit @ gather_tokens(unit, winners).transpose(1, 2)).amax(dim=-1)  # [B, N]
+    # The winners are kept already: out of the running for the rest.
+    redundancy = redundancy.scatter(1, winners, torch.full(winners.shape, float("inf"), dtype=redundancy.dtype,
+                                                           device=redundancy.device))
+    rest = torch.topk(redundancy, k - places, dim=-1, largest=False, sorted=True).indices
+    return torch.cat([winners, rest], dim=1)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: [B, N, C], index: [B, k] -> [B, k, C]."""
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

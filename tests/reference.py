@@ -31,9 +31,10 @@ def gwpr(attn, iterations):
     return s
 
 
-def select(scores, k, height, width, cell=1):
+def select(scores, k, height, width, cell=1, fill="score", hidden=None):
     """The kept tokens of one image: with cell > 1 the best token of every cell x cell patch
-    (found by looping over the patches), best first, then the rest by a full sort."""
+    (found by looping over the patches), best first, then the rest by a full sort of their scores
+    (``fill="score"``) or of their highest cosine to a winner, lowest first (``"distinct"``)."""
     order = [int(i) for i in torch.sort(scores, descending=True).indices]
     if cell == 1:
         return torch.tensor(order[:k])
@@ -43,6 +44,11 @@ def select(scores, k, height, width, cell=1):
             patch = [r * width + c for r in range(top, min(top + cell, height)) for c in range(left, min(left + cell, width))]
             winners.add(max(patch, key=lambda i: float(scores[i])))
     first = [i for i in order if i in winners]
+    if fill == "distinct" and k > len(first):
+        def redundancy(i):
+            return max(float(torch.dot(hidden[i], hidden[w]) / (hidden[i].norm() * hidden[w].norm())) for w in winners)
+        rest = sorted((i for i in range(len(scores)) if i not in winners), key=redundancy)
+        return torch.tensor(first + rest[:k - len(first)])
     return torch.tensor((first + [i for i in order if i not in winners])[:k])
 
 
@@ -51,7 +57,7 @@ def first_layer_keys(layer, hidden):
 
 
 def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity", similarity="attention",
-                 neighbours=1, cell=1):
+                 neighbours=1, cell=1, fill="score"):
     """Transformer2DModel forward with AT-EDM (linear projections, after-FF pruning)."""
     batch, channels, height, width = x.shape
     tokens = height * width
@@ -63,7 +69,7 @@ def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity"
     h = first(h, encoder_hidden_states=text)
     k = int(keep_ratio * tokens + 0.5)
     scores = gwpr(attn, iterations)
-    index = torch.stack([select(scores[b], k, height, width, cell) for b in range(batch)])
+    index = torch.stack([select(scores[b], k, height, width, cell, fill, h[b]) for b in range(batch)])
     kept = torch.stack([h[b, index[b]] for b in range(batch)])
     for layer in block.transformer_blocks[1:]:
         kept = layer(kept, encoder_hidden_states=text)

@@ -165,7 +165,7 @@ def test_a_scheduler_swapped_in_after_attach_is_followed(built, pipe, reference,
     assert np.abs(image - reference[0]).max() <= 1e-4
 
 
-@pytest.mark.parametrize("options", [dict(neighbours=3), dict(cell=2)])
+@pytest.mark.parametrize("options", [dict(neighbours=3), dict(cell=2), dict(cell=2, fill="distinct")])
 def test_delta_recovery_phase_exports_and_passes_check(tmp_path, options):
     from atedm_compile.config import PruningConfig
     from atedm_compile.export import check

@@ -56,6 +56,7 @@ def test_bad_arguments_are_one_line_before_anything_runs(argv, message, capsys):
      "iterations=1000000000 is not allowed: must be an integer in [1, 100]"),
     (["generate", "--keep-ratio", "nan"], "keep_ratio=nan is outside (0, 1]"),
     (["generate", "--cell", "17"], "cell=17 is not allowed: must be an integer in [1, 16]"),
+    (["generate", "--cell", "1", "--fill", "distinct"], "fill='distinct' picks tokens unlike the patch winners"),
     (["generate", "--height", "100000", "--width", "100000"],
      "sampling 1 image of 100000x100000 px needs at least 346.9 PiB of memory, more than the"),
     (["generate", "--height", "72"], "image size 72x72 is not a positive multiple of 16"),

@@ -58,18 +58,23 @@ def test_delta_recovery_matches_reference(level2_block, block_inputs, similarity
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fill", ["score", "distinct"])
 @pytest.mark.parametrize("cell,keep", [(2, 0.37), (2, 0.2), (3, 0.37)])  # 0.2: fewer kept than patches; 3: cut patches
-def test_cells_match_reference(level2_block, block_inputs, cell, keep):
-    config = PruningConfig(recovery="delta", similarity="key-cosine", cell=cell)
+def test_cells_match_reference(level2_block, block_inputs, cell, keep, fill):
+    config = PruningConfig(recovery="delta", similarity="key-cosine", cell=cell, fill=fill)
     expected, expected_index = pruned_block(level2_block, *block_inputs, keep_ratio=keep, recovery="delta",
-                                            similarity="key-cosine", cell=cell)
+                                            similarity="key-cosine", cell=cell, fill=fill)
     gm = _pruned(level2_block, keep, config)
     captured = {}
     gm.get_submodule("atedm_selector").capture = captured
     with torch.no_grad():
         (out,) = gm(*block_inputs)
-    assert torch.equal(captured[""], expected_index)
+    # The same tokens (the order of the distinct ones may differ between near-equal cosines).
+    assert torch.equal(captured[""].sort().values, expected_index.sort().values)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    if fill == "distinct" and keep > 0.25:  # the fill changes which tokens are kept
+        _, by_score = pruned_block(level2_block, *block_inputs, keep_ratio=keep, cell=cell)
+        assert not torch.equal(captured[""].sort().values, by_score.sort().values)
     if keep == 0.37 and cell == 2:  # more kept than patches: every patch keeps one
         side = block_inputs[0].shape[-1]
         for index in captured[""]:
@@ -180,7 +185,12 @@ def test_recovery_without_pruning_changes_nothing(level2_block):
 @pytest.mark.parametrize("field,value", [("scorer", "pagerank"), ("recovery", "copy"), ("prune_point", "middle"),
                                          ("head_reduction", "max"), ("similarity", "l2"), ("iterations", 0),
                                          ("neighbours", 0), ("neighbours", 1.5), ("cell", 0), ("cell", 17),
-                                         ("cell", True)])
+                                         ("cell", True), ("fill", "far")])
 def test_bad_config_names_the_value(field, value):
     with pytest.raises(ValueError, match=f"{field}={value!r}"):
         PruningConfig(**{field: value})
+
+
+def test_distinct_fill_needs_cells():
+    with pytest.raises(ValueError, match="fill='distinct' .* needs cell > 1"):
+        PruningConfig(fill="distinct")
