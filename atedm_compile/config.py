@@ -9,7 +9,7 @@ from .ops import CROSS_ATTENTION_SCORERS, HEAD_REDUCTIONS
 
 SCORERS = ("gwpr",) + CROSS_ATTENTION_SCORERS + ("random",)
 PRUNE_POINTS = ("after-ff", "before-ff")
-RECOVERIES = ("similarity", "delta", "zeros", "interpolation", "direct-copy")
+RECOVERIES = ("similarity", "delta", "layer-delta", "zeros", "interpolation", "direct-copy")
 SIMILARITY_RECOVERIES = ("similarity", "delta")  # the recoveries that read ``similarity``
 SIMILARITIES = ("attention", "key-cosine")
 FILLS = ("score", "distinct")
@@ -52,7 +52,9 @@ class PruningConfig:
         token: the paper's method, and ``PruningConfig()``'s; ``apply`` and the CLI run
         ``DEFAULT_PRUNING``, delta by key cosine, when given no config), ``delta`` (ours: a pruned token keeps its
         own value from the pruning point and adds the update the later layers gave its most similar
-        kept token, x_i = x_i(prune) + x_j(final) - x_j(prune)) or the supp. A.6 baselines
+        kept token, x_i = x_i(prune) + x_j(final) - x_j(prune)), ``layer-delta`` (ours: the same
+        layer by layer, j matched again at every later layer by the cosine of the values entering
+        it; ``similarity`` and ``neighbours`` do not apply) or the supp. A.6 baselines
         ``zeros``, ``interpolation``, ``direct-copy``.
     similarity: for ``similarity`` and ``delta`` recovery: ``attention`` (the first layer's
         head-combined attention map A[i, j], the paper's, read from its figure) or ``key-cosine``.

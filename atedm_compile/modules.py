@@ -73,7 +73,9 @@ class TokenRecovery(torch.nn.Module):
     forward(kept [B, k, C], index [B, k], before [B, N, C] (the value at the pruning point),
             grid [B, C', H, W] (the block input, for its H and W),
             similarity [B, N, N] head-combined map or keys [B, N, C''],
-            kept_before [B, k, C] (the kept tokens at the pruning point; ``delta`` only)) -> [B, N, C]
+            kept_before [B, k, C] (the kept tokens at the pruning point; ``delta`` and ``layer-delta``),
+            *states [B, k, C] (the kept tokens after each later layer but the last; ``layer-delta``))
+            -> [B, N, C]
     """
 
     def __init__(self, config: PruningConfig):
@@ -90,7 +92,9 @@ class TokenRecovery(torch.nn.Module):
             text += f", neighbours={self.neighbours}"
         return text
 
-    def forward(self, kept, index, before, grid, similarity=None, kept_before=None):
+    def forward(self, kept, index, before, grid, similarity=None, kept_before=None, *states):
+        if self.method == "layer-delta":
+            return ops.recover_layer_delta([kept_before, *states, kept], index, before)
         if self.similarity is not None:
             if self.similarity == "attention":
                 to_kept = ops.similarity_to_kept(index, similarity)

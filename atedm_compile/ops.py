@@ -435,6 +435,27 @@ def recover_delta(
     return scatter_tokens(before + moved, index, kept)
 
 
+def recover_layer_delta(states: list[torch.Tensor], index: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Layer-by-layer delta recovery: a pruned token starts from its own value at the pruning point
+    and, at every later layer, adds the update that layer gave the kept token then most similar to
+    it (cosine of the values entering the layer); kept tokens keep their final values.
+
+        x_i(l + 1) = x_i(l) + x_j(l + 1) - x_j(l),  j = argmax_j cos(x_i(l), x_j(l))
+
+    ``recover_delta`` matches once, at the pruning point, for all layers; here the match follows
+    the token as it changes (as ToMe matches again at every layer).
+
+    states: the kept tokens' values [B, k, C] at the pruning point, then after each later layer
+    (the last: their final values); index: [B, k]; before: [B, N, C] every token at the pruning
+    point -> [B, N, C]. One [B, N, k] cosine product per layer, ArgMax and Gather: export-legal.
+    """
+    x = before
+    for current, following in zip(states[:-1], states[1:]):
+        similarity = torch.bmm(F.normalize(x, dim=-1), F.normalize(current, dim=-1).transpose(1, 2))
+        x = x + gather_tokens(following - current, similarity.argmax(dim=-1))
+    return scatter_tokens(x, index, states[-1])
+
+
 def recover_zeros(kept: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Baseline (supp. A.6 I): pruned tokens are zero."""
     base = kept.new_zeros(kept.shape[0], num_tokens, kept.shape[-1])

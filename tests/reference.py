@@ -71,8 +71,10 @@ def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity"
     scores = gwpr(attn, iterations)
     index = torch.stack([select(scores[b], k, height, width, cell, fill, h[b]) for b in range(batch)])
     kept = torch.stack([h[b, index[b]] for b in range(batch)])
+    states = [kept]
     for layer in block.transformer_blocks[1:]:
         kept = layer(kept, encoder_hidden_states=text)
+        states.append(kept)
     full = torch.zeros_like(h)
     for b in range(batch):
         for i in range(tokens):
@@ -90,6 +92,13 @@ def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity"
                 full[b, i] = h[b, i]
                 for w, j in zip(weights, ranked):
                     full[b, i] += w * (kept[b, j] - h[b, index[b, j]])
+            elif recovery == "layer-delta":
+                value = h[b, i].clone()
+                for current, following in zip(states[:-1], states[1:]):
+                    cosines = [float(torch.dot(value, c) / (value.norm() * c.norm())) for c in current[b]]
+                    j = max(range(len(cosines)), key=cosines.__getitem__)
+                    value = value + following[b, j] - current[b, j]
+                full[b, i] = value
             elif recovery == "direct-copy":
                 full[b, i] = h[b, i]
         full[b, index[b]] = kept[b]

@@ -165,12 +165,13 @@ def test_a_scheduler_swapped_in_after_attach_is_followed(built, pipe, reference,
     assert np.abs(image - reference[0]).max() <= 1e-4
 
 
-@pytest.mark.parametrize("options", [dict(neighbours=3), dict(cell=2), dict(cell=2, fill="distinct")])
+@pytest.mark.parametrize("options", [dict(neighbours=3), dict(cell=2), dict(cell=2, fill="distinct"),
+                                     dict(recovery="layer-delta")])
 def test_delta_recovery_phase_exports_and_passes_check(tmp_path, options):
     from atedm_compile.config import PruningConfig
     from atedm_compile.export import check
 
-    pruning = PruningConfig(recovery="delta", similarity="key-cosine", **options)
+    pruning = PruningConfig(**{"recovery": "delta", "similarity": "key-cosine", **options})
     config = BuildConfig(model="tiny", schedule="uniform", num_steps=1, pruning=pruning)
     manifest, _ = build(config, tmp_path / "delta", log=lambda _: None)
     assert check(tmp_path / "delta", compare_tensorrt=False, log=lambda _: None).ok

@@ -17,7 +17,8 @@ def _pruned(block, keep, config=PruningConfig()):
 
 @pytest.mark.parametrize("config", [PruningConfig(), PruningConfig(recovery="delta", similarity="key-cosine",
                                                                      neighbours=3),
-                                    PruningConfig(recovery="delta", similarity="key-cosine", cell=2)])
+                                    PruningConfig(recovery="delta", similarity="key-cosine", cell=2),
+                                    PruningConfig(recovery="layer-delta", cell=2, fill="distinct")])
 def test_keep_one_is_identity(level2_block, block_inputs, config):
     gm = _pruned(level2_block, 1.0, config)
     assert node_with_role(gm, "kept_indices") is None
@@ -80,6 +81,39 @@ def test_cells_match_reference(level2_block, block_inputs, cell, keep, fill):
         for index in captured[""]:
             patches = {(int(i) // side // 2, int(i) % side // 2) for i in index}
             assert len(patches) == (side // 2) ** 2
+
+
+@pytest.mark.parametrize("where", ["level2", "four layers"])
+def test_layer_delta_recovery_matches_reference(level2_block, block_inputs, where):
+    if where == "level2":
+        block, inputs = level2_block, block_inputs
+    else:  # three later layers: the match is made three times
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        torch.manual_seed(0)
+        block = Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=4,
+                                   cross_attention_dim=64, norm_num_groups=8, use_linear_projection=True).eval().requires_grad_(False)
+        inputs = (torch.randn(1, 32, 8, 8), torch.randn(1, 77, 64))
+    expected, _ = pruned_block(block, *inputs, keep_ratio=0.37, recovery="layer-delta")
+    gm = _pruned(block, 0.37, PruningConfig(recovery="layer-delta"))
+    recovery = node_with_role(gm, "recovered")
+    assert len(recovery.args) == 6 + len(block.transformer_blocks) - 2  # every later layer's state but the last
+    with torch.no_grad():
+        (out,) = gm(*inputs)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    # It is not delta recovery under another name: matching again changes the result.
+    (once,) = _pruned(block, 0.37, PruningConfig(recovery="delta", similarity="key-cosine"))(*inputs)
+    assert (once - out).abs().max() > 1e-3
+
+
+def test_layer_delta_before_ff_starts_from_the_first_layers_output(level2_block, block_inputs):
+    gm = _pruned(level2_block, 0.37, PruningConfig(recovery="layer-delta", prune_point="before-ff"))
+    recovery = node_with_role(gm, "recovered")
+    # The kept tokens before the first FF, after it (the first layer's output), then the last layer's.
+    assert recovery.args[5] is node_with_role(gm, "pruned") and recovery.args[6] is node_with_role(gm, "layer_out")
+    with torch.no_grad():
+        (out,) = gm(*block_inputs)
+    assert out.shape == block_inputs[0].shape and torch.isfinite(out).all()
 
 
 def test_delta_recovery_matches_reference_level3(tiny_unet):

@@ -12,6 +12,20 @@ from .expose_attention_map import exposed_map
 RECOVERY = "atedm_recovery"
 
 
+def _states_between(gm: fx.GraphModule, last: fx.Node) -> list[fx.Node]:
+    """The kept tokens' values after each layer that runs on them, but the last: with the pruning
+    point before the first layer's FF, that layer's output first; then every later layer's."""
+    states = []
+    opened = node_with_role(gm, "layer_out")
+    if node_with_role(gm, "before_ff") is not None and opened is not None and opened is not last:
+        pruned = node_with_role(gm, "pruned")
+        if pruned is not None and pruned.args[0] is node_with_role(gm, "before_ff"):
+            states.append(opened)
+    states += [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("transformer_blocks.")
+               and n.target.count(".") == 1 and n is not last]
+    return states
+
+
 def insert_token_recovery(gm: fx.GraphModule, config: PruningConfig = PruningConfig()) -> fx.GraphModule:
     """After the block's last layer, every pruned token takes a value by ``config.recovery``
     (default: the final value of the kept token most similar to it; ``delta``: its own value at
@@ -34,9 +48,11 @@ def insert_token_recovery(gm: fx.GraphModule, config: PruningConfig = PruningCon
             raise ValueError("key-cosine recovery needs the first layer's keys: run expose_attention_map first")
     last = last_layer_node(gm)
     args = (last, index, before, grid, similarity)
-    if config.recovery == "delta":
+    if config.recovery in ("delta", "layer-delta"):
         # The kept tokens' values at the pruning point: their update is final minus these.
         args += (node_with_role(gm, "pruned"),)
+    if config.recovery == "layer-delta":
+        args += tuple(_states_between(gm, last))
     gm.add_submodule(RECOVERY, TokenRecovery(config))
     with gm.graph.inserting_after(last):
         recovered = gm.graph.call_module(RECOVERY, args)
