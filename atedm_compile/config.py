@@ -106,11 +106,11 @@ class PruningConfig:
 
 
 # What ``apply``, FLOPs counting, builds and the command line run when given no config: the
-# paper's G-WPR scores and schedules, with the best token of every 2 x 2 patch kept first, the
+# paper's G-WPR scores and schedules, with the best token of every 3 x 3 patch kept first, the
 # rest of the kept tokens those least like them, and the ``delta`` recovery by key cosine, which
 # measured better than the paper's selection and copy on both shipped models at equal MACs, their
 # own work counted in (README, "Quality at matched FLOPs"). ``PruningConfig()`` stays the paper's.
-DEFAULT_PRUNING = PruningConfig(recovery="delta", similarity="key-cosine", cell=2, fill="distinct")
+DEFAULT_PRUNING = PruningConfig(recovery="delta", similarity="key-cosine", cell=3, fill="distinct")
 
 
 def check_keep_ratio(keep_ratio, where: str = "keep_ratio") -> float:

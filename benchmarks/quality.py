@@ -16,10 +16,11 @@ ratio where their own work fits the budget and at the largest keep ratio that fi
 ToMe and AT-EDM-dagger (``atedm-dagger``: level 2 never pruned) at the largest keep ratio (ToMe:
 1 - merge ratio) that fits (bisection).
 
-Methods: ``--methods`` (default: AT-EDM, delta by key cosine on G-WPR's top-k, the same with one
-token per 2 x 2 patch kept first, the package default ``DEFAULT_PRUNING`` (that, with the rest of
-the kept tokens the least like the patch winners), direct copy, ToMe, random); the other delta
-variants, the zeros / interpolation recoveries and AT-EDM-dagger by name.
+Methods: ``--methods`` (default: AT-EDM, delta by key cosine on G-WPR's top-k, the same with the
+best token of every 3 x 3 patch kept first and the rest by score, the package default
+``DEFAULT_PRUNING`` (the rest the least like the patch winners), the same with ``layer-delta``,
+direct copy, ToMe, random); the other delta variants (2 x 2 patches, attention similarity, soft),
+the zeros / interpolation recoveries and AT-EDM-dagger by name.
 
 Metrics, over ``--prompts`` held-out captions, one fixed seed per prompt, the same noise for
 every method:
@@ -78,7 +79,7 @@ from atedm_compile.models import folder_vae_factor as factor_of  # noqa: E402
 
 SDXL_FULL_TMACS = 6.7  # the paper's label of the full model; shares below use our own count
 BUDGETS = (2.9, 3.6, 4.1, 4.5)
-DELTA = "default: delta, cell 2, distinct"  # DEFAULT_PRUNING, the best variant measured (README, "Quality at matched FLOPs")
+DELTA = "default: delta, cell 3, distinct"  # DEFAULT_PRUNING, the best variant measured (README, "Quality at matched FLOPs")
 # name -> (schedule preset, config, keep ratio: "budget" = the budget's own unless that costs more
 # than AT-EDM with the method's own work counted in, "solve" = matched MACs)
 METHODS = {
@@ -87,9 +88,11 @@ METHODS = {
     "delta, key-cosine": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine"), "budget"),
     "soft delta, key-cosine": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", neighbours=4),
                                "budget"),
-    "delta, key-cosine, cell 2": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", cell=2), "budget"),
+    "delta, cell 3, by score": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", cell=3), "budget"),
     DELTA: ("atedm", DEFAULT_PRUNING, "budget"),
-    "layer-delta, cell 2, distinct": ("atedm", PruningConfig(recovery="layer-delta", cell=2, fill="distinct"), "budget"),
+    "delta, cell 2, distinct": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", cell=2, fill="distinct"),
+                                "budget"),
+    "layer-delta, cell 3, distinct": ("atedm", PruningConfig(recovery="layer-delta", cell=3, fill="distinct"), "budget"),
     "direct-copy recovery": ("atedm", PruningConfig(recovery="direct-copy"), "budget"),
     "ToMe": ("atedm", ToMeConfig(), "solve"),
     "random": ("atedm", PruningConfig(scorer="random"), "budget"),
@@ -97,7 +100,7 @@ METHODS = {
     "interpolation recovery": ("atedm", PruningConfig(recovery="interpolation"), "budget"),
     "AT-EDM-dagger": ("atedm-dagger", PruningConfig(), "solve"),
 }
-DEFAULT_METHODS = ("AT-EDM", "delta, key-cosine", "delta, key-cosine, cell 2", DELTA, "layer-delta, cell 2, distinct",
+DEFAULT_METHODS = ("AT-EDM", "delta, key-cosine", "delta, cell 3, by score", DELTA, "layer-delta, cell 3, distinct",
                    "direct-copy recovery", "ToMe", "random")
 TOME_MIN_KEEP = 0.25  # ToMe merges at most 75% with 2 x 2 cells
 

@@ -78,3 +78,20 @@ def test_prunes_under_the_runner(trained):
     assert image.size == (size, size)
     tokens = (size // pipe.vae_scale_factor // 2) ** 2  # level 2: one halving below the latent
     assert kept["down1.F"].shape == (2, round(0.37 * tokens))
+
+
+def test_readme_main_job_keeps_the_captions_colour_and_shape(tmp_path):
+    """`atedm-compile generate` with its defaults (tiny-shapes, the default prompt, seed 0, 50
+    steps, the atedm schedule, DEFAULT_PRUNING): the object has the caption's colour and shape,
+    as the full model's does from the same noise (issue 8; the paper's copy turned it green)."""
+    from PIL import Image
+
+    from atedm_compile.cli import main
+
+    found = {}
+    for schedule in ("atedm", "none"):
+        assert main(["generate", "--schedule", schedule, "--out", str(tmp_path / schedule)]) == 0
+        image = Image.open(tmp_path / schedule / "image.png")
+        found[schedule] = synthetic.score(image, "a small red triangle at the top left on a striped blue background")
+    for schedule, score in found.items():
+        assert score["colour"] and score["shape"], (schedule, score)
