@@ -12,7 +12,8 @@ AT-EDM (the paper's: G-WPR, similarity copy by attention) runs at that keep rati
 DSAP-average MACs *with its own work counted in* (G-WPR, recovery) are the budget of every other
 method, with theirs counted in too (key similarities, weighted updates, ToMe's matching, merging
 and unmerging). Methods that prune the same tokens (the recoveries, random) run at the same keep
-ratio where their own work fits the budget and at the largest keep ratio that fits otherwise;
+ratio where their own work fits the budget and at the largest keep ratio that fits otherwise
+(``default, at ToMe's MACs``: at the largest that costs no more than ToMe does, by name);
 ToMe and AT-EDM-dagger (``atedm-dagger``: level 2 never pruned) at the largest keep ratio (ToMe:
 1 - merge ratio) that fits (bisection).
 
@@ -90,6 +91,7 @@ METHODS = {
                                "budget"),
     "delta, cell 3, by score": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", cell=3), "budget"),
     DELTA: ("atedm", DEFAULT_PRUNING, "budget"),
+    "default, at ToMe's MACs": ("atedm", DEFAULT_PRUNING, "tome"),
     "delta, cell 2, distinct": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", cell=2, fill="distinct"),
                                 "budget"),
     "layer-delta, cell 3, distinct": ("atedm", PruningConfig(recovery="layer-delta", cell=3, fill="distinct"), "budget"),
@@ -170,14 +172,19 @@ def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir
                  "sdxl_full_tmacs": sdxl[budget]["full_tmacs"], "tiny_full_gmacs": full * 1e3, "methods": {}}
         plan.append(entry)
         target = cost("AT-EDM", keep)
-        limit = target.average_tmacs_with_scoring * (1 + 1e-9)
+        budget_limit = target.average_tmacs_with_scoring * (1 + 1e-9)
         for method in methods:
             if method in reuse:
                 entry["methods"][method] = reuse[method]
                 continue
             preset, config, kind = METHODS[method]
             chosen = keep
-            report = target if method == "AT-EDM" else cost(method, keep) if kind == "budget" else None
+            report = target if method == "AT-EDM" else cost(method, keep) if kind in ("budget", "tome") else None
+            limit = budget_limit
+            if kind == "tome":  # at most what ToMe spends: its token counts are coarser than AT-EDM's
+                if "ToMe" not in entry["methods"]:
+                    raise ValueError(f"{method} is matched to ToMe's MACs: put ToMe before it in --methods")
+                limit = min(limit, entry["methods"]["ToMe"]["share_with_overhead"] * full * (1 + 1e-9))
             if report is not None:
                 # Over budget by its own work only: drop one token at a time (the cost changes only
                 # where a block's count k = round(keep * N) does), a count or two instead of a bisection.
@@ -187,7 +194,7 @@ def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir
             if report is None or report.average_tmacs_with_scoring > limit:
                 lowest = TOME_MIN_KEEP if isinstance(config, ToMeConfig) else 0.01
                 try:
-                    chosen, _ = solve_keep_ratio(model()[0], target.average_tmacs_with_scoring, preset, steps, config,
+                    chosen, _ = solve_keep_ratio(model()[0], limit / (1 + 1e-9), preset, steps, config,
                                                  tolerance=1e-3, lowest=lowest, with_scoring=True, **size)
                 except ValueError:  # out of reach: run at the lowest keep ratio, flagged capped
                     chosen = lowest
