@@ -6,7 +6,7 @@ import torch
 
 import atedm_compile as ac
 from atedm_compile import ops
-from atedm_compile.config import PruningConfig
+from atedm_compile.config import DEFAULT_PRUNING, PruningConfig
 from atedm_compile.flops import unet_inputs
 from atedm_compile.models import build_unet, initialise_on
 from atedm_compile.passes import ToMeConfig, pruning_passes, run_passes
@@ -19,6 +19,8 @@ CONFIGS = {
     "ca-entropy, zeros": PruningConfig(scorer="ca-entropy", recovery="zeros"),
     "gwpr, interpolation, before-ff": PruningConfig(recovery="interpolation", prune_point="before-ff"),
     "gwpr, direct-copy": PruningConfig(recovery="direct-copy"),
+    "default: cells, distinct, delta": DEFAULT_PRUNING,
+    "cells by score, layer-delta": PruningConfig(recovery="layer-delta", cell=2),
 }
 
 
@@ -63,9 +65,10 @@ def test_pruned_block_has_no_host_synchronisation(level2_block, block_inputs, na
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("config", [PruningConfig(), DEFAULT_PRUNING], ids=["paper", "default"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_pruned_block_runs_and_stays_finite(level2_block, block_inputs, dtype):
-    gm = _pruned(level2_block, PruningConfig())
+def test_low_precision_pruned_block_runs_and_stays_finite(level2_block, block_inputs, dtype, config):
+    gm = _pruned(level2_block, config)
     inputs = [x.to(dtype) for x in block_inputs]
     level2_block.to(dtype)
     try:
