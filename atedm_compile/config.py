@@ -50,9 +50,9 @@ class PruningConfig:
     prune_point: ``after-ff`` (paper default) or ``before-ff`` (ablation of supp. C.1).
     recovery: ``similarity`` (a pruned token copies the final value of its most similar kept
         token: the paper's method, and ``PruningConfig()``'s; ``apply`` and the CLI run
-        ``DEFAULT_PRUNING``, delta by key cosine, when given no config), ``delta`` (ours: a pruned token keeps its
-        own value from the pruning point and adds the update the later layers gave its most similar
-        kept token, x_i = x_i(prune) + x_j(final) - x_j(prune)), ``layer-delta`` (ours: the same
+        ``DEFAULT_PRUNING``, delta by key cosine on patch winners and a distinct fill, when given no
+        config), ``delta`` (ours: a pruned token keeps its own value from the pruning point and
+        adds the update the later layers gave its most similar kept token, x_i = x_i(prune) + x_j(final) - x_j(prune)), ``layer-delta`` (ours: the same
         layer by layer, j matched again at every later layer by the cosine of the values entering
         it; ``similarity`` and ``neighbours`` do not apply) or the supp. A.6 baselines
         ``zeros``, ``interpolation``, ``direct-copy``.

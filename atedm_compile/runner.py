@@ -304,7 +304,8 @@ def apply(
         schedule: a preset name (built for whatever step count the pipeline is called with) or
             a ``Schedule`` (its step count must match the pipeline's).
         config: scoring, recovery and pruning point. Default ``config.DEFAULT_PRUNING``: the paper's
-            G-WPR scoring with the ``delta`` recovery by key cosine; ``PruningConfig()`` is the
+            G-WPR scores, each 3 x 3 patch's best token kept first, the rest the least like those,
+            and the ``delta`` recovery by key cosine; ``PruningConfig()`` is the
             paper's setting (similarity copy). A ``ToMeConfig`` runs the ToMe baseline instead,
             merging ``1 - keep`` of the tokens.
         **preset_options: passed to ``make_schedule`` with a preset name (``keep_ratio``,
