@@ -53,9 +53,7 @@ class TokenSelector(torch.nn.Module):
         if self.cell > 1:
             if grid is None:
                 raise ValueError(f"{self.block_name}: cell={self.cell} needs the block input for its token grid")
-            height, width, tokens = _static_sizes(grid.shape[-2], grid.shape[-1], hidden.shape[1])
-            if height * width != tokens:
-                raise ValueError(f"{self.block_name}: {tokens} tokens do not form the {height}x{width} grid")
+            height, width = _grid_of(grid, hidden, self.block_name)
             if self.fill == "distinct":
                 index = ops.select_distinct_per_cell(scores, hidden, k, height, width, self.cell)
             else:
@@ -123,6 +121,14 @@ def _static_sizes(*sizes) -> tuple[int, ...]:
         return tuple(int(size) for size in sizes)
 
 
+def _grid_of(grid: torch.Tensor, x: torch.Tensor, where: str) -> tuple[int, int]:
+    """The token grid's (H, W), static, from the block input; ValueError unless x's N = H * W."""
+    height, width, tokens = _static_sizes(grid.shape[-2], grid.shape[-1], x.shape[1])
+    if height * width != tokens:
+        raise ValueError(f"{where}: {tokens} tokens do not form the {height}x{width} grid")
+    return height, width
+
+
 class TokenMatching(torch.nn.Module):
     """Computes the matching of one layer from the hidden states entering it.
 
@@ -143,9 +149,8 @@ class TokenMatching(torch.nn.Module):
         return f"where={self.where!r}, ratio={self.ratio}, cell={self.sy}x{self.sx}, seed={self.seed}"
 
     def forward(self, x: torch.Tensor, grid: torch.Tensor) -> tome.Matching:
-        height, width, tokens = _static_sizes(grid.shape[-2], grid.shape[-1], x.shape[1])
-        if height * width != tokens:
-            raise ValueError(f"{self.where}: {tokens} tokens do not form the {height}x{width} grid")
+        height, width = _grid_of(grid, x, self.where)
+        tokens = height * width
         r = tome.merge_count(tokens, self.ratio)
         key = (height, width, x.device)
         split = None if torch.jit.is_tracing() else self._splits.get(key)

@@ -314,7 +314,10 @@ def select_top_k_per_cell(scores: torch.Tensor, k: int, height: int, width: int,
     reduction: export-legal."""
     if cell == 1:
         return select_top_k(scores, k)
-    winners = cell_winners(scores, height, width, cell)
+    return _winners_then_by_score(scores, k, cell_winners(scores, height, width, cell))
+
+
+def _winners_then_by_score(scores: torch.Tensor, k: int, winners: torch.Tensor) -> torch.Tensor:
     first = min(k, winners.shape[1])
     order = select_top_k(torch.gather(scores, 1, winners), first)
     index = torch.gather(winners, 1, order)
@@ -339,7 +342,7 @@ def select_distinct_per_cell(scores: torch.Tensor, hidden: torch.Tensor, k: int,
     winners = cell_winners(scores, height, width, cell)
     places = winners.shape[1]
     if k <= places:
-        return select_top_k_per_cell(scores, k, height, width, cell)
+        return _winners_then_by_score(scores, k, winners)
     unit = torch.nn.functional.normalize(hidden, dim=-1)
     redundancy = (unit @ gather_tokens(unit, winners).transpose(1, 2)).amax(dim=-1)  # [B, N]
     # The winners are kept already: out of the running for the rest.
