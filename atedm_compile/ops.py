@@ -104,8 +104,9 @@ def attention_with_map(
       cache (about 3x faster than the batched form at N = 1024 here).
     - ``chunked`` (an accelerator, or under ``torch.compile``): ``attention_with_map_chunked``,
       the output from the fused kernel and the map head chunk by head chunk, never h maps at once.
-    - ``batched`` (traced for export, or on the meta device for FLOPs counting): the plain
-      [B, h, N, M] softmax, which export backends fuse and which counts the map once.
+    - ``batched`` (traced for export, on the meta device for FLOPs counting, or where autograd
+      records: the others write in place): the plain [B, h, N, M] softmax, which export backends
+      fuse and which counts the map once.
 
     The map is float32 on the first two (probabilities near 1/N keep their order), in the input
     dtype on the third.
@@ -113,6 +114,8 @@ def attention_with_map(
     if reduction not in HEAD_REDUCTIONS:
         raise ValueError(f"head reduction {reduction!r} is not one of {HEAD_REDUCTIONS}")
     path = _auto_path(query) if _attention_path == "auto" else _attention_path
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        path = "batched"  # the other two write in place: only the plain form is differentiable
     if path == "batched":
         probs = attention_probs(query, key, heads)
         return attend(probs, value, heads), reduce_heads(probs, reduction)

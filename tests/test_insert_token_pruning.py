@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from atedm_compile.config import SCORERS, PruningConfig
+from atedm_compile.config import DEFAULT_PRUNING, SCORERS, PruningConfig
 from atedm_compile.models import build_unet
 from atedm_compile.modules import TokenSelector
 from atedm_compile.passes import (expose_attention_map, insert_token_pruning, insert_token_recovery,
@@ -38,6 +38,20 @@ def test_matches_independent_eager_reference(level2_block, block_inputs):
     selector.capture = None
     assert torch.equal(captured[""], expected_index)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("config", [PruningConfig(), DEFAULT_PRUNING,
+                                    PruningConfig(recovery="layer-delta", cell=3, fill="distinct")])
+def test_pruned_block_is_differentiable(level2_block, block_inputs, config):
+    # Inference is the use, but a graph that raises under autograd (in-place attention) is a trap.
+    gm = _pruned(level2_block, 0.5, config)
+    x = block_inputs[0].clone().requires_grad_(True)
+    (out,) = gm(x, block_inputs[1])
+    out.square().sum().backward()
+    with torch.no_grad():
+        expected = gm(*block_inputs)[0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 def test_matches_reference_level3_with_direct_copy(tiny_unet):
