@@ -133,8 +133,11 @@ def test_tool_made_weight_names_never_clash_across_phase_graphs(tmp_path):
         nodes = [helper.make_node("Add", ["x", weight_name], [hidden_name]),
                  helper.make_node("Relu", [hidden_name], ["y"])]
         io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [512]) for n in ("x", "y")]
+        # An IR version and opset every supported onnxruntime reads (make_model's default is the
+        # newest this onnx writes, which an older onnxruntime refuses).
         return helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:],
-                                                   [numpy_helper.from_array(weight, weight_name)]))
+                                                   [numpy_helper.from_array(weight, weight_name)]),
+                                 ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
 
     store = WeightStore(tmp_path / WEIGHTS)
     first = share_weights(graph("reorder_token_1", "hidden"), store)
