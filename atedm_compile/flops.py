@@ -9,6 +9,7 @@ and convolutions only: top-k, gather, scatter and softmax are not in either figu
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -16,9 +17,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import DEFAULT_PRUNING, PruningConfig, ToMeConfig
 from .models import check_image_size, unet_input_shapes
+from .ops import keep_count
 from .modules import TokenMatching, TokenMerge, TokenRecovery, TokenSelector, TokenUnmerge
 from .runner import apply, remove, runner_of
 from .schedule import Schedule, make_schedule
+from .tracing import attention_blocks
 
 
 def unet_inputs(unet, batch: int, latent_height: int, latent_width: int, device="meta", dtype=torch.float32) -> dict:
@@ -166,9 +169,10 @@ def solve_keep_ratio(
     vae_factor: int = 8,
     lowest: float = 0.01,
     with_scoring: bool = False,
+    highest: float = 1.0,
     **preset_options,
 ) -> tuple[float, FlopsReport]:
-    """The largest keep ratio in [``lowest``, 1] whose schedule-average ``tmacs`` (with
+    """The largest keep ratio in [``lowest``, ``highest``] whose schedule-average ``tmacs`` (with
     ``with_scoring``: ``tmacs_with_scoring``, the method's own work included) is at most
     ``target_tmacs``.
 
@@ -185,14 +189,14 @@ def solve_keep_ratio(
         full_flops = result.full_flops
         return result
 
-    low, high = lowest, 1.0
+    low, high = lowest, highest
     bottom = report(low)
     if getattr(bottom, measure) > target_tmacs:
         raise ValueError(
             f"target {target_tmacs} TMACs is below what preset {preset!r} reaches at keep_ratio={low} "
             f"({getattr(bottom, measure):.3f}); the full model costs {bottom.full_tmacs:.3f}"
         )
-    if bottom.full_tmacs <= target_tmacs:
+    if highest == 1.0 and bottom.full_tmacs <= target_tmacs:
         return 1.0, report(1.0)
     best = (low, bottom)
     while high - low > tolerance:
@@ -203,3 +207,70 @@ def solve_keep_ratio(
         else:
             high = middle
     return round(best[0], 4), best[1]
+
+
+def next_keep_down(keep: float, token_counts) -> float:
+    """The largest keep ratio (4 digits) below ``keep`` at which some block of ``token_counts``
+    tokens keeps one token fewer (``ops.keep_count``): the next ratio down that costs less."""
+    below = max(((keep_count(n, keep) - 0.5) / n for n in token_counts if keep_count(n, keep) > 1), default=0.01)
+    return math.ceil(below * 1e4 - 1) / 1e4
+
+
+def fit_keep_ratio(
+    unet,
+    limit_tmacs: float,
+    preset: str = "atedm",
+    num_steps: int = 50,
+    config: PruningConfig | ToMeConfig | None = None,
+    *,
+    start: float | None = None,
+    lowest: float = 0.01,
+    with_scoring: bool = True,
+    height: int = 1024,
+    width: int = 1024,
+    vae_factor: int = 8,
+    tolerance: float = 1e-3,
+    full_flops: int | None = None,
+) -> tuple[float, FlopsReport, bool]:
+    """The keep ratio (4 digits) a method runs at under a MACs limit: (keep, its report, capped).
+
+    Cost: the schedule average of ``tmacs_with_scoring`` (the method's own work counted in; with
+    ``with_scoring=False``, of ``tmacs``). ``start``, a keep ratio the method would rather run at
+    (a budget's own), is kept where it fits; where it costs a little more (its own work), it steps
+    down a token count at a time (a few steps), then bisects below it. Without ``start``, the
+    largest keep ratio in [``lowest``, 1] that fits (``solve_keep_ratio``), rounded to 4 digits and stepped
+    down where the rounding went over. ``capped``: even ``lowest`` costs more; it runs there.
+    """
+    measure = "average_tmacs_with_scoring" if with_scoring else "average_tmacs"
+    size = dict(height=height, width=width, vae_factor=vae_factor)
+    flops = full_flops
+
+    def cost(keep: float) -> FlopsReport:
+        nonlocal flops
+        report = count_phases(unet, make_schedule(preset, num_steps, keep_ratio=keep), config, full_flops=flops,
+                              **size)
+        flops = report.full_flops
+        return report
+
+    if start is not None:
+        keep, report = start, cost(start)
+        latent_h, latent_w = height // vae_factor, width // vae_factor
+        tokens = {(latent_h // 2 ** (b.level - 1)) * (latent_w // 2 ** (b.level - 1)) for b in attention_blocks(unet)}
+        for _ in range(4):
+            if getattr(report, measure) <= limit_tmacs or keep <= lowest:
+                break
+            keep = max(lowest, next_keep_down(keep, tokens))
+            report = cost(keep)
+        if getattr(report, measure) <= limit_tmacs:
+            return keep, report, False
+    try:
+        keep, _ = solve_keep_ratio(unet, limit_tmacs, preset, num_steps, config, tolerance=tolerance, lowest=lowest,
+                                   with_scoring=with_scoring, highest=1.0 if start is None else keep, **size)
+    except ValueError:  # out of reach: the lowest keep ratio, flagged
+        return lowest, cost(lowest), True
+    report = cost(keep)
+    while getattr(report, measure) > limit_tmacs and keep > lowest:  # the 4-digit rounding went up
+        keep = max(lowest, round(keep - 1e-4, 4))
+        report = cost(keep)
+    return keep, report, getattr(report, measure) > limit_tmacs
+

@@ -71,9 +71,8 @@ import atedm_compile as ac  # noqa: E402
 from atedm_compile.shapes import quality, synthetic  # noqa: E402
 from atedm_compile.config import DEFAULT_PRUNING, PruningConfig  # noqa: E402
 from atedm_compile.export.manifest import sha256_file, sha256_json, write_atomically  # noqa: E402
-from atedm_compile.flops import count_phases, solve_keep_ratio  # noqa: E402
+from atedm_compile.flops import count_phases, fit_keep_ratio, solve_keep_ratio  # noqa: E402
 from atedm_compile.models import build_unet  # noqa: E402
-from atedm_compile.ops import keep_count  # noqa: E402
 from atedm_compile.passes import ToMeConfig  # noqa: E402
 from atedm_compile.models import TINY_SHAPES, load_trained_pipeline, read_config  # noqa: E402
 from atedm_compile.models import folder_vae_factor as factor_of  # noqa: E402
@@ -135,9 +134,10 @@ def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir
     (scoring, recovery, ToMe's matching and merging).
 
     AT-EDM runs at SD-XL's keep ratio; its MACs with its own work counted in are the budget every
-    other method must meet. A "budget" method runs at the same keep ratio where that meets it; a
-    "solve" method (ToMe; AT-EDM-dagger, which prunes level 2 nowhere), or a "budget" method whose
-    own work costs more than AT-EDM's, gets the largest keep ratio that meets it (bisection);
+    other method must meet (``flops.fit_keep_ratio``, as ``atedm-compile evaluate`` plans). A
+    "budget" method runs at the same keep ratio where that meets it, and a few tokens fewer (or
+    the largest below that meets it) where its own work costs more than AT-EDM's; a "solve" method
+    (ToMe; AT-EDM-dagger, which prunes level 2 nowhere) gets the largest keep ratio that meets it;
     ``capped`` where even its smallest keep ratio costs more. Methods that ``known`` (an earlier plan
     for the same U-Net and steps) has for a budget, with the same config, are taken from it."""
     sdxl = sdxl_keep_ratios(budgets, cache)
@@ -147,16 +147,6 @@ def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir
     def model():  # built and counted only where something is to be solved
         tiny = build_unet(read_config(model_dir)["unet"], device="meta")
         return tiny, count_phases(tiny, ac.make_schedule("none", steps), **size)
-
-    def tokens() -> set[int]:
-        latent = image_size // vae_factor
-        return {(latent // 2 ** (b.level - 1)) ** 2 for b in ac.attention_blocks(model()[0])}
-
-    def cost(method: str, keep: float):
-        preset, config, _ = METHODS[method]
-        tiny, unpruned = model()
-        return count_phases(tiny, ac.make_schedule(preset, steps, keep_ratio=keep), config, **size,
-                            full_flops=unpruned.full_flops)
 
     earlier = {entry["budget"]: entry for entry in known}
     plan = []
@@ -171,50 +161,32 @@ def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir
         entry = {"budget": budget, "sdxl_keep_ratio": keep, "sdxl_pruned_tmacs": sdxl[budget]["pruned_tmacs"],
                  "sdxl_full_tmacs": sdxl[budget]["full_tmacs"], "tiny_full_gmacs": full * 1e3, "methods": {}}
         plan.append(entry)
-        target = cost("AT-EDM", keep)
+        tiny, unpruned = model()
+        target = count_phases(tiny, ac.make_schedule("atedm", steps, keep_ratio=keep), METHODS["AT-EDM"][1], **size,
+                              full_flops=unpruned.full_flops)
         budget_limit = target.average_tmacs_with_scoring * (1 + 1e-9)
         for method in methods:
             if method in reuse:
                 entry["methods"][method] = reuse[method]
                 continue
             preset, config, kind = METHODS[method]
-            chosen = keep
-            report = target if method == "AT-EDM" else cost(method, keep) if kind in ("budget", "tome") else None
             limit = budget_limit
             if kind == "tome":  # at most what ToMe spends: its token counts are coarser than AT-EDM's
                 if "ToMe" not in entry["methods"]:
                     raise ValueError(f"{method} is matched to ToMe's MACs: put ToMe before it in --methods")
                 limit = min(limit, entry["methods"]["ToMe"]["share_with_overhead"] * full * (1 + 1e-9))
-            if report is not None:
-                # Over budget by its own work only: drop one token at a time (the cost changes only
-                # where a block's count k = round(keep * N) does), a count or two instead of a bisection.
-                while report.average_tmacs_with_scoring > limit and chosen > 0.01:
-                    chosen = next_keep_down(chosen, tokens())
-                    report = cost(method, chosen)
-            if report is None or report.average_tmacs_with_scoring > limit:
+            if method == "AT-EDM":
+                chosen, report = keep, target
+            else:
                 lowest = TOME_MIN_KEEP if isinstance(config, ToMeConfig) else 0.01
-                try:
-                    chosen, _ = solve_keep_ratio(model()[0], limit / (1 + 1e-9), preset, steps, config,
-                                                 tolerance=1e-3, lowest=lowest, with_scoring=True, **size)
-                except ValueError:  # out of reach: run at the lowest keep ratio, flagged capped
-                    chosen = lowest
-                report = cost(method, chosen)
-                # The solved ratio is rounded to 4 digits: step down where that rounding went up.
-                while report.average_tmacs_with_scoring > limit and chosen > lowest:
-                    chosen = max(lowest, round(chosen - 1e-4, 4))
-                    report = cost(method, chosen)
+                chosen, report, _ = fit_keep_ratio(tiny, limit, preset, steps, config,
+                                                   start=None if kind == "solve" else keep, lowest=lowest,
+                                                   full_flops=unpruned.full_flops, **size)
             entry["methods"][method] = {
                 "keep_ratio": round(chosen, 4), "share": report.average_tmacs / full,
                 "share_with_overhead": report.average_tmacs_with_scoring / full,
                 "capped": report.average_tmacs_with_scoring > limit, "config": repr(METHODS[method])}
     return plan
-
-
-def next_keep_down(keep: float, token_counts) -> float:
-    """The largest keep ratio (4 digits) below ``keep`` at which some block of ``token_counts``
-    tokens keeps one token fewer (``ops.keep_count``)."""
-    below = max(((keep_count(n, keep) - 0.5) / n for n in token_counts if keep_count(n, keep) > 1), default=0.01)
-    return math.ceil(below * 1e4 - 1) / 1e4
 
 
 # -- sampling (in worker processes) ------------------------------------------------------------

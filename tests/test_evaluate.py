@@ -144,6 +144,36 @@ def test_keep_ratio_budgets_cost_what_flops_counts():
     assert plan["full_tmacs"] == expected.full_tmacs
 
 
+def test_methods_that_prune_alike_meet_atedm_with_their_own_work_counted():
+    from atedm_compile.flops import count_phases
+    from atedm_compile.models import build_unet
+    from atedm_compile.schedule import make_schedule
+    from atedm_compile.config import DEFAULT_PRUNING
+
+    unet = build_unet("tiny-shapes", device="meta")
+    size = dict(height=64, width=64, vae_factor=4)
+    entry = plan_budgets(unet, ["atedm", "default", "random"], keep_ratios=[0.5], steps=4, tolerance=0.05,
+                         **size)["budgets"][0]
+    atedm, default, random = (entry["methods"][m] for m in ("atedm", "default", "random"))
+    # Random scores cost nothing: it runs at AT-EDM's keep ratio. The default's key cosines cost more
+    # than the paper's copy: it keeps fewer tokens, as many as AT-EDM's MACs allow.
+    assert random["keep_ratio"] == 0.5 and random["tmacs"] == atedm["tmacs"]
+    assert random["tmacs_with_scoring"] < atedm["tmacs_with_scoring"]
+    assert default["keep_ratio"] < 0.5 and not default["capped"]
+    assert default["tmacs_with_scoring"] <= atedm["tmacs_with_scoring"] * (1 + 1e-9)
+    at_atedms_keep = count_phases(unet, make_schedule("atedm", 4, keep_ratio=0.5), DEFAULT_PRUNING, **size)
+    assert at_atedms_keep.average_tmacs_with_scoring > atedm["tmacs_with_scoring"]
+    assert default["share_with_scoring"] == default["tmacs_with_scoring"] / count_phases(
+        unet, make_schedule("none", 4), **size).full_tmacs
+
+
+def test_unknown_method_is_refused():
+    from atedm_compile.models import build_unet
+
+    with pytest.raises(ValueError, match=r"methods \['cheap'\] not known; choose from \['full', 'atedm', 'default'"):
+        plan_budgets(build_unet("tiny-shapes", device="meta"), ["atedm", "cheap"], keep_ratios=[0.5], steps=4)
+
+
 @pytest.mark.slow
 def test_budgets_solve_atedm_and_match_tome():
     from atedm_compile.flops import count_phases
@@ -158,7 +188,8 @@ def test_budgets_solve_atedm_and_match_tome():
     assert entry["pruned_phase_tmacs"] <= budget and 0.4 <= entry["atedm_keep_ratio"] <= 1.0
     atedm, tome = entry["methods"]["atedm"], entry["methods"]["tome"]
     assert atedm["keep_ratio"] == entry["atedm_keep_ratio"]
-    assert tome["tmacs"] <= atedm["tmacs"] and not tome["capped"] and 0.25 <= tome["keep_ratio"] < 1.0
+    assert tome["tmacs_with_scoring"] <= atedm["tmacs_with_scoring"] == entry["limit_tmacs_with_scoring"] / (1 + 1e-9)
+    assert not tome["capped"] and 0.25 <= tome["keep_ratio"] < 1.0
     assert plan["full_tmacs"] > atedm["tmacs"]
 
 

@@ -72,7 +72,7 @@ def test_solve_keep_ratio_meets_the_budget():
     unet = build_unet("tiny", device="meta")
     full = count_phases(unet, ac.make_schedule("none", 1), height=256, width=256).full_tmacs
     target = 0.8 * full
-    keep, report = solve_keep_ratio(unet, target, "uniform", 1, height=256, width=256, tolerance=0.01)
+    keep, report = solve_keep_ratio(unet, target, "uniform", 1, height=256, width=256, tolerance=0.05)
     assert 0 < keep < 1 and report.average_tmacs <= target
     looser = count_phases(unet, ac.make_schedule("uniform", 1, keep_ratio=min(1.0, keep + 0.05)), height=256,
                           width=256)
@@ -150,3 +150,50 @@ def test_real_configs_trace_and_prune(model, size):
     else:
         # SD 1.x / 2.x blocks have one layer: nothing after the pruning point, left alone.
         assert pruned.tmacs == report.full_tmacs
+
+
+@pytest.fixture(scope="module")
+def tiny_meta():
+    return build_unet("tiny", device="meta")
+
+
+def _cost(unet, keep, config=None, preset="uniform", steps=1):
+    return count_phases(unet, ac.make_schedule(preset, steps, keep_ratio=keep), config, 256, 256)
+
+
+def test_fit_keep_ratio_keeps_a_start_that_fits(tiny_meta):
+    from atedm_compile.flops import fit_keep_ratio
+
+    limit = _cost(tiny_meta, 0.4, PruningConfig()).average_tmacs_with_scoring
+    keep, report, capped = fit_keep_ratio(tiny_meta, limit * (1 + 1e-9), "uniform", 1, PruningConfig(), start=0.4,
+                                          height=256, width=256)
+    assert (keep, capped) == (0.4, False) and report.average_tmacs_with_scoring == limit
+
+
+def test_fit_keep_ratio_steps_below_a_start_whose_own_work_costs_more(tiny_meta):
+    from atedm_compile.config import DEFAULT_PRUNING
+    from atedm_compile.flops import fit_keep_ratio
+
+    # The default's key cosines cost more than the paper's copy: at AT-EDM's keep ratio it is over
+    # AT-EDM's MACs, a few tokens fewer it is not.
+    limit = _cost(tiny_meta, 0.4, PruningConfig()).average_tmacs_with_scoring * (1 + 1e-9)
+    assert _cost(tiny_meta, 0.4, DEFAULT_PRUNING).average_tmacs_with_scoring > limit
+    keep, report, capped = fit_keep_ratio(tiny_meta, limit, "uniform", 1, DEFAULT_PRUNING, start=0.4, height=256,
+                                          width=256, tolerance=0.05)
+    assert 0.3 < keep < 0.4 and not capped and report.average_tmacs_with_scoring <= limit
+    assert report.average_tmacs_with_scoring == _cost(tiny_meta, keep, DEFAULT_PRUNING).average_tmacs_with_scoring
+    # The largest that fits, to the tolerance.
+    assert _cost(tiny_meta, keep + 0.05, DEFAULT_PRUNING).average_tmacs_with_scoring > limit
+
+
+def test_fit_keep_ratio_solves_without_a_start_and_caps(tiny_meta):
+    from atedm_compile.flops import fit_keep_ratio
+
+    tome = ac.passes.ToMeConfig()
+    limit = _cost(tiny_meta, 0.4, PruningConfig()).average_tmacs_with_scoring * (1 + 1e-9)
+    keep, report, capped = fit_keep_ratio(tiny_meta, limit, "uniform", 1, tome, lowest=0.25, height=256, width=256,
+                                          tolerance=0.05)
+    assert 0.25 <= keep < 1 and not capped and report.average_tmacs_with_scoring <= limit
+    assert keep == round(keep, 4)
+    keep, report, capped = fit_keep_ratio(tiny_meta, 1e-9, "uniform", 1, tome, lowest=0.25, height=256, width=256)
+    assert (keep, capped) == (0.25, True) and report.average_tmacs_with_scoring > 1e-9

@@ -9,7 +9,7 @@ from .plan import METHODS
 
 
 EXAMPLES = """examples:
-  atedm-compile evaluate --model PATH --captions captions_val2017.json --methods full atedm tome \\
+  atedm-compile evaluate --model PATH --captions captions_val2017.json --methods full atedm default tome \\
       --budgets 4.1 3.6 --guidance 5 7 --images 5000 --reference val2017/ --out eval/sdxl
   torchrun --nproc_per_node 8 -m atedm_compile.cli evaluate --model PATH --captions captions.txt --out eval/sdxl"""
 
@@ -29,12 +29,14 @@ def add_evaluate_command(sub) -> None:
     evaluate.add_argument("--captions", required=True,
                           help="a text file of one caption per line, or COCO captions_val2017.json (one caption per image)")
     evaluate.add_argument("--out", required=True, help="output folder; rerunning with the same settings resumes there")
-    evaluate.add_argument("--methods", nargs="+", default=["full", "atedm", "tome"], choices=list(METHODS),
-                          metavar="METHOD", help=f"of {list(METHODS)}")
+    evaluate.add_argument("--methods", nargs="+", default=["full", "atedm", "default", "tome"], choices=list(METHODS),
+                          metavar="METHOD", help=f"of {list(METHODS)}: 'atedm' is the paper's method, 'default' "
+                               "the package's default pruning (DEFAULT_PRUNING)")
     evaluate.add_argument("--budgets", nargs="+", type=positive_float, default=[], metavar="TMACS",
                           help="TMACs of AT-EDM's all-pruned phase per U-Net call on the CFG pair (the paper's "
-                               "labels: 4.1 is keep 0.37 on SD-XL); ToMe and AT-EDM-dagger are matched to AT-EDM's "
-                               "schedule average")
+                               "labels: 4.1 is keep 0.37 on SD-XL); every other method gets the largest keep ratio "
+                               "(default and random: at most AT-EDM's) whose schedule-average MACs, its own work "
+                               "counted in, are at most AT-EDM's")
     evaluate.add_argument("--keep-ratios", nargs="+", type=positive_float, default=[], metavar="KEEP",
                           help="budgets given as AT-EDM's keep ratio instead")
     evaluate.add_argument("--guidance", nargs="+", type=finite_float, default=[7.0], metavar="CFG",

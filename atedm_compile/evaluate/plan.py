@@ -3,26 +3,32 @@
 A budget is the paper's label: the TMACs of AT-EDM's all-pruned phase (one U-Net call on the CFG
 pair). On SD-XL at 1024 px, 4.1 is keep 0.37 (supp. A.3: "when we target 4.1 TFLOPs ... we retain
 37% tokens"), and AT-EDM's DSAP schedule then averages a little more over all steps (its
-prune-less steps cost more). Random pruning runs at AT-EDM's keep ratio (the same MACs); ToMe and
-AT-EDM-dagger get the largest keep ratio whose schedule-average MACs are at most AT-EDM's
-(``flops.solve_keep_ratio``), flagged ``capped`` when even their smallest one costs more. A budget
-can also be given as AT-EDM's keep ratio directly.
+prune-less steps cost more). A budget can also be given as AT-EDM's keep ratio directly.
+
+AT-EDM (the paper's method) runs at the budget's keep ratio; its DSAP-average MACs *with its own
+work counted in* (G-WPR, recovery) are the limit every other method meets with its own work
+counted in too (key similarities, ToMe's matching and merging): ``flops.fit_keep_ratio``. The
+methods that prune the same number of tokens (``default``, ``random``) run at AT-EDM's keep ratio
+where that fits and a few tokens fewer where their own work costs more; ToMe and AT-EDM-dagger
+at the largest keep ratio that fits, flagged ``capped`` where even their smallest costs more.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PruningConfig, check_keep_ratio
-from ..flops import count_phases, solve_keep_ratio
-from ..config import ToMeConfig
+from ..config import DEFAULT_PRUNING, PruningConfig, ToMeConfig, check_keep_ratio
+from ..flops import count_phases, fit_keep_ratio, solve_keep_ratio
 from ..schedule import make_schedule
+
+# Part of plan.json's key: a plan solved under other rules is solved again.
+PLANNER_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Method:
     """preset: the DSAP schedule (None: the unpruned model); keep: ``budget`` (AT-EDM's keep
-    ratio) or ``matched`` (solved to AT-EDM's schedule-average MACs)."""
+    ratio where it fits AT-EDM's MACs) or ``matched`` (the largest that fits)."""
 
     label: str
     preset: str | None
@@ -40,6 +46,7 @@ class Method:
 METHODS = {
     "full": Method("full model", None, None, "full"),
     "atedm": Method("AT-EDM", "atedm", PruningConfig()),
+    "default": Method("default (ours)", "atedm", DEFAULT_PRUNING),
     "atedm-dagger": Method("AT-EDM-dagger", "atedm-dagger", PruningConfig(), "matched"),
     "tome": Method("ToMe", "atedm", ToMeConfig(), "matched"),
     "random": Method("random pruning", "atedm", PruningConfig(scorer="random")),
@@ -55,21 +62,21 @@ def plan_budgets(unet, methods, budgets=(), keep_ratios=(), steps: int = 50, hei
                  width: int = 1024, vae_factor: int = 8, tolerance: float = 1e-3) -> dict:
     """Per budget, the keep ratio and cost of every method in ``methods`` (names in ``METHODS``).
 
-    ``unet`` is best on the meta device. Costs are TMACs of one U-Net call on the CFG pair:
-    ``tmacs`` the DSAP-schedule average of the model's own MACs, ``tmacs_with_scoring`` with the
-    method's scoring / matching work, ``share`` of the full model's.
+    ``unet`` is best on the meta device. Costs are TMACs of one U-Net call on the CFG pair, DSAP
+    averages: ``tmacs`` the model's own MACs, ``tmacs_with_scoring`` with the method's own work
+    (what is matched), ``share`` and ``share_with_scoring`` of the full model's.
     """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods {unknown} not known; choose from {list(METHODS)}")
     size = dict(height=height, width=width, vae_factor=vae_factor)
     full = count_phases(unet, make_schedule("none", steps), **size)
-
-    def cost(method: Method, keep: float):
-        return count_phases(unet, make_schedule(method.preset, steps, keep_ratio=keep), method.config,
-                            full_flops=full.full_flops, **size)
 
     def entry(keep: float, report, capped: bool = False) -> dict:
         return {"keep_ratio": round(keep, 4), "tmacs": report.average_tmacs,
                 "tmacs_with_scoring": report.average_tmacs_with_scoring,
-                "share": report.average_tmacs / full.full_tmacs, "capped": capped}
+                "share": report.average_tmacs / full.full_tmacs,
+                "share_with_scoring": report.average_tmacs_with_scoring / full.full_tmacs, "capped": capped}
 
     plan = {"full_tmacs": full.full_tmacs, "steps": steps, "height": height, "width": width, "budgets": []}
     wanted = [(budget_label(budget=b), b, None) for b in budgets]
@@ -83,21 +90,22 @@ def plan_budgets(unet, methods, budgets=(), keep_ratios=(), steps: int = 50, hei
         else:
             pruned_tmacs = count_phases(unet, make_schedule("uniform", 1, keep_ratio=keep), full_flops=full.full_flops,
                                         **size).average_tmacs
-        atedm = cost(METHODS["atedm"], keep)
+        atedm = count_phases(unet, make_schedule("atedm", steps, keep_ratio=keep), METHODS["atedm"].config,
+                             full_flops=full.full_flops, **size)
+        limit = atedm.average_tmacs_with_scoring * (1 + 1e-9)
         methods_plan = {}
         for name in methods:
             method = METHODS[name]
             if method.keep == "full":
                 continue
-            if method.keep == "budget":
-                methods_plan[name] = entry(keep, atedm if name == "atedm" else cost(method, keep))
+            if name == "atedm":
+                methods_plan[name] = entry(keep, atedm)
                 continue
-            try:
-                chosen, report = solve_keep_ratio(unet, atedm.average_tmacs, method.preset, steps, method.config,
-                                                  tolerance=tolerance, lowest=method.lowest_keep, **size)
-                methods_plan[name] = entry(chosen, report)
-            except ValueError:  # out of reach: run at the lowest keep ratio, flagged capped
-                methods_plan[name] = entry(method.lowest_keep, cost(method, method.lowest_keep), capped=True)
+            chosen, report, capped = fit_keep_ratio(
+                unet, limit, method.preset, steps, method.config, start=keep if method.keep == "budget" else None,
+                lowest=method.lowest_keep, tolerance=tolerance, full_flops=full.full_flops, **size)
+            methods_plan[name] = entry(chosen, report, capped)
         plan["budgets"].append({"label": label, "budget_tmacs": budget, "atedm_keep_ratio": round(keep, 4),
-                                "pruned_phase_tmacs": pruned_tmacs, "methods": methods_plan})
+                                "pruned_phase_tmacs": pruned_tmacs, "limit_tmacs_with_scoring": limit,
+                                "methods": methods_plan})
     return plan

@@ -6,14 +6,16 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLUMNS = ("method", "budget", "keep", "TMACs", "share", "CFG", "images", "FID", "CLIP")
+COLUMNS = ("method", "budget", "keep", "TMACs", "+work", "share", "CFG", "images", "FID", "CLIP")
 
 
 def table(rows: list[dict]) -> str:
     """One line per method, budget and guidance scale. TMACs: the schedule average of one U-Net
-    call on the CFG pair; share: of the full model's; CLIP: mean cosine (0-1)."""
+    call on the CFG pair; +work: with the method's own work (scoring, recovery, matching), what
+    the budgets match; share: of the full model's, with its work; CLIP: mean cosine (0-1)."""
     cells = [[r["method"], r["budget"] or "-", f"{r['keep_ratio']:.3f}" + (" cap" if r["capped"] else ""),
-              f"{r['tmacs']:.4g}", f"{r['share']:.3f}", f"{r['guidance']:g}", str(r["images"]),
+              f"{r['tmacs']:.4g}", f"{r['tmacs_with_scoring']:.4g}", f"{r['share_with_scoring']:.3f}",
+              f"{r['guidance']:g}", str(r["images"]),
               f"{r['fid']:.2f}", f"{r['clip_score']:.4f}"] for r in rows]
     widths = [max(len(c) for c in column) for column in zip(COLUMNS, *cells)]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))

@@ -30,7 +30,7 @@ from ..files import write_atomically
 from . import report, shards
 from .captions import Caption, read_captions
 from .metrics import Metrics, frechet_distance, paper_metrics, statistics
-from .plan import METHODS, plan_budgets
+from .plan import METHODS, PLANNER_VERSION, plan_budgets
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # clean-fid's, less .npy
@@ -42,7 +42,8 @@ class EvaluateConfig:
     model: ``tiny-shapes`` (shipped), ``tiny`` or a diffusers pipeline folder / hub id in the cache.
     captions: a text file (one caption per line) or COCO ``captions_val2017.json``.
     out: the output folder; a rerun with the same settings resumes in it.
-    methods: names in ``METHODS``: ``full``, ``atedm``, ``atedm-dagger``, ``tome``, ``random``.
+    methods: names in ``METHODS``: ``full``, ``atedm`` (the paper's), ``default`` (the package's
+        ``DEFAULT_PRUNING``), ``atedm-dagger``, ``tome``, ``random``.
     budgets: TMACs of AT-EDM's all-pruned phase per U-Net call on the CFG pair (the paper's
         labels: 4.1 is keep 0.37 on SD-XL 1024 px); keep_ratios: budgets given as AT-EDM's keep ratio.
     guidance: CFG scales; images: the first N captions (default all); steps: sampling steps.
@@ -60,7 +61,7 @@ class EvaluateConfig:
     model: str
     captions: str | Path
     out: str | Path
-    methods: Sequence[str] = ("full", "atedm", "tome")
+    methods: Sequence[str] = ("full", "atedm", "default", "tome")
     budgets: Sequence[float] = ()
     keep_ratios: Sequence[float] = ()
     guidance: Sequence[float] = (7.0,)
@@ -133,7 +134,7 @@ def _runs(config: EvaluateConfig, plan: dict) -> list[Run]:
     runs = []
     if "full" in config.methods:
         full = {"keep_ratio": 1.0, "tmacs": plan["full_tmacs"], "tmacs_with_scoring": plan["full_tmacs"],
-                "share": 1.0, "capped": False}
+                "share": 1.0, "share_with_scoring": 1.0, "capped": False}
         runs += [Run("full", None, g, 1.0, full) for g in config.guidance]
     for budget in plan["budgets"]:
         for method in config.methods:
@@ -173,7 +174,7 @@ def _prepare(out: Path, settings: dict, captions: list[dict], config: EvaluateCo
                              f"{new['caption']!r} now); use another --out")
     if len(captions) > len(saved):
         write_atomically(out / "captions.json", lambda tmp: Path(tmp).write_text(json.dumps(captions, indent=1) + "\n"))
-    key = {"unet": unet_config, "methods": list(config.methods), "budgets": list(config.budgets),
+    key = {"planner": PLANNER_VERSION, "unet": unet_config, "methods": list(config.methods), "budgets": list(config.budgets),
            "keep_ratios": list(config.keep_ratios), "steps": config.steps, **size, "tolerance": config.budget_tolerance}
     key = json.loads(json.dumps(key, default=str))
     cached = json.loads((out / "plan.json").read_text()) if (out / "plan.json").is_file() else {}
@@ -441,6 +442,7 @@ def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> d
         rows = [{"run": run.name, "method": run.method, "budget": run.budget, "guidance": run.guidance,
                  "keep_ratio": run.plan["keep_ratio"], "capped": run.plan["capped"], "tmacs": run.plan["tmacs"],
                  "tmacs_with_scoring": run.plan["tmacs_with_scoring"], "share": run.plan["share"],
+                 "share_with_scoring": run.plan["share_with_scoring"],
                  "images": len(clip), "fid": fid, "clip_score": float(np.mean(clip, dtype=np.float64))}
                 for run, fid, _, clip in measured]
         record = {
