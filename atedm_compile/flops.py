@@ -170,6 +170,7 @@ def solve_keep_ratio(
     lowest: float = 0.01,
     with_scoring: bool = False,
     highest: float = 1.0,
+    full_flops: int | None = None,
     **preset_options,
 ) -> tuple[float, FlopsReport]:
     """The largest keep ratio in [``lowest``, ``highest``] whose schedule-average ``tmacs`` (with
@@ -178,9 +179,9 @@ def solve_keep_ratio(
 
     Bisection to ``tolerance`` (cost grows with the keep ratio). Raises ValueError for an
     unreachable target. ToMe (a ``ToMeConfig``, merging ``1 - keep``) needs ``lowest=0.25``.
+    ``full_flops``: the unpruned model's FLOPs where already counted.
     """
     measure = "average_tmacs_with_scoring" if with_scoring else "average_tmacs"
-    full_flops = None
 
     def report(keep: float) -> FlopsReport:
         nonlocal full_flops
@@ -265,7 +266,8 @@ def fit_keep_ratio(
             return keep, report, False
     try:
         keep, _ = solve_keep_ratio(unet, limit_tmacs, preset, num_steps, config, tolerance=tolerance, lowest=lowest,
-                                   with_scoring=with_scoring, highest=1.0 if start is None else keep, **size)
+                                   with_scoring=with_scoring, highest=1.0 if start is None else keep,
+                                   full_flops=flops, **size)
     except ValueError:  # out of reach: the lowest keep ratio, flagged
         return lowest, cost(lowest), True
     report = cost(keep)

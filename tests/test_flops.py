@@ -157,8 +157,14 @@ def tiny_meta():
     return build_unet("tiny", device="meta")
 
 
+_FULL = {}
+
+
 def _cost(unet, keep, config=None, preset="uniform", steps=1):
-    return count_phases(unet, ac.make_schedule(preset, steps, keep_ratio=keep), config, 256, 256)
+    if id(unet) not in _FULL:  # the unpruned model, counted once
+        _FULL[id(unet)] = count_phases(unet, ac.make_schedule("none", 1), height=256, width=256).full_flops
+    return count_phases(unet, ac.make_schedule(preset, steps, keep_ratio=keep), config, 256, 256,
+                        full_flops=_FULL[id(unet)])
 
 
 def test_fit_keep_ratio_keeps_a_start_that_fits(tiny_meta):
@@ -179,7 +185,7 @@ def test_fit_keep_ratio_steps_below_a_start_whose_own_work_costs_more(tiny_meta)
     limit = _cost(tiny_meta, 0.4, PruningConfig()).average_tmacs_with_scoring * (1 + 1e-9)
     assert _cost(tiny_meta, 0.4, DEFAULT_PRUNING).average_tmacs_with_scoring > limit
     keep, report, capped = fit_keep_ratio(tiny_meta, limit, "uniform", 1, DEFAULT_PRUNING, start=0.4, height=256,
-                                          width=256, tolerance=0.05)
+                                          width=256, tolerance=0.05, full_flops=_cost(tiny_meta, 1.0).full_flops)
     assert 0.3 < keep < 0.4 and not capped and report.average_tmacs_with_scoring <= limit
     assert report.average_tmacs_with_scoring == _cost(tiny_meta, keep, DEFAULT_PRUNING).average_tmacs_with_scoring
     # The largest that fits, to the tolerance.
