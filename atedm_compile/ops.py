@@ -49,7 +49,7 @@ def attend(probs: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor
     return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
-ATTENTION_PATHS = ("auto", "per-head", "chunked", "batched")
+ATTENTION_PATHS = ("auto", "per-head", "chunked", "triton", "batched")
 _attention_path = "auto"
 
 # The chunked form's largest head chunk: its scores, in the compute dtype, take at most this much.
@@ -60,7 +60,8 @@ MAP_CHUNK_BYTES = 64 * 2**20
 @contextlib.contextmanager
 def attention_path(path: str):
     """Force the form ``attention_with_map`` takes inside the block (tests, benchmarks):
-    ``per-head`` (the CPU loop), ``chunked`` (the accelerator form), ``batched`` (export) or
+    ``per-head`` (the CPU loop), ``chunked`` (the accelerator form), ``triton`` (the chunked
+    form's map in one Triton kernel, ``attention_with_map_triton``), ``batched`` (export) or
     ``auto``. A compiled graph guards on it: changing it recompiles.
 
     Example:
@@ -121,6 +122,8 @@ def attention_with_map(
         return attend(probs, value, heads), reduce_heads(probs, reduction)
     if path == "chunked":
         return attention_with_map_chunked(query, key, value, heads, reduction)
+    if path == "triton":
+        return attention_with_map_triton(query, key, value, heads, reduction)
     q = split_heads(query * (query.shape[-1] // heads) ** -0.5, heads)
     k, v = split_heads(key, heads), split_heads(value, heads)
     batch, _, tokens, head_dim = q.shape
@@ -196,6 +199,28 @@ def attention_with_map_chunked(
             combined += probs[:, head]
         del scores, probs  # eager: free this chunk before the next one's scores exist
     combined = combined.div_(heads) if reduction == "mean" else combined.div_(heads).sqrt_()
+    return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim), combined
+
+
+def attention_with_map_triton(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, reduction: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_with_map_chunked`` with the map from one Triton kernel (``triton_map.head_map``):
+    the layer's output from the fused attention kernel, the map accumulated over heads in
+    registers from Q, K and the kernel's row log-sum-exp (or one a second Triton kernel computes)
+    and written once. No scores in memory; extra memory: the B x N x M float32 map alone.
+
+    query: [B, N, h*d], key and value: [B, M, h*d] -> (out [B, N, h*d], map [B, N, M] float32).
+    Needs Triton and a CUDA device (or the CPU under ``TRITON_INTERPRET=1``).
+    """
+    from . import triton_map
+
+    if reduction not in HEAD_REDUCTIONS:
+        raise ValueError(f"head reduction {reduction!r} is not one of {HEAD_REDUCTIONS}")
+    q, k, v = split_heads(query, heads), split_heads(key, heads), split_heads(value, heads)
+    batch, _, tokens, head_dim = q.shape
+    out, lse = fused_attention_with_lse(q, k, v)
+    combined = triton_map.head_map(q, k, None if lse is None else lse[..., :tokens], reduction == "rms")
     return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim), combined
 
 

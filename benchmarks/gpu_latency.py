@@ -17,6 +17,7 @@ model of the same mode, the FLOPs-ideal speed-up (full TMACs / variant TMACs), t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -31,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 import atedm_compile as ac  # noqa: E402
-from atedm_compile import ops  # noqa: E402
+from atedm_compile import ops, triton_map  # noqa: E402
 from atedm_compile.config import PruningConfig  # noqa: E402
 from atedm_compile.devices import DTYPES, Stopwatch, resolve_device, resolve_dtype, synchronize  # noqa: E402
 from atedm_compile.flops import count_phases, fit_keep_ratio, unet_inputs  # noqa: E402
@@ -39,7 +40,9 @@ from atedm_compile.models import build_unet, unet_config, vae_factor  # noqa: E4
 from atedm_compile.passes import ToMeConfig  # noqa: E402
 
 TOME_MIN_KEEP = 0.25  # ToMe merges at most 75% with 2 x 2 cells
-VARIANTS = ("prune-less", "pruned", "ToMe", "DSAP")
+# pruned/triton: the pruned phase with its attention maps from the Triton kernel
+# (ops.attention_path("triton")); where Triton cannot run, left out with a line saying so.
+VARIANTS = ("prune-less", "pruned", "pruned/triton", "ToMe", "DSAP")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -54,6 +57,7 @@ def _costs(args, schedule, config):
     cost = count_phases(meta, schedule, config, args.height, args.width, vae_factor=factor)
     tmacs = {"full": cost.full_tmacs} | {p.name: p.tmacs_with_scoring for p in cost.phases}
     pruned = next(p for p in cost.phases if p.name == "pruned")
+    tmacs["pruned/triton"] = pruned.tmacs_with_scoring  # the same work, another kernel for the map
     tome_keep = args.tome_keep
     if "ToMe" not in args.variants:
         return tmacs, tome_keep, cost.average_tmacs_with_scoring
@@ -87,27 +91,33 @@ def _peak_memory(device, unet, inputs) -> tuple[float, float] | tuple[None, None
     return peak / 2**20, (peak - before) / 2**20
 
 
-def _time_variants(args, device, unet, inputs, runner, variants: dict[str, str | None], compiled: bool,
-                   results: dict) -> None:
-    """Warm up each variant (compiling it), then time them round-robin; ms per call and memory
-    into ``results``."""
-    for name, phase in variants.items():
+def _path(path: str | None):
+    return ops.attention_path(path) if path else contextlib.nullcontext()
+
+
+def _time_variants(args, device, unet, inputs, runner, variants: dict[str, tuple[str | None, str | None]],
+                   compiled: bool, results: dict) -> None:
+    """Warm up each variant (phase, attention path; compiling it), then time them round-robin; ms
+    per call and memory into ``results``."""
+    for name, (phase, path) in variants.items():
         runner.use_phase(phase)
         started = time.perf_counter()
-        for _ in range(args.warmup):
-            _unet_call(unet, inputs)
+        with _path(path):
+            for _ in range(args.warmup):
+                _unet_call(unet, inputs)
         synchronize(device)
         _log(f"  {name}: {args.warmup} warm-up calls in {time.perf_counter() - started:.1f} s"
              f"{' (compiling)' if compiled else ''}")
     watches = {name: Stopwatch(device) for name in variants}
     for _ in range(args.calls):
-        for name, phase in variants.items():
+        for name, (phase, path) in variants.items():
             runner.use_phase(phase)
-            with watches[name]:
+            with watches[name], _path(path):
                 _unet_call(unet, inputs)
-    for name, phase in variants.items():
+    for name, (phase, path) in variants.items():
         runner.use_phase(phase)
-        peak, above = _peak_memory(device, unet, inputs)
+        with _path(path):
+            peak, above = _peak_memory(device, unet, inputs)
         results[name] = {"ms": statistics.median(watches[name].milliseconds()), "peak_mib": peak,
                          "above_before_mib": above}
         _log(f"  {name}: {results[name]['ms']:.2f} ms per call, peak {_fmt(peak, 0).strip()} MiB")
@@ -145,7 +155,9 @@ def run_mode(args, device, unet, inputs, schedule, config, tome_keep, mode: str,
         if compiled:
             runner.compile(**options)
         phases = [p.name for p in schedule.phases]
-        variants = {"full": None} | {name: name for name in phases if name in args.variants}
+        variants = {"full": (None, None)} | {name: (name, None) for name in phases if name in args.variants}
+        if "pruned/triton" in args.variants:
+            variants["pruned/triton"] = ("pruned", "triton")
         _time_variants(args, device, unet, inputs, runner, variants, compiled, results)
         if "DSAP" in args.variants:
             results["DSAP"] = _dsap_loop(args, device, unet, inputs, runner)
@@ -158,7 +170,7 @@ def run_mode(args, device, unet, inputs, schedule, config, tome_keep, mode: str,
         runner.start(1)
         if compiled:
             runner.compile(**options)
-        _time_variants(args, device, unet, inputs, runner, {"ToMe": "pruned"}, compiled, results)
+        _time_variants(args, device, unet, inputs, runner, {"ToMe": ("pruned", None)}, compiled, results)
     finally:
         ac.remove(unet)
 
@@ -170,7 +182,7 @@ def _fmt(value, width: int, digits: int = 0) -> str:
 def print_tables(report: dict) -> None:
     tmacs = report["tmacs"]
     print(report["title"])
-    header = (f"{'mode':<9} {'variant':<11} {'TMACs':>7} {'ms/call':>9} {'speed-up':>9} {'FLOPs ratio':>12} "
+    header = (f"{'mode':<9} {'variant':<13} {'TMACs':>7} {'ms/call':>9} {'speed-up':>9} {'FLOPs ratio':>12} "
               f"{'efficiency':>11} {'peak MiB':>9} {'above MiB':>10}")
     print(header)
     print("-" * len(header))
@@ -183,7 +195,7 @@ def print_tables(report: dict) -> None:
         for name in ["full", *[n for n in results if n not in ("full", "DSAP", "error")]]:
             row = results[name]
             speedup, ideal = full / row["ms"], tmacs["full"] / tmacs[name]
-            print(f"{mode:<9} {name:<11} {tmacs[name]:>7.4g} {row['ms']:>9.2f} {speedup:>8.3f}x {ideal:>11.3f}x "
+            print(f"{mode:<9} {name:<13} {tmacs[name]:>7.4g} {row['ms']:>9.2f} {speedup:>8.3f}x {ideal:>11.3f}x "
                   f"{speedup / ideal:>11.3f} {_fmt(row['peak_mib'], 9)} {_fmt(row['above_before_mib'], 10)}")
     if not any("DSAP" in results for results in report["modes"].values()):
         return
@@ -212,14 +224,16 @@ def print_targets(report: dict) -> None:
         return
     print()
     print("Targets (compiled mode):")
-    if "pruned" in results:
-        speedup = results["full"]["ms"] / results["pruned"]["ms"]
-        efficiency = speedup / (tmacs["full"] / tmacs["pruned"])
-        print(f"  pruned phase efficiency {efficiency:.3f} (speed-up {speedup:.3f}x), target >= 0.90: "
+    for name in ("pruned", "pruned/triton"):
+        if name not in results:
+            continue
+        speedup = results["full"]["ms"] / results[name]["ms"]
+        efficiency = speedup / (tmacs["full"] / tmacs[name])
+        print(f"  {name} phase efficiency {efficiency:.3f} (speed-up {speedup:.3f}x), target >= 0.90: "
               f"{'met' if efficiency >= 0.9 else 'NOT met'}")
-        peaks = results["full"]["peak_mib"], results["pruned"]["peak_mib"]
+        peaks = results["full"]["peak_mib"], results[name]["peak_mib"]
         if None not in peaks:
-            print(f"  peak memory pruned {peaks[1]:.0f} MiB vs full {peaks[0]:.0f} MiB: "
+            print(f"  peak memory {name} {peaks[1]:.0f} MiB vs full {peaks[0]:.0f} MiB: "
                   f"{'met' if peaks[1] <= peaks[0] else 'NOT met'}")
     if "DSAP" in results:
         speedup = results["DSAP"]["full"] / results["DSAP"]["DSAP"]
@@ -284,6 +298,9 @@ def parse_args(argv=None):
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     args.compile_mode = args.compile_mode or ("reduce-overhead" if args.device.type == "cuda" else "default")
+    if "pruned/triton" in args.variants and not triton_map.available(args.device):
+        _log(f"pruned/triton left out: the Triton map needs Triton and a CUDA device (here: {args.device})")
+        args.variants.remove("pruned/triton")
     return args
 
 

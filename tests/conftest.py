@@ -5,6 +5,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run on the CPU under Triton's interpreter (tests/test_triton_map.py).
+# Triton reads this when it is imported (diffusers may import it): set before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from atedm_compile.models import build_unet, tiny_sdxl_pipeline
 
 # Tiny models gain nothing from a second thread, and on a busy machine every parallel region

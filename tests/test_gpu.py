@@ -70,6 +70,57 @@ def test_chunked_map_memory_is_one_buffer_and_one_chunk():
     assert torch.isfinite(combined).all()
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float16, 5e-4), (torch.bfloat16, 3e-3)])
+def test_triton_map_equals_the_batched_map(dtype, atol):
+    pytest.importorskip("triton")
+    q, k, v = _qkv(2, 1024, 10, 64, dtype)
+    with ops.attention_path("triton"):
+        out, combined = ops.attention_with_map(q, k, v, 10)
+    with ops.attention_path("batched"):
+        expected_out, expected_map = ops.attention_with_map(q.float().cpu(), k.float().cpu(), v.float().cpu(), 10)
+    assert combined.dtype == torch.float32 and torch.isfinite(combined).all()
+    torch.testing.assert_close(combined.cpu(), expected_map, atol=atol, rtol=0)
+    torch.testing.assert_close(out.float().cpu(), expected_out, atol=max(atol, 2e-2 if dtype != torch.float32 else 0),
+                               rtol=0)
+
+
+def test_triton_map_memory_is_the_map_alone():
+    pytest.importorskip("triton")
+    batch, tokens, heads = 2, 4096, 10
+    q, k, v = _qkv(batch, tokens, heads, 64, torch.float16)
+    with ops.attention_path("triton"):
+        ops.attention_with_map(q, k, v, heads)  # warm-up: compiles the kernels
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out, combined = ops.attention_with_map(q, k, v, heads)
+        torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    map_bytes = batch * tokens * tokens * 4
+    print(f"extra memory {extra / 2**20:.0f} MiB: map {map_bytes / 2**20:.0f}")
+    assert extra <= map_bytes + 3 * q.numel() * 2 + 32 * 2**20
+    assert torch.isfinite(combined).all()
+
+
+def test_triton_path_pruned_block_compiles_and_makes_no_host_synchronisation():
+    pytest.importorskip("triton")
+    torch._dynamo.reset()
+    unet = build_unet("tiny", device=CUDA, dtype=torch.float16)
+    gm = _pruned_block(unet.down_blocks[1].attentions[0], PruningConfig())
+    x = torch.randn(2, 64, 16, 16, device=CUDA, dtype=torch.float16)
+    text = torch.randn(2, 77, 64, device=CUDA, dtype=torch.float16)
+    with ops.attention_path("triton"), torch.no_grad():
+        gm(x, text)  # warm-up: compiles the kernels
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            (expected,) = gm(x, text)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        (out,) = torch.compile(gm, fullgraph=True)(x, text)
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    assert torch.isfinite(out).all()
+
+
 def _pruned_block(block, config, keep=0.37):
     return run_passes(trace_block(block), pruning_passes(keep, config))
 

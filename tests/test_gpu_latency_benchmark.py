@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from atedm_compile import triton_map
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["--device", "cpu", "--model", "tiny", "--calls", "1", "--warmup", "0", "--steps", "2", "--loops", "1",
          "--tome-keep", "0.7"]
@@ -21,11 +23,11 @@ def gpu_latency():
     return module
 
 
-def _check_report(path, mode):
+def _check_report(path, mode, triton=False):
     report = json.loads(path.read_text())
     results = report["modes"][mode]
-    assert set(results) == {"full", "prune-less", "pruned", "ToMe", "DSAP"}
-    for name in ("full", "prune-less", "pruned", "ToMe"):
+    assert set(results) == {"full", "prune-less", "pruned", "ToMe", "DSAP"} | ({"pruned/triton"} if triton else set())
+    for name in ("full", "prune-less", "pruned", "ToMe") + (("pruned/triton",) if triton else ()):
         assert results[name]["ms"] > 0 and results[name]["peak_mib"] is None, name
     assert results["DSAP"]["full"] > 0 and results["DSAP"]["DSAP"] > 0
     assert results["DSAP"]["graphs_compiled_in_loop"] == 0
@@ -36,12 +38,23 @@ def _check_report(path, mode):
 
 
 def test_cpu_smoke_run(gpu_latency, tmp_path, capsys):
+    # With Triton installed the tests run its interpreter on the CPU (conftest.py): the
+    # pruned/triton variant runs too.
+    triton = triton_map.available("cpu")
     assert gpu_latency.main([*SMOKE, "--modes", "eager", "--json", str(tmp_path / "report.json")]) == 0
-    _check_report(tmp_path / "report.json", "eager")
+    _check_report(tmp_path / "report.json", "eager", triton)
     out = capsys.readouterr().out
-    for row in ("eager     full", "eager     prune-less", "eager     pruned", "eager     ToMe", "Sampling loop"):
+    rows = ["eager     full", "eager     prune-less", "eager     pruned", "eager     ToMe", "Sampling loop"]
+    for row in rows + (["eager     pruned/triton"] if triton else []):
         assert row in out, row
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_triton_variant_is_left_out_where_triton_cannot_run(gpu_latency, monkeypatch, capsys):
+    monkeypatch.setattr(triton_map, "available", lambda device: False)
+    args = gpu_latency.parse_args(["--device", "cpu", "--model", "tiny"])
+    assert args.variants == ["prune-less", "pruned", "ToMe", "DSAP"]
+    assert "pruned/triton left out: the Triton map needs Triton and a CUDA device (here: cpu)" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is there")
@@ -70,4 +83,4 @@ def test_cpu_smoke_run_compiled(gpu_latency, tmp_path):
                                str(tmp_path / "report.json")]) == 0
     finally:
         torch._dynamo.reset()
-    _check_report(tmp_path / "report.json", "compiled")
+    _check_report(tmp_path / "report.json", "compiled", triton_map.available("cpu"))
