@@ -98,3 +98,45 @@ def test_without_the_interpreter_the_cpu_is_refused(monkeypatch):
     assert not triton_map.available("cpu") and triton_map.available("cuda")
     with pytest.raises(RuntimeError, match="needs Triton and a CUDA device .* got device cpu"):
         triton_map.head_map(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), None, False)
+
+
+COMPILE_FOR_GPUS = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from atedm_compile import triton_map
+
+_, row_lse, head_map = triton_map._kernels()
+
+
+def signature(kernel, dtype):
+    pointers = {"Q": "*" + dtype, "K": "*" + dtype, "LSE": "*fp32", "OUT": "*fp32"}
+    return {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "fp32" if p.name == "scale_log2e" else "i32")
+            for p in kernel.params}
+
+
+for arch in (90, 80):  # the H200 (Hopper), and Ampere
+    for dtype, precision in (("fp16", "tf32"), ("bf16", "tf32"), ("fp32", "ieee")):
+        for square in (False, True):
+            constants = dict(H=10, D=64, D_PAD=64, BLOCK_N=64, BLOCK_M=64, SQUARE=square, PRECISION=precision)
+            compiled = triton.compile(triton.compiler.ASTSource(head_map, signature(head_map, dtype), constants),
+                                      target=GPUTarget("cuda", arch, 32))
+            assert compiled.asm["cubin"], (arch, dtype, square)
+        constants = dict(M=4096, D=40, D_PAD=64, BLOCK_N=64, BLOCK_M=64, PRECISION=precision)
+        compiled = triton.compile(triton.compiler.ASTSource(row_lse, signature(row_lse, dtype), constants),
+                                  target=GPUTarget("cuda", arch, 32))
+        assert compiled.asm["cubin"], (arch, dtype)
+print("compiled")
+"""
+
+
+def test_kernels_compile_to_gpu_code_for_hopper_and_ampere():
+    # Triton compiles for a named GPU without one (its own ptxas): the kernels as the GPU runs
+    # them, not as the interpreter reads them. Another process: the interpreter is off there.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPUS], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
