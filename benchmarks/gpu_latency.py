@@ -98,15 +98,26 @@ def _path(path: str | None):
 def _time_variants(args, device, unet, inputs, runner, variants: dict[str, tuple[str | None, str | None]],
                    compiled: bool, results: dict) -> None:
     """Warm up each variant (phase, attention path; compiling it), then time them round-robin; ms
-    per call and memory into ``results``."""
-    for name, (phase, path) in variants.items():
+    per call and memory into ``results``. A variant other than the full model that fails in its
+    warm-up is recorded with its error and left out; the others are still timed."""
+    variants = dict(variants)
+    for name, (phase, path) in list(variants.items()):
         runner.use_phase(phase)
         started = time.perf_counter()
-        with _path(path):
-            for _ in range(args.warmup):
-                _unet_call(unet, inputs)
-        synchronize(device)
-        _log(f"  {name}: {args.warmup} warm-up calls in {time.perf_counter() - started:.1f} s"
+        try:
+            with _path(path):
+                for _ in range(max(1, args.warmup)):
+                    _unet_call(unet, inputs)
+            synchronize(device)
+        except Exception as error:
+            if name == "full":
+                raise
+            traceback.print_exc()
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            del variants[name]
+            _log(f"  {name}: failed in its warm-up, left out")
+            continue
+        _log(f"  {name}: {max(1, args.warmup)} warm-up calls in {time.perf_counter() - started:.1f} s"
              f"{' (compiling)' if compiled else ''}")
     watches = {name: Stopwatch(device) for name in variants}
     for _ in range(args.calls):
@@ -194,6 +205,9 @@ def print_tables(report: dict) -> None:
         full = results["full"]["ms"]
         for name in ["full", *[n for n in results if n not in ("full", "DSAP", "error")]]:
             row = results[name]
+            if "error" in row:
+                print(f"{mode:<9} {name:<13} failed: {row['error']}")
+                continue
             speedup, ideal = full / row["ms"], tmacs["full"] / tmacs[name]
             print(f"{mode:<9} {name:<13} {tmacs[name]:>7.4g} {row['ms']:>9.2f} {speedup:>8.3f}x {ideal:>11.3f}x "
                   f"{speedup / ideal:>11.3f} {_fmt(row['peak_mib'], 9)} {_fmt(row['above_before_mib'], 10)}")
@@ -225,7 +239,7 @@ def print_targets(report: dict) -> None:
     print()
     print("Targets (compiled mode):")
     for name in ("pruned", "pruned/triton"):
-        if name not in results:
+        if "ms" not in results.get(name, {}):
             continue
         speedup = results["full"]["ms"] / results[name]["ms"]
         efficiency = speedup / (tmacs["full"] / tmacs[name])
@@ -261,7 +275,8 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=int, help="default: --height")
     parser.add_argument("--batch", type=int, default=2, help="U-Net batch (default: 2, one CFG pair)")
     parser.add_argument("--calls", type=int, default=20, help="timed calls per variant (median; default: 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first (default: 3)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed calls per variant first (default: 3; at least one is made)")
     parser.add_argument("--modes", default="eager,compiled", help="eager, compiled or both (default)")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES,
                         help="torch.compile mode (default: reduce-overhead, CUDA graphs, on a GPU; default on the CPU)")
@@ -350,6 +365,8 @@ def main(argv=None) -> int:
             finally:
                 if args.json:
                     _write_json(args.json, report)
+    failed = failed or any("error" in row for results in report["modes"].values() for row in results.values()
+                           if isinstance(row, dict))
     print_tables(report)
     print_targets(report)
     return 1 if failed else 0

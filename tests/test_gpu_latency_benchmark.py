@@ -84,3 +84,19 @@ def test_cpu_smoke_run_compiled(gpu_latency, tmp_path):
     finally:
         torch._dynamo.reset()
     _check_report(tmp_path / "report.json", "compiled", triton_map.available("cpu"))
+
+
+def test_a_variant_that_fails_is_reported_and_the_others_are_timed(gpu_latency, tmp_path, monkeypatch, capsys):
+    from atedm_compile import ops
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel launch failed")
+
+    monkeypatch.setattr(triton_map, "available", lambda device: True)
+    monkeypatch.setattr(ops, "attention_with_map_triton", broken)
+    argv = [*SMOKE, "--modes", "eager", "--variants", "pruned,pruned/triton", "--json", str(tmp_path / "r.json")]
+    assert gpu_latency.main(argv) == 1
+    results = json.loads((tmp_path / "r.json").read_text())["modes"]["eager"]
+    assert results["pruned/triton"] == {"error": "RuntimeError: kernel launch failed"}
+    assert results["full"]["ms"] > 0 and results["pruned"]["ms"] > 0
+    assert "eager     pruned/triton failed: RuntimeError: kernel launch failed" in capsys.readouterr().out
