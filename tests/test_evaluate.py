@@ -334,6 +334,22 @@ def test_bad_arguments_exit_2_with_a_message(data, tmp_path, capsys, change, mes
     assert not (tmp_path / "out" / "images").exists()
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "float16", "auto"])
+def test_dtype_takes_generates_names_and_torchs(data, tmp_path, dtype):
+    EvaluateConfig("tiny-shapes", data / "captions.txt", tmp_path, methods=["full"], reference=data / "reference",
+                   dtype=dtype).check()
+
+
+def test_bad_dtype_is_named(data, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"dtype 'half': choose auto or one of \['fp32', 'fp16', 'bf16'\]"):
+        EvaluateConfig("tiny-shapes", data / "captions.txt", tmp_path, methods=["full"],
+                       reference=data / "reference", dtype="half").check()
+    with pytest.raises(SystemExit) as exit:
+        main(_args(data, tmp_path / "out") + ["--dtype", "half"])
+    assert exit.value.code == 2
+    assert "invalid choice: 'half' (choose from 'auto', 'fp32', 'fp16', 'bf16')" in capsys.readouterr().err
+
+
 def test_python_api_takes_a_metrics_object(data, tmp_path):
     calls = []
 

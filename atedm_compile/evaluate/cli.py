@@ -53,8 +53,8 @@ def add_evaluate_command(sub) -> None:
     evaluate.add_argument("--reference-stats", default=None,
                           help=".npz with mu and sigma of the reference features (e.g. reference.npz of an earlier run)")
     evaluate.add_argument("--device", default="auto", help="auto (this rank's GPU, else CPU), cpu, cuda")
-    evaluate.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
-                          help="pipeline dtype (auto: float16 on GPU, float32 on CPU)")
+    evaluate.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                          help="pipeline dtype (auto: fp16 on GPU, fp32 on CPU)")
     evaluate.add_argument("--inception", default=None,
                           help="clean-fid's inception-2015-12-05.pt (default: looked for in ~/.cache/clean-fid/, then /tmp/)")
     evaluate.add_argument("--clip-model", default=CLIP_MODEL, help=f"OpenCLIP model")

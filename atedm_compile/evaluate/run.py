@@ -26,13 +26,15 @@ import torch
 from PIL import Image
 
 from ..config import check_keep_ratio
+from ..devices import DTYPES
 from ..files import write_atomically
 from . import report, shards
 from .captions import Caption, read_captions
 from .metrics import Metrics, frechet_distance, paper_metrics, statistics
 from .plan import METHODS, PLANNER_VERSION, plan_budgets
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The long names, as torch spells them, are taken too.
+DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # clean-fid's, less .npy
 
 
@@ -53,8 +55,9 @@ class EvaluateConfig:
     reference: a folder of real images (COCO val2017): center-cropped and resized to the
         generated size (supp. A.4), then clean-fid's own resize; or reference_stats: an ``.npz``
         with ``mu`` and ``sigma`` (clean-fid's statistics format; ``reference.npz`` of an earlier run).
-    device: ``auto`` (this rank's GPU, else CPU), ``cpu``, ``cuda``; dtype: ``auto`` (float16
-        on GPU, else float32), ``float32``, ``float16``, ``bfloat16``.
+    device: ``auto`` (this rank's GPU, else CPU), ``cpu``, ``cuda``; dtype: ``auto`` (fp16
+        on GPU, else fp32), ``fp32``, ``fp16``, ``bf16`` (as ``generate`` names them; ``float16``
+        and the other torch names are taken too).
     budget_tolerance: of the keep ratios solved for budgets.
     """
 
@@ -106,7 +109,7 @@ class EvaluateConfig:
             raise ValueError(f"--reference {str(self.reference)!r} is not a folder")
         if self.reference_stats is not None and not Path(self.reference_stats).is_file():
             raise ValueError(f"--reference-stats {str(self.reference_stats)!r} is not a file")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
+        if self.dtype != "auto" and DTYPE_ALIASES.get(self.dtype, self.dtype) not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: choose auto or one of {list(DTYPES)}")
 
 
@@ -398,7 +401,8 @@ def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> d
         metrics = paper_metrics(device)
     elif not isinstance(metrics, Metrics) and callable(metrics):
         metrics = metrics(device)
-    dtype = DTYPES[config.dtype] if config.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = (DTYPES[DTYPE_ALIASES.get(config.dtype, config.dtype)] if config.dtype != "auto"
+             else torch.float16 if device.type == "cuda" else torch.float32)
     pipe = load_pipeline(config.model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     vae_factor = getattr(pipe, "vae_scale_factor", 8)
