@@ -49,18 +49,24 @@ def test_flash_kernel_statistics_give_the_map(dtype):
     torch.testing.assert_close(out.float().cpu(), expected_out, atol=2e-2, rtol=0)
 
 
+def _extra_memory(call):
+    """Bytes ``call()`` allocates at its peak above what was allocated before, after a warm-up
+    call (kernels, workspaces), and its result."""
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, result
+
+
 def test_chunked_map_memory_is_one_buffer_and_one_chunk():
     # SD-XL level 2 at 1024 px, fp16, batch 2: the batched form would hold 2 x 10 x 4096^2 float32
     # probabilities (1.3 GB); the chunked form one float32 map and one head's scores.
     batch, tokens, heads = 2, 4096, 10
     q, k, v = _qkv(batch, tokens, heads, 64, torch.float16)
-    ops.attention_with_map_chunked(q, k, v, heads)  # warm-up: kernels and workspaces
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out, combined = ops.attention_with_map_chunked(q, k, v, heads)
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before
+    extra, (out, combined) = _extra_memory(lambda: ops.attention_with_map_chunked(q, k, v, heads))
     chunk = ops.map_head_chunk(batch, tokens, tokens, heads, torch.float16)
     map_bytes = batch * tokens * tokens * 4
     chunk_bytes = chunk * batch * tokens * tokens * (2 + 4)  # scores, then in float32
@@ -88,14 +94,8 @@ def test_triton_map_memory_is_the_map_alone():
     pytest.importorskip("triton")
     batch, tokens, heads = 2, 4096, 10
     q, k, v = _qkv(batch, tokens, heads, 64, torch.float16)
-    with ops.attention_path("triton"):
-        ops.attention_with_map(q, k, v, heads)  # warm-up: compiles the kernels
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        out, combined = ops.attention_with_map(q, k, v, heads)
-        torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before
+    with ops.attention_path("triton"):  # the warm-up call compiles the kernels
+        extra, (out, combined) = _extra_memory(lambda: ops.attention_with_map(q, k, v, heads))
     map_bytes = batch * tokens * tokens * 4
     print(f"extra memory {extra / 2**20:.0f} MiB: map {map_bytes / 2**20:.0f}")
     assert extra <= map_bytes + 3 * q.numel() * 2 + 32 * 2**20
