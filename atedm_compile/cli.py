@@ -123,13 +123,18 @@ def cmd_generate(args) -> int:
     from .devices import DTYPES, resolve_device, synchronize
     from .flops import count_phases
     from .memory import prunes
+    from . import triton_map
     from .models import build_unet, load_pipeline, pipeline_configs
+    from .ops import attention_path
     from .runner import apply
     from .visualize import mask_sheet
 
     out = Path(args.out)
     check_output(out, folder=True)
     device = resolve_device(args.device)
+    if args.attention_map == "triton" and not triton_map.available(device):
+        raise ValueError(f"--attention-map triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
+                         f"device here: {device}")
     schedule = schedule_of(args)
     config = pruning_config(args)
     configs = pipeline_configs(args.model)  # None for a hub id: known only once loaded
@@ -157,7 +162,7 @@ def cmd_generate(args) -> int:
     pipe.unet.register_forward_hook(after_call)
 
     generator = torch.Generator().manual_seed(args.seed)
-    with runner.capture_kept_tokens() as kept:
+    with runner.capture_kept_tokens() as kept, attention_path(args.attention_map):
         image = pipe(args.prompt, num_inference_steps=args.steps, height=height, width=width,
                      guidance_scale=args.guidance, generator=generator).images[0]
 
@@ -227,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     generate.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                           help="weights and activations (fp16 is slow on a CPU)")
+    generate.add_argument("--attention-map", default="auto", choices=("auto", "per-head", "chunked", "triton"),
+                          help="how pruned blocks compute the first layer's attention map: auto (per-head on the "
+                               "CPU, chunked on a GPU), or one forced; triton: one Triton kernel (CUDA, or the CPU "
+                               "under TRITON_INTERPRET=1)")
     add_pruning_options(generate)
     generate.set_defaults(func=cmd_generate)
 

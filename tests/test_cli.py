@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 from PIL import Image
 
@@ -113,3 +115,30 @@ def test_loading_a_pipeline_folder_is_quiet(tmp_path, capfd):
     err = capfd.readouterr().err
     for noise in ("accelerate", "deprecated", "Loading pipeline components", "Loading weights", "Warning"):
         assert noise not in err, err
+
+
+def test_generate_with_the_triton_map_draws_what_the_cpu_path_draws(tmp_path, capsys, monkeypatch):
+    # Under Triton's interpreter (conftest.py) when Triton is installed; the same kept tokens and
+    # the same image as the per-head loop, to rounding.
+    from atedm_compile import triton_map
+
+    if not triton_map.available("cpu"):
+        pytest.skip("Triton is not installed (the [dev] extra has it on Linux x86-64)")
+    calls, kernel = [], triton_map.head_map
+    monkeypatch.setattr(triton_map, "head_map", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    images = {}
+    for path in ("per-head", "triton"):
+        argv = ["generate", "--steps", "3", "--attention-map", path, "--out", str(tmp_path / path)]
+        assert main(argv) == 0
+        images[path] = np.asarray(Image.open(tmp_path / path / "image.png"), dtype=np.int16)
+    assert np.abs(images["triton"] - images["per-head"]).max() <= 1
+    assert len(calls) > 0  # the kernel made the maps
+
+
+def test_generate_refuses_the_triton_map_where_it_cannot_run(tmp_path, capsys, monkeypatch):
+    from atedm_compile import triton_map
+
+    monkeypatch.setattr(triton_map, "available", lambda device: False)
+    assert main(["generate", "--attention-map", "triton", "--out", str(tmp_path / "out")]) == 2
+    assert "--attention-map triton needs Triton and a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
