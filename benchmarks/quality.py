@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -91,6 +92,7 @@ METHODS = {
     "delta, cell 3, by score": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", cell=3), "budget"),
     DELTA: ("atedm", DEFAULT_PRUNING, "budget"),
     "default, at ToMe's MACs": ("atedm", DEFAULT_PRUNING, "tome"),
+    "default, soft 2, at ToMe's MACs": ("atedm", dataclasses.replace(DEFAULT_PRUNING, neighbours=2), "tome"),
     "delta, cell 2, distinct": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", cell=2, fill="distinct"),
                                 "budget"),
     "layer-delta, cell 3, distinct": ("atedm", PruningConfig(recovery="layer-delta", cell=3, fill="distinct"), "budget"),
