@@ -177,7 +177,8 @@ def _prepare(out: Path, settings: dict, captions: list[dict], config: EvaluateCo
                              f"{new['caption']!r} now); use another --out")
     if len(captions) > len(saved):
         write_atomically(out / "captions.json", lambda tmp: Path(tmp).write_text(json.dumps(captions, indent=1) + "\n"))
-    key = {"planner": PLANNER_VERSION, "unet": unet_config, "methods": list(config.methods), "budgets": list(config.budgets),
+    key = {"planner": PLANNER_VERSION, "unet": unet_config, "methods": list(config.methods),
+           "budgets": list(config.budgets),
            "keep_ratios": list(config.keep_ratios), "steps": config.steps, **size, "tolerance": config.budget_tolerance}
     key = json.loads(json.dumps(key, default=str))
     cached = json.loads((out / "plan.json").read_text()) if (out / "plan.json").is_file() else {}
