@@ -1,15 +1,15 @@
 """The head-combined attention map in one Triton kernel: from Q, K and each row's log-sum-exp, the
 map (1/h) sum_h exp(q_h k_h^T / sqrt(d) - lse_h) is accumulated tile by tile in registers and
 written once, float32 [B, N, M]. No score tensor exists in memory at all (the chunked PyTorch form,
-``ops.attention_with_map_chunked``, writes and reads one head chunk's scores several times: at
-SD-XL's level 2 that is most of the map's cost). ``rms`` accumulates the squares and takes the
-root.
+``ops.attention_with_map_chunked``, writes and reads one head chunk's scores several times; at
+SD-XL's level 2, N = M = 4096, that traffic is by our reckoning most of the map's cost, which no
+GPU has timed yet). ``rms`` accumulates the squares and takes the root.
 
 Where the attention kernel gives no log-sum-exp, a second kernel computes it (online softmax over
 key tiles, as flash attention does). Both run on CUDA, and on the CPU under Triton's interpreter
 (``TRITON_INTERPRET=1``, how the tests check them against the PyTorch forms). The map is a
 ``torch.library`` custom op (``atedm_compile::head_map``), opaque to ``torch.compile``: a pruned
-block compiles into one graph around it (``fullgraph=True``), CUDA graphs included.
+block compiles into one graph around it (``fullgraph=True``; checked on the CPU, with inductor too).
 
 Triton is imported only when a map is asked for; ``available(device)`` says whether one can run.
 """
