@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from atedm_compile.shapes import synthetic
 from atedm_compile.cli import main
@@ -241,6 +241,22 @@ def test_one_process_and_two_ranks_give_the_same_results(two_runs):
             assert (alone / "images" / run / name).read_bytes() == (ranks / "images" / run / name).read_bytes()
 
 
+def test_a_plan_solved_under_other_rules_is_solved_again(two_runs, data, tmp_path):
+    from atedm_compile.evaluate.plan import PLANNER_VERSION
+
+    out = tmp_path / "out"
+    shutil.copytree(two_runs[0], out)
+    saved = json.loads((out / "plan.json").read_text())
+    assert saved["key"]["planner"] == PLANNER_VERSION
+    saved["key"]["planner"] = PLANNER_VERSION - 1  # an earlier release's plan, with a keep ratio of its own
+    saved["plan"]["budgets"][0]["methods"]["atedm"]["keep_ratio"] = 0.123
+    (out / "plan.json").write_text(json.dumps(saved))
+    assert main(_args(data, out)) == 0
+    again = json.loads((out / "plan.json").read_text())
+    assert again["key"]["planner"] == PLANNER_VERSION
+    assert again["plan"]["budgets"][0]["methods"]["atedm"]["keep_ratio"] == 0.5
+
+
 def test_results_hold_every_number(two_runs, data):
     alone, _, _ = two_runs
     record = json.loads((alone / "results.json").read_text())
@@ -289,6 +305,26 @@ def test_rerun_redoes_only_what_is_missing(two_runs, data, tmp_path, capsys):
     assert "images: 2 generated, 1 read back; features of 7 images reused" in capsys.readouterr().out
     assert (out / "images" / "atedm-keep0.5-g7" / "000002.png").read_bytes() == \
         (alone / "images" / "atedm-keep0.5-g7" / "000002.png").read_bytes()
+    assert json.loads((out / "results.json").read_text()) == json.loads((alone / "results.json").read_text())
+
+
+def test_images_of_another_run_are_not_read_back(two_runs, data, tmp_path, capsys):
+    # A plan solved again (another keep ratio) keeps the run's name: its old images must not pass.
+    alone, _, _ = two_runs
+    out = tmp_path / "out"
+    shutil.copytree(alone, out)
+    png = out / "images" / "atedm-keep0.5-g7" / "000001.png"
+    Image.open(png).save(png)  # the same pixels, no longer saying which run made them
+    stale = out / "images" / "atedm-keep0.5-g7" / "000000.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("atedm-compile run", "another run")
+    Image.open(stale).save(stale, pnginfo=info)
+    (out / "features" / "atedm-keep0.5-g7" / "000000.safetensors").unlink()  # captions 0, 1
+    assert main(_args(data, out)) == 0
+    assert "images: 2 generated, 0 read back; features of 8 images reused" in capsys.readouterr().out
+    for name in ("000000.png", "000001.png"):
+        assert (out / "images" / "atedm-keep0.5-g7" / name).read_bytes() == \
+            (alone / "images" / "atedm-keep0.5-g7" / name).read_bytes()
     assert json.loads((out / "results.json").read_text()) == json.loads((alone / "results.json").read_text())
 
 

@@ -235,6 +235,26 @@ def _generate(pipe, texts: list[str], seeds: list[int], guidance: float, steps: 
     return np.ascontiguousarray((np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8))
 
 
+# Each generated PNG names the run that made it (method, budget, guidance, keep ratio, config): a
+# plan solved again, or another release's, must not pass its images off as this run's.
+PNG_RUN_KEY = "atedm-compile run"
+
+
+def _made_by(path: Path, key: str) -> bool:
+    if not path.is_file():
+        return False
+    with Image.open(path) as image:
+        return image.text.get(PNG_RUN_KEY) == key
+
+
+def _save_png(image: np.ndarray, path: Path, key: str) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PNG_RUN_KEY, key)
+    write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info))
+
+
 def _load_images(paths: list[Path]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
@@ -258,7 +278,7 @@ def _run_chunks(run: Run, pipe, metrics: Metrics, captions: list[dict], chunks, 
                 progress.update()
                 continue
             pngs = [images_dir / f"{i:06d}.png" for i in indices]
-            if all(p.is_file() for p in pngs):
+            if all(_made_by(p, key) for p in pngs):
                 images = _load_images(pngs)
                 counts["images read back"] += len(indices)
             else:
@@ -268,8 +288,8 @@ def _run_chunks(run: Run, pipe, metrics: Metrics, captions: list[dict], chunks, 
                 images = _generate(pipe, [captions[i]["caption"] for i in indices], [captions[i]["seed"] for i in indices],
                                    run.guidance, steps, size["height"], size["width"])
                 for image, png in zip(images, pngs):
-                    if not png.is_file():
-                        write_atomically(png, lambda tmp, image=image: Image.fromarray(image).save(tmp, format="PNG"))
+                    if not _made_by(png, key):  # missing, or another run's: written (again)
+                        _save_png(image, png, key)
                 counts["images generated"] += len(indices)
             clip = np.asarray(metrics.clip_score(images, [captions[i]["caption"] for i in indices]), np.float32)
             if clip.shape != (len(indices),):
