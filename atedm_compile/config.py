@@ -150,6 +150,11 @@ class ToMeConfig:
     sx: int = 2
     sy: int = 2
 
+    @property
+    def lowest_keep(self) -> float:
+        """The smallest keep ratio (1 - the largest merge ratio): each cell keeps its destination."""
+        return 1.0 / (self.sx * self.sy)
+
     def __post_init__(self):
         for field in ("sx", "sy"):
             value = getattr(self, field)

@@ -39,7 +39,7 @@ from atedm_compile.flops import count_phases, fit_keep_ratio, unet_inputs  # noq
 from atedm_compile.models import build_unet, unet_config, vae_factor  # noqa: E402
 from atedm_compile.passes import ToMeConfig  # noqa: E402
 
-TOME_MIN_KEEP = 0.25  # ToMe merges at most 75% with 2 x 2 cells
+TOME_MIN_KEEP = ToMeConfig().lowest_keep  # 0.25: ToMe merges at most 75% with 2 x 2 cells
 # pruned/triton: the pruned phase with its attention maps from the Triton kernel
 # (ops.attention_path("triton")); where Triton cannot run, left out with a line saying so.
 VARIANTS = ("prune-less", "pruned", "pruned/triton", "ToMe", "DSAP")

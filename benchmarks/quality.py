@@ -105,7 +105,6 @@ METHODS = {
 }
 DEFAULT_METHODS = ("AT-EDM", "delta, key-cosine", "delta, cell 3, by score", DELTA, "layer-delta, cell 3, distinct",
                    "direct-copy recovery", "ToMe", "random")
-TOME_MIN_KEEP = 0.25  # ToMe merges at most 75% with 2 x 2 cells
 
 
 # -- budgets -----------------------------------------------------------------------------------
@@ -180,7 +179,7 @@ def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir
             if method == "AT-EDM":
                 chosen, report = keep, target
             else:
-                lowest = TOME_MIN_KEEP if isinstance(config, ToMeConfig) else 0.01
+                lowest = config.lowest_keep if isinstance(config, ToMeConfig) else 0.01
                 chosen, report, _ = fit_keep_ratio(tiny, limit, preset, steps, config,
                                                    start=None if kind == "solve" else keep, lowest=lowest,
                                                    full_flops=unpruned.full_flops, **size)

@@ -171,3 +171,10 @@ def test_config_rejects_bad_values(options):
 def test_pass_rejects_a_ratio_above_the_cap(unet):
     with pytest.raises(ValueError, match="outside"):
         insert_token_merging(trace_block(unet.down_blocks[1].attentions[0]), 0.8)
+
+
+@pytest.mark.parametrize("sx,sy,lowest", [(2, 2, 0.25), (3, 1, 1 / 3), (1, 1, 1.0)])
+def test_lowest_keep_is_one_destination_per_cell(sx, sy, lowest):
+    config = ToMeConfig(ratio=0.0, sx=sx, sy=sy)
+    assert config.lowest_keep == pytest.approx(lowest)
+    ToMeConfig(ratio=1 - config.lowest_keep, sx=sx, sy=sy)  # the largest merge ratio is allowed

@@ -39,7 +39,7 @@ class Method:
     def lowest_keep(self) -> float:
         # ToMe keeps one destination per sx x sy cell; pruning keeps at least one token in a hundred.
         if isinstance(self.config, ToMeConfig):
-            return 1.0 / (self.config.sx * self.config.sy)
+            return self.config.lowest_keep
         return 0.01
 
 
