@@ -179,12 +179,9 @@ def attention_with_map_chunked(
     buffer, B x N x M x 4 bytes, and one chunk. Everything is static in shape: no host
     synchronisation, one graph under ``torch.compile``.
     """
-    if reduction not in HEAD_REDUCTIONS:
-        raise ValueError(f"head reduction {reduction!r} is not one of {HEAD_REDUCTIONS}")
-    q, k, v = split_heads(query, heads), split_heads(key, heads), split_heads(value, heads)
+    q, k, out, lse = _fused_heads(query, key, value, heads, reduction)
     batch, _, tokens, head_dim = q.shape
     keys = k.shape[2]
-    out, lse = fused_attention_with_lse(q, k, v)
     chunk = head_chunk or map_head_chunk(batch, tokens, keys, heads, query.dtype)
     scaled = q * head_dim**-0.5
     combined = query.new_zeros(batch, tokens, keys, dtype=torch.float32)
@@ -199,7 +196,18 @@ def attention_with_map_chunked(
             combined += probs[:, head]
         del scores, probs  # eager: free this chunk before the next one's scores exist
     combined = combined.div_(heads) if reduction == "mean" else combined.div_(heads).sqrt_()
-    return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim), combined
+    return out, combined
+
+
+def _fused_heads(query, key, value, heads: int, reduction: str):
+    """The chunked and Triton forms' common part: q and k per head [B, h, *, d], the layer's output
+    from the fused kernel [B, N, h*d] and its row log-sum-exp [B, h, N] (None where it gives none)."""
+    if reduction not in HEAD_REDUCTIONS:
+        raise ValueError(f"head reduction {reduction!r} is not one of {HEAD_REDUCTIONS}")
+    q, k, v = split_heads(query, heads), split_heads(key, heads), split_heads(value, heads)
+    out, lse = fused_attention_with_lse(q, k, v)
+    batch, _, tokens, head_dim = q.shape
+    return q, k, out.transpose(1, 2).reshape(batch, tokens, heads * head_dim), lse
 
 
 def attention_with_map_triton(
@@ -215,13 +223,9 @@ def attention_with_map_triton(
     """
     from . import triton_map
 
-    if reduction not in HEAD_REDUCTIONS:
-        raise ValueError(f"head reduction {reduction!r} is not one of {HEAD_REDUCTIONS}")
-    q, k, v = split_heads(query, heads), split_heads(key, heads), split_heads(value, heads)
-    batch, _, tokens, head_dim = q.shape
-    out, lse = fused_attention_with_lse(q, k, v)
-    combined = triton_map.head_map(q, k, None if lse is None else lse[..., :tokens], reduction == "rms")
-    return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim), combined
+    q, k, out, lse = _fused_heads(query, key, value, heads, reduction)
+    tokens = q.shape[2]
+    return out, triton_map.head_map(q, k, None if lse is None else lse[..., :tokens], reduction == "rms")
 
 
 def reduce_heads(probs: torch.Tensor, how: str = "mean") -> torch.Tensor:
