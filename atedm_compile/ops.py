@@ -52,9 +52,10 @@ def attend(probs: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor
 ATTENTION_PATHS = ("auto", "per-head", "chunked", "triton", "batched")
 _attention_path = "auto"
 
-# The chunked form's largest head chunk: its scores, in the compute dtype, take at most this much.
-# SD-XL's level 2 at 1024 px (B=2, N=4096, fp16): one head, 64 MiB, half the float32 map.
-MAP_CHUNK_BYTES = 64 * 2**20
+# The chunked form's largest chunk: its scores, in the compute dtype and then in float32, take at
+# most this much together. SD-XL's level 2 at 1024 px (B=2, N=4096, fp16): one head in 7 tiles of
+# 586 query rows (beside the 128 MiB float32 map); level 3 (1024 tokens) 2 heads at once.
+MAP_CHUNK_BYTES = 32 * 2**20
 
 
 @contextlib.contextmanager
@@ -104,7 +105,8 @@ def attention_with_map(
     - ``per-head`` (CPU, eager): one (image, head) pair at a time, so that each N x M map stays in
       cache (about 3x faster than the batched form at N = 1024 here).
     - ``chunked`` (an accelerator, or under ``torch.compile``): ``attention_with_map_chunked``,
-      the output from the fused kernel and the map head chunk by head chunk, never h maps at once.
+      the output from the fused kernel and the map a chunk (heads, or one head's row tiles) at a
+      time, never h maps at once.
     - ``batched`` (traced for export, on the meta device for FLOPs counting, or where autograd
       records: the others write in place): the plain [B, h, N, M] softmax, which export backends
       fuse and which counts the map once.
@@ -150,13 +152,16 @@ def fused_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return F.scaled_dot_product_attention(q, k, v), None
 
 
-def map_head_chunk(batch: int, tokens: int, keys: int, heads: int, dtype: torch.dtype) -> int:
-    """Heads per chunk of the chunked map: as many as fit in ``MAP_CHUNK_BYTES`` of scores, at
-    least one, spread evenly over the chunks."""
-    per_head = batch * tokens * keys * dtype.itemsize
-    largest = max(1, min(heads, MAP_CHUNK_BYTES // per_head))
-    chunks = -(-heads // largest)
-    return -(-heads // chunks)
+def map_chunks(batch: int, tokens: int, keys: int, heads: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(heads, query rows) per chunk of the chunked map: its scores in ``dtype`` and in float32
+    take at most ``MAP_CHUNK_BYTES`` (at least one row of one head), spread evenly: whole heads,
+    as many as fit, where one head fits; else one head in row tiles."""
+    per_row = batch * keys * (dtype.itemsize + 4)
+    rows = max(1, MAP_CHUNK_BYTES // per_row)
+    if rows >= tokens:
+        largest = min(heads, rows // tokens)
+        return -(-heads // -(-heads // largest)), tokens
+    return 1, -(-tokens // -(-tokens // rows))
 
 
 def attention_with_map_chunked(
@@ -165,36 +170,40 @@ def attention_with_map_chunked(
     value: torch.Tensor,
     heads: int,
     reduction: str = "mean",
-    head_chunk: int | None = None,
+    chunk: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_with_map`` without h maps in memory: the layer's output from the fused
-    attention kernel, the map accumulated ``head_chunk`` heads at a time (default:
-    ``map_head_chunk``) into one float32 [B, N, M] buffer.
+    attention kernel, the map accumulated a chunk (``chunk`` = (heads, query rows); default:
+    ``map_chunks``) at a time into one float32 [B, N, M] buffer.
 
     query: [B, N, h*d], key and value: [B, M, h*d] -> (out [B, N, h*d], map [B, N, M] float32).
 
-    Each chunk's scores Q K^T / sqrt(d) are computed in the compute dtype; the softmax
-    statistics are float32: the row log-sum-exp the fused kernel returns (CUDA flash attention on
-    fp16 / bf16, the CPU kernel) or, where none does, one computed per chunk. Extra memory: the
-    buffer, B x N x M x 4 bytes, and one chunk. Everything is static in shape: no host
-    synchronisation, one graph under ``torch.compile``.
+    Each chunk's scores Q K^T are computed in the compute dtype, then scaled in float32; the
+    softmax statistics are float32: the row log-sum-exp the fused kernel returns (CUDA flash
+    attention on fp16 / bf16, the CPU kernel) or, where none does, one computed per chunk. Extra
+    memory: the buffer, B x N x M x 4 bytes, and one chunk's scores (``MAP_CHUNK_BYTES``).
+    Everything is static in shape: no host synchronisation, one graph under ``torch.compile``.
     """
     q, k, out, lse = _fused_heads(query, key, value, heads, reduction)
     batch, _, tokens, head_dim = q.shape
     keys = k.shape[2]
-    chunk = head_chunk or map_head_chunk(batch, tokens, keys, heads, query.dtype)
-    scaled = q * head_dim**-0.5
+    head_chunk, row_tile = chunk or map_chunks(batch, tokens, keys, heads, query.dtype)
+    scale = head_dim**-0.5
     combined = query.new_zeros(batch, tokens, keys, dtype=torch.float32)
-    for start in range(0, heads, chunk):
-        part = slice(start, start + chunk)
-        scores = torch.matmul(scaled[:, part], k[:, part].transpose(-1, -2)).float()  # [B, c, N, M]
-        row_lse = torch.logsumexp(scores, dim=-1) if lse is None else lse[:, part, :tokens]
-        probs = scores.sub_(row_lse.unsqueeze(-1)).exp_()
-        if reduction == "rms":
-            probs.square_()
-        for head in range(probs.shape[1]):  # in place: no [B, N, M] temporary beside the buffer
-            combined += probs[:, head]
-        del scores, probs  # eager: free this chunk before the next one's scores exist
+    for start in range(0, heads, head_chunk):
+        part = slice(start, start + head_chunk)
+        k_t = k[:, part].transpose(-1, -2)
+        for first in range(0, tokens, row_tile):
+            rows = slice(first, min(first + row_tile, tokens))
+            scores = torch.matmul(q[:, part, rows], k_t).float().mul_(scale)  # [B, c, r, M]
+            row_lse = torch.logsumexp(scores, dim=-1) if lse is None else lse[:, part, rows]
+            probs = scores.sub_(row_lse.unsqueeze(-1)).exp_()
+            if reduction == "rms":
+                probs.square_()
+            target = combined[:, rows]
+            for head in range(probs.shape[1]):  # in place: no [B, r, M] temporary beside the buffer
+                target += probs[:, head]
+            del scores, probs  # eager: free this chunk before the next one's scores exist
     combined = combined.div_(heads) if reduction == "mean" else combined.div_(heads).sqrt_()
     return out, combined
 

@@ -1,7 +1,7 @@
 """The head-combined attention map in one Triton kernel: from Q, K and each row's log-sum-exp, the
 map (1/h) sum_h exp(q_h k_h^T / sqrt(d) - lse_h) is accumulated tile by tile in registers and
 written once, float32 [B, N, M]. No score tensor exists in memory at all (the chunked PyTorch form,
-``ops.attention_with_map_chunked``, writes and reads one head chunk's scores several times; at
+``ops.attention_with_map_chunked``, writes and reads each chunk's scores several times; at
 SD-XL's level 2, N = M = 4096, that traffic is by our reckoning most of the map's cost, which no
 GPU has timed yet). ``rms`` accumulates the squares and takes the root.
 

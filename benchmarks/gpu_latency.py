@@ -293,8 +293,9 @@ def parse_args(argv=None):
                         help=f"what to time besides the full model (default: {','.join(VARIANTS)})")
     parser.add_argument("--tome-keep", type=float, help="ToMe's keep ratio (1 - merge ratio); default: solved so "
                                                          "that its MACs are at most the pruned phase's")
-    parser.add_argument("--map-chunk-mib", type=float, help=f"largest head chunk of the attention map's scores "
-                                                            f"(default: {ops.MAP_CHUNK_BYTES / 2**20:g} MiB)")
+    parser.add_argument("--map-chunk-mib", type=float, help=f"largest chunk of the attention map's scores, compute "
+                                                            f"dtype and float32 together (default: "
+                                                            f"{ops.MAP_CHUNK_BYTES / 2**20:g} MiB)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]

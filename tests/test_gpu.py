@@ -63,14 +63,14 @@ def _extra_memory(call):
 
 def test_chunked_map_memory_is_one_buffer_and_one_chunk():
     # SD-XL level 2 at 1024 px, fp16, batch 2: the batched form would hold 2 x 10 x 4096^2 float32
-    # probabilities (1.3 GB); the chunked form one float32 map and one head's scores.
+    # probabilities (1.3 GB); the chunked form one float32 map and one chunk's scores.
     batch, tokens, heads = 2, 4096, 10
     q, k, v = _qkv(batch, tokens, heads, 64, torch.float16)
     extra, (out, combined) = _extra_memory(lambda: ops.attention_with_map_chunked(q, k, v, heads))
-    chunk = ops.map_head_chunk(batch, tokens, tokens, heads, torch.float16)
+    chunk_heads, rows = ops.map_chunks(batch, tokens, tokens, heads, torch.float16)
     map_bytes = batch * tokens * tokens * 4
-    chunk_bytes = chunk * batch * tokens * tokens * (2 + 4)  # scores, then in float32
-    small = 3 * q.numel() * 2 + 32 * 2**20  # output, scaled queries, kernel workspace
+    chunk_bytes = chunk_heads * rows * batch * tokens * (2 + 4)  # scores, then in float32
+    small = 2 * q.numel() * 2 + 32 * 2**20  # output, kernel workspace
     print(f"extra memory {extra / 2**20:.0f} MiB: map {map_bytes / 2**20:.0f}, chunk {chunk_bytes / 2**20:.0f}")
     assert extra <= map_bytes + chunk_bytes + small
     assert torch.isfinite(combined).all()

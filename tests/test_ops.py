@@ -145,14 +145,29 @@ def _batched(q, k, v, heads, reduction="mean"):
 
 @pytest.mark.parametrize("reduction", ["mean", "rms"])
 @pytest.mark.parametrize("keys", [33, 20])  # self-attention (M = N) and cross-attention
-@pytest.mark.parametrize("head_chunk", [1, 2, 5, None])
-def test_chunked_map_equals_batched_map(reduction, keys, head_chunk):
+@pytest.mark.parametrize("chunk", [(1, 33), (2, 33), (5, 33), (1, 8), (2, 5), (5, 1), None])
+def test_chunked_map_equals_batched_map(reduction, keys, chunk):
+    # Whole heads, row tiles that divide N or leave a short last tile, one row at a time.
     q, k, v = torch.randn(2, 33, 40), torch.randn(2, keys, 40), torch.randn(2, keys, 40)
-    out, combined = ops.attention_with_map_chunked(q, k, v, 5, reduction, head_chunk)
+    out, combined = ops.attention_with_map_chunked(q, k, v, 5, reduction, chunk)
     expected_out, expected_map = _batched(q, k, v, 5, reduction)
     torch.testing.assert_close(combined, expected_map, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
     assert combined.dtype == torch.float32 and combined.shape == (2, 33, keys)
+
+
+def test_chunked_map_reads_only_the_real_rows_of_a_padded_log_sum_exp(monkeypatch):
+    # Some kernels return the row statistics padded past N; a short last tile must not read them.
+    q, k, v = (torch.randn(2, 10, 12) for _ in range(3))
+    expected = ops.attention_with_map_chunked(q, k, v, 3)
+
+    def padded(q, k, v):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+        return out, torch.cat([lse, torch.full_like(lse, float("nan"))], dim=-1)
+
+    monkeypatch.setattr(ops, "fused_attention_with_lse", padded)
+    out, combined = ops.attention_with_map_chunked(q, k, v, 3, chunk=(1, 4))
+    torch.testing.assert_close(combined, expected[1], atol=1e-6, rtol=1e-5)
 
 
 def test_chunked_map_without_a_kernel_log_sum_exp(monkeypatch):
@@ -166,7 +181,7 @@ def test_chunked_map_without_a_kernel_log_sum_exp(monkeypatch):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v), None
 
     monkeypatch.setattr(ops, "fused_attention_with_lse", sdpa_only)
-    out, combined = ops.attention_with_map_chunked(q, k, v, 3, head_chunk=2)
+    out, combined = ops.attention_with_map_chunked(q, k, v, 3, chunk=(2, 17))
     assert calls == [(2, 3, 17, 8)]
     torch.testing.assert_close(combined, expected[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out, expected[0], atol=1e-6, rtol=1e-5)
@@ -198,13 +213,20 @@ def test_attention_with_map_is_differentiable_on_every_path(path):
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
 
 
-def test_map_head_chunk_fits_the_budget():
-    # SD-XL at 1024 px, fp16, batch 2: level 2 one head at a time (64 MiB of scores), level 3 in
-    # two chunks of 10, cross-attention (77 keys) all heads at once.
-    assert ops.map_head_chunk(2, 4096, 4096, 10, torch.float16) == 1
-    assert ops.map_head_chunk(2, 1024, 1024, 20, torch.float16) == 10
-    assert ops.map_head_chunk(2, 4096, 77, 10, torch.float16) == 10
-    assert ops.map_head_chunk(2, 4096, 4096, 10, torch.float32) == 1
+def test_map_chunks_fit_the_budget():
+    # SD-XL at 1024 px, fp16, batch 2 (32 MiB of scores, fp16 and float32 together): level 2 one
+    # head in 7 tiles of 586 rows (the last 580), level 3 2 heads at once, cross-attention (77
+    # keys) 5 heads at once.
+    assert ops.MAP_CHUNK_BYTES == 32 * 2**20
+    assert ops.map_chunks(2, 4096, 4096, 10, torch.float16) == (1, 586)
+    assert ops.map_chunks(2, 1024, 1024, 20, torch.float16) == (2, 1024)
+    assert ops.map_chunks(2, 4096, 77, 10, torch.float16) == (5, 4096)
+    assert ops.map_chunks(2, 4096, 4096, 10, torch.float32) == (1, 512)
+    for args in [(2, 4096, 4096, 10, torch.float16), (2, 1024, 1024, 20, torch.bfloat16), (1, 999, 999, 7, torch.float32),
+                 (2, 65536, 65536, 10, torch.float16)]:  # one row over the budget: still one row
+        heads, rows = ops.map_chunks(*args)
+        batch, tokens, keys, _, dtype = args
+        assert heads * rows * batch * keys * (dtype.itemsize + 4) <= max(ops.MAP_CHUNK_BYTES, batch * keys * 6 + 2)
 
 
 def test_attention_path_is_forced_and_restored(monkeypatch):
