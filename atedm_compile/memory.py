@@ -6,12 +6,21 @@ that must be in memory at once. A U-Net call keeps the level-1 feature maps of i
 current ResNet and the skip connections; a pruned attention block computes its first layer's
 attention map, [B, N, N] in float32, and the head-combined copy of it (``ops.attention_with_map``);
 the VAE decoder's last stage runs at the full image size.
+
+``LiveBytes`` measures instead of estimating: the bytes of the tensors alive during a call and
+their peak, on any device, the meta device included (``benchmarks/gpu_memory.py`` models a GPU's
+activation memory with it on the CPU).
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 _ITEMSIZE = {"fp32": 4, "fp16": 2}
 
@@ -53,8 +62,6 @@ def sampling_bytes(unet_config: dict, vae_config: dict | None, images: int, unet
 def memory_limit(device: str = "cpu") -> tuple[int, str]:
     """(bytes, what they are) of the memory a run on ``device`` can have at most: the GPU's memory,
     or the machine's RAM capped by the container's (cgroup) limit."""
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -83,3 +90,63 @@ def _gib(size: int) -> str:
         if size >= 2**power:
             return f"{size / 2**power:,.1f} {unit}"
     return f"{size / 2**30:,.1f} GiB"
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors made inside it that are still alive, and their peak: what
+    a caching allocator would have handed out, less its rounding and fragmentation. Works on any
+    device, the meta device included, so a GPU's activation memory can be modelled on the CPU
+    with no memory at all (``benchmarks/gpu_memory.py``).
+
+    Storage is counted once, when an operator first returns it (views and in-place results are
+    not new), and uncounted when it is freed. Storages that exist before (weights, inputs) are not
+    counted, not even when an operator returns a view of them: pass them to ``ignore`` (or create
+    the mode after them and call ``ignore`` with the model's parameters and the inputs).
+
+        >>> with LiveBytes() as live:
+        ...     x = torch.ones(256, device="meta")
+        ...     y = x * 2
+        ...     del x
+        >>> live.peak, live.live
+        (2048, 1024)
+    """
+
+    def __init__(self, context=None):
+        """``context``: a callable whose answer is kept with the peak (``peak_context``), e.g. the
+        module running then."""
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.peak_op = ""
+        self.peak_context = None
+        self._context = context
+        self._sizes: dict[int, int] = {}
+        self._ignored: list = []
+
+    def ignore(self, tensors) -> LiveBytes:
+        """Storages of ``tensors`` (pre-existing ones) are never counted. Returns the mode."""
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            self._ignored.append(storage)
+            self._sizes[id(storage)] = 0
+        return self
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = id(storage)
+            if key in self._sizes:
+                continue
+            self._sizes[key] = storage.nbytes()
+            self.live += self._sizes[key]
+            weakref.finalize(storage, self._free, key)
+            if self.live > self.peak:
+                self.peak, self.peak_op = self.live, str(func)
+                self.peak_context = self._context() if self._context else None
+        return out

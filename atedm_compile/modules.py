@@ -1,4 +1,4 @@
-"""The modules the passes insert: token selection and token recovery (AT-EDM), and token
+"""The modules the passes insert: token scoring, selection, matching and recovery (AT-EDM), and token
 matching, merging and unmerging (the ToMe baseline).
 
 They hold their configuration as attributes (readable in ``gm.code`` and ``print(gm)``) and call
@@ -16,45 +16,73 @@ from . import ops, tome
 from .config import SIMILARITY_RECOVERIES, PruningConfig
 
 
-class TokenSelector(torch.nn.Module):
-    """Scores the tokens of one block and returns the indices of the k kept ones per image.
+class TokenScorer(torch.nn.Module):
+    """Scores the tokens of one block: G-WPR on the first layer's self-attention map (or a
+    cross-attention scorer on its cross-attention map), or random scores.
 
-    forward(hidden [B, N, C], attention_map [B, N, M] head-combined or None,
-            grid [B, C', H, W] (the block input, for H and W; only with ``cell`` > 1)) -> [B, k]
+    forward(source) -> scores [B, N]: source is the head-combined map [B, N, M] (``gwpr``,
+    ``ca-*``) or, for ``random``, the hidden states [B, N, C] (only their shape and device are read).
+    The pruning pass puts it right after the map, so that the map (B x N x N float32) is freed
+    before the layer's FF runs, unless a recovery still reads it.
+    """
+
+    def __init__(self, config: PruningConfig):
+        super().__init__()
+        self.scorer = config.scorer
+        self.iterations = config.iterations
+        self.eta = config.eta
+        self.alpha = config.alpha
+        self.seed = config.seed
+
+    def extra_repr(self) -> str:
+        return f"scorer={self.scorer!r}, iterations={self.iterations}"
+
+    def forward(self, source: torch.Tensor) -> torch.Tensor:
+        if self.scorer == "gwpr":
+            return ops.gwpr_self_attention(source, self.iterations)
+        if self.scorer == "random":
+            return ops.random_scores(source, self.seed)
+        return ops.gwpr_cross_attention(source, self.iterations, self.scorer, self.eta, self.alpha)
+
+
+class TokenSelector(torch.nn.Module):
+    """Returns the indices of the k kept tokens of one block per image, from their scores.
+
+    forward(scores [B, N], hidden [B, N, C] at the pruning point (only with ``fill="distinct"``;
+            else None), grid [B, C', H, W] (the block input, for H and W; only with ``cell`` > 1))
+            -> [B, k]
     """
 
     def __init__(self, keep_ratio: float, config: PruningConfig, block_name: str = ""):
         super().__init__()
         self.keep_ratio = keep_ratio
         self.scorer = config.scorer
-        self.iterations = config.iterations
-        self.eta = config.eta
-        self.alpha = config.alpha
-        self.seed = config.seed
         self.cell = config.cell
         self.fill = config.fill
         self.block_name = block_name
         # When a dict, each call records its kept indices here under block_name (capture_kept_tokens).
         self.capture: dict | None = None
 
+    @property
+    def reads_hidden(self) -> bool:
+        """Whether the choice reads the hidden states at the pruning point (the distinct fill), not
+        the scores alone."""
+        return self.cell > 1 and self.fill == "distinct"
+
     def extra_repr(self) -> str:
         text = f"block={self.block_name!r}, keep_ratio={self.keep_ratio}, scorer={self.scorer!r}"
         return text + (f", cell={self.cell}, fill={self.fill!r}" if self.cell > 1 else "")
 
-    def forward(self, hidden: torch.Tensor, attention_map: torch.Tensor | None = None,
+    def forward(self, scores: torch.Tensor, hidden: torch.Tensor | None = None,
                 grid: torch.Tensor | None = None) -> torch.Tensor:
-        if self.scorer == "gwpr":
-            scores = ops.gwpr_self_attention(attention_map, self.iterations)
-        elif self.scorer == "random":
-            scores = ops.random_scores(hidden, self.seed)
-        else:
-            scores = ops.gwpr_cross_attention(attention_map, self.iterations, self.scorer, self.eta, self.alpha)
-        k = ops.keep_count(hidden.shape[1], self.keep_ratio)
+        k = ops.keep_count(scores.shape[1], self.keep_ratio)
         if self.cell > 1:
             if grid is None:
                 raise ValueError(f"{self.block_name}: cell={self.cell} needs the block input for its token grid")
-            height, width = _grid_of(grid, hidden, self.block_name)
-            if self.fill == "distinct":
+            height, width = _grid_of(grid, scores, self.block_name)
+            if self.reads_hidden:
+                if hidden is None:
+                    raise ValueError(f"{self.block_name}: fill='distinct' needs the hidden states at the pruning point")
                 index = ops.select_distinct_per_cell(scores, hidden, k, height, width, self.cell)
             else:
                 index = ops.select_top_k_per_cell(scores, k, height, width, self.cell)
@@ -65,12 +93,38 @@ class TokenSelector(torch.nn.Module):
         return index
 
 
+class TokenMatch(torch.nn.Module):
+    """Matches every token of a pruned block to its most similar kept token(s), for the recovery.
+
+    forward(index [B, k], similarity [B, N, N] head-combined map or keys [B, N, C''])
+            -> (positions [B, N, m] in the kept list, weights [B, N, m] or None for m = 1)
+
+    The recovery pass puts it right after the kept tokens are chosen: what the recovery reads
+    afterwards is [B, N, m], not the map or the keys (``ops.nearest_kept``).
+    """
+
+    def __init__(self, config: PruningConfig):
+        super().__init__()
+        self.similarity = config.similarity
+        self.neighbours = config.neighbours if config.recovery == "delta" else 1
+
+    def extra_repr(self) -> str:
+        return f"similarity={self.similarity!r}, neighbours={self.neighbours}"
+
+    def forward(self, index: torch.Tensor, similarity: torch.Tensor):
+        if self.similarity == "attention":
+            to_kept = ops.similarity_to_kept(index, similarity)
+        else:
+            to_kept = ops.key_cosine_to_kept(index, similarity)
+        return ops.nearest_kept(to_kept, self.neighbours)
+
+
 class TokenRecovery(torch.nn.Module):
     """Brings a pruned block back to its full token count before ``proj_out``.
 
     forward(kept [B, k, C], index [B, k], before [B, N, C] (the value at the pruning point),
             grid [B, C', H, W] (the block input, for its H and W),
-            similarity [B, N, N] head-combined map or keys [B, N, C''],
+            match (positions, weights) from ``TokenMatch`` (``similarity`` and ``delta``; else None),
             kept_before [B, k, C] (the kept tokens at the pruning point; ``delta`` and ``layer-delta``),
             *states [B, k, C] (the kept tokens after each later layer but the last; ``layer-delta``))
             -> [B, N, C]
@@ -90,17 +144,13 @@ class TokenRecovery(torch.nn.Module):
             text += f", neighbours={self.neighbours}"
         return text
 
-    def forward(self, kept, index, before, grid, similarity=None, kept_before=None, *states):
+    def forward(self, kept, index, before, grid, match=None, kept_before=None, *states):
         if self.method == "layer-delta":
             return ops.recover_layer_delta([kept_before, *states, kept], index, before)
-        if self.similarity is not None:
-            if self.similarity == "attention":
-                to_kept = ops.similarity_to_kept(index, similarity)
-            else:
-                to_kept = ops.key_cosine_to_kept(index, similarity)
-            if self.method == "delta":
-                return ops.recover_delta(kept, kept_before, index, before, to_kept, self.neighbours)
-            return ops.copy_from(kept, index, to_kept)
+        if self.method == "delta":
+            return ops.recover_delta_nearest(kept, kept_before, index, before, *match)
+        if self.method == "similarity":
+            return ops.copy_nearest(kept, index, match[0])
         if self.method == "zeros":
             return ops.recover_zeros(kept, index, before.shape[1])
         if self.method == "direct-copy":

@@ -418,6 +418,21 @@ def key_cosine_to_kept(index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.bmm(unit, gather_tokens(unit, index).transpose(1, 2))
 
 
+def nearest_kept(to_kept: torch.Tensor, neighbours: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The m most similar kept tokens of every token: their positions in the kept list [B, N, m]
+    and, with m > 1, their weights [B, N, m] (the similarities renormalised over those m; below
+    zero, as key cosines can be, they weigh next to nothing, and all-negative rows average evenly).
+    m is at most k. to_kept: [B, N, k] (``similarity_to_kept``, ``key_cosine_to_kept``).
+
+    What a recovery needs of the similarity, and far smaller: made as soon as the kept tokens are
+    known, it lets the [B, N, N] map (or the keys) go before the later layers run."""
+    if neighbours == 1:
+        return to_kept.argmax(dim=-1, keepdim=True), None
+    nearest = torch.topk(to_kept, min(neighbours, to_kept.shape[-1]), dim=-1, largest=True, sorted=True)
+    weights = nearest.values.clamp_min(torch.finfo(to_kept.dtype).tiny)
+    return nearest.indices, weights / weights.sum(dim=-1, keepdim=True)
+
+
 def copy_from(kept: torch.Tensor, index: torch.Tensor, to_kept: torch.Tensor) -> torch.Tensor:
     """Similarity-based copy (the paper's recovery): every token takes the final value of the kept
     token it is most similar to; kept tokens keep their own.
@@ -425,8 +440,12 @@ def copy_from(kept: torch.Tensor, index: torch.Tensor, to_kept: torch.Tensor) ->
     kept: [B, k, C] (final values), index: [B, k], to_kept: [B, N, k] similarity of every token to
     each kept one (``similarity_to_kept``, ``key_cosine_to_kept``) -> [B, N, C].
     """
-    source = to_kept.argmax(dim=-1)  # [B, N], a position in the kept list
-    return scatter_tokens(gather_tokens(kept, source), index, kept)
+    return copy_nearest(kept, index, nearest_kept(to_kept)[0])
+
+
+def copy_nearest(kept: torch.Tensor, index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``copy_from`` with the match made: positions [B, N, 1] (``nearest_kept``) -> [B, N, C]."""
+    return scatter_tokens(gather_tokens(kept, positions[..., 0]), index, kept)
 
 
 def copy_from_most_similar(kept: torch.Tensor, index: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
@@ -464,17 +483,25 @@ def recover_delta(
     [B, N, k] similarity of every token to each kept one (``similarity_to_kept``,
     ``key_cosine_to_kept``) -> [B, N, C].
     """
+    return recover_delta_nearest(kept, kept_before, index, before, *nearest_kept(to_kept, neighbours))
+
+
+def recover_delta_nearest(
+    kept: torch.Tensor,
+    kept_before: torch.Tensor,
+    index: torch.Tensor,
+    before: torch.Tensor,
+    positions: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``recover_delta`` with the match made (``nearest_kept``): positions [B, N, m], weights
+    [B, N, m] (None for m = 1) -> [B, N, C]."""
     update = kept - kept_before  # [B, k, C]
-    if neighbours == 1:
-        moved = gather_tokens(update, to_kept.argmax(dim=-1))
+    if weights is None:
+        moved = gather_tokens(update, positions[..., 0])
     else:
-        batch, tokens, num_kept = to_kept.shape
-        neighbours = min(neighbours, num_kept)
-        nearest = torch.topk(to_kept, neighbours, dim=-1, largest=True, sorted=True)
-        # Key cosines can be negative: those weigh (next to) nothing, and all-negative rows average evenly.
-        weights = nearest.values.clamp_min(torch.finfo(to_kept.dtype).tiny)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        updates = gather_tokens(update, nearest.indices.flatten(1)).view(batch, tokens, neighbours, -1)
+        batch, tokens, neighbours = positions.shape
+        updates = gather_tokens(update, positions.flatten(1)).view(batch, tokens, neighbours, -1)
         moved = torch.matmul(weights.unsqueeze(-2), updates).squeeze(-2)  # [B, N, C]
     return scatter_tokens(before + moved, index, kept)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from atedm_compile.config import RECOVERIES, PruningConfig
+from atedm_compile.config import DEFAULT_PRUNING, RECOVERIES, PruningConfig
 from atedm_compile.passes import pruning_passes, run_passes
 from atedm_compile.tracing import node_with_role, trace_block
 
@@ -31,16 +31,51 @@ def test_recovery_methods_differ(level2_block, block_inputs):
 
 def test_key_cosine_recovery_uses_the_first_layers_keys(level2_block):
     gm = _pruned(level2_block, PruningConfig(similarity="key-cosine"))
-    recovered = node_with_role(gm, "recovered")
-    assert recovered.args[-1] is node_with_role(gm, "self_attention_keys")
+    match = node_with_role(gm, "kept_match")
+    assert match.args == (node_with_role(gm, "kept_indices"), node_with_role(gm, "self_attention_keys"))
+    assert node_with_role(gm, "recovered").args[4] is match
 
 
 def test_scoring_and_recovery_share_one_head_combined_map(level2_block):
     gm = _pruned(level2_block, PruningConfig())
     combined = node_with_role(gm, "self_attention_map")
     assert combined.meta["head_reduction"] == "mean"
-    assert node_with_role(gm, "kept_indices").args[1] is combined
-    assert node_with_role(gm, "recovered").args[-1] is combined
+    assert node_with_role(gm, "token_scores").args[0] is combined
+    assert node_with_role(gm, "kept_match").args[1] is combined
+    assert set(combined.users) == {node_with_role(gm, "token_scores"), node_with_role(gm, "kept_match")}
+
+
+def _order(gm):
+    return {node: place for place, node in enumerate(gm.graph.nodes)}
+
+
+@pytest.mark.parametrize("config", [PruningConfig(), PruningConfig(recovery="delta", neighbours=3),
+                                    PruningConfig(similarity="key-cosine"), DEFAULT_PRUNING,
+                                    PruningConfig(cell=3), PruningConfig(prune_point="before-ff")],
+                         ids=["paper", "delta-attention-3", "key-cosine", "default", "cell-3", "before-ff"])
+def test_the_map_is_freed_before_the_first_layers_ff(level2_block, config):
+    # On a GPU the [B, N, N] map is the largest thing a pruned step holds: its last reader (the
+    # scorer, the recovery's match) must run before the layer's FF, whose activations would
+    # otherwise come on top of it. Only the distinct fill, which reads the values after the FF,
+    # chooses the kept tokens after it; the map is gone by then unless the recovery reads it.
+    gm = _pruned(level2_block, config)
+    order = _order(gm)
+    ff = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "transformer_blocks.0.ff")
+    combined = node_with_role(gm, "self_attention_map")
+    assert combined.users and all(order[user] < order[ff] for user in combined.users)
+    if config.recovery in ("similarity", "delta"):
+        match = node_with_role(gm, "kept_match")
+        assert order[match] == order[node_with_role(gm, "kept_indices")] + 1
+        assert not any(isinstance(a, torch.fx.Node) and a.target == "transformer_blocks.0.attn1.to_k"
+                       for a in node_with_role(gm, "recovered").args)
+
+
+def test_the_distinct_fill_chooses_after_the_ff_and_scores_before_it(level2_block):
+    gm = _pruned(level2_block, DEFAULT_PRUNING)
+    order = _order(gm)
+    ff = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "transformer_blocks.0.ff")
+    assert order[node_with_role(gm, "token_scores")] < order[ff] < order[node_with_role(gm, "kept_indices")]
+    assert node_with_role(gm, "kept_indices").args[1] is node_with_role(gm, "pruned").args[0]
 
 
 @pytest.mark.parametrize("prune_point", ["after-ff", "before-ff"])

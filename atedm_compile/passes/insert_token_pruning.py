@@ -6,10 +6,11 @@ import torch.fx as fx
 
 from .. import ops
 from ..config import PruningConfig, check_keep_ratio
-from ..modules import TokenSelector
+from ..modules import TokenScorer, TokenSelector
 from ..tracing import ROLE, finalize, last_layer_node, node_with_role
 from .expose_attention_map import exposed_map
 
+SCORER = "atedm_scorer"
 SELECTOR = "atedm_selector"
 
 
@@ -22,31 +23,41 @@ def insert_token_pruning(
     """Insert scoring, top-k and gather after the first layer (after its FF, or before it with
     ``config.prune_point="before-ff"``); every later layer then runs on the kept tokens only.
 
-    Adds nodes with roles ``kept_indices`` ([B, k]) and ``pruned`` ([B, k, C]). Returns the graph
-    unchanged when ``keep_ratio`` is 1.0, when the block has a single layer (nothing after the
-    pruning point would gain) or when it is already pruned.
+    The scores are computed right after the attention map they read, and the kept tokens chosen
+    right after them where the choice reads the scores alone (all but the distinct fill), so that
+    the [B, N, N] map is freed before the rest of the first layer runs (on a GPU it is the largest
+    thing a pruned step holds). Adds nodes with roles ``token_scores`` ([B, N]), ``kept_indices``
+    ([B, k]) and ``pruned`` ([B, k, C]). Returns the graph unchanged when ``keep_ratio`` is 1.0,
+    when the block has a single layer (nothing after the pruning point would gain) or when it is
+    already pruned.
     """
     keep_ratio = check_keep_ratio(keep_ratio)
     if keep_ratio == 1.0 or node_with_role(gm, "kept_indices") is not None:
         return gm
     if config.prune_point == "after-ff" and last_layer_node(gm).meta.get(ROLE) == "layer_out":
         return gm
-    attention_map = None
+    source = None
     if config.scorer == "gwpr":
-        attention_map = exposed_map(gm, "self", config.head_reduction)
+        source = exposed_map(gm, "self", config.head_reduction)
     elif config.uses_cross_attention:
-        attention_map = exposed_map(gm, "cross", config.head_reduction)
+        source = exposed_map(gm, "cross", config.head_reduction)
 
     point = node_with_role(gm, "layer_out" if config.prune_point == "after-ff" else "before_ff")
-    gm.add_submodule(SELECTOR, TokenSelector(keep_ratio, config, block_name))
+    selector = TokenSelector(keep_ratio, config, block_name)
+    gm.add_submodule(SCORER, TokenScorer(config))
+    gm.add_submodule(SELECTOR, selector)
     graph = gm.graph
-    with graph.inserting_after(point):
-        # With cells, the selector reads the grid's H and W off the block input.
-        grid = (node_with_role(gm, "block_input"),) if config.cell > 1 else ()
-        index = graph.call_module(SELECTOR, (point, attention_map, *grid))
-    with graph.inserting_after(index):
+    with graph.inserting_after(source or point):  # random scores read the hidden states' shape
+        scores = graph.call_module(SCORER, (source or point,))
+    # With cells, the selector reads the grid's H and W off the block input.
+    grid = (node_with_role(gm, "block_input"),) if config.cell > 1 else ()
+    hidden = point if selector.reads_hidden else None
+    with graph.inserting_after(point if selector.reads_hidden else scores):
+        index = graph.call_module(SELECTOR, (scores, hidden, *grid))
+    with graph.inserting_after(index if selector.reads_hidden or source is None else point):  # the later
         kept = graph.call_function(ops.gather_tokens, (point, index))
+    scores.meta[ROLE] = "token_scores"
     index.meta[ROLE] = "kept_indices"
     kept.meta[ROLE] = "pruned"
-    point.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (index, kept))
+    point.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (index, kept, scores))
     return finalize(gm)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..config import SIMILARITY_RECOVERIES, PruningConfig
-from ..modules import TokenRecovery
+from ..modules import TokenMatch, TokenRecovery
 from ..tracing import ROLE, finalize, last_layer_node, node_with_role
 from .expose_attention_map import exposed_map
 
+MATCH = "atedm_match"
 RECOVERY = "atedm_recovery"
 
 
@@ -32,22 +33,30 @@ def insert_token_recovery(gm: fx.GraphModule, config: PruningConfig = PruningCon
     the pruning point plus the update of the kept token most similar to it, which reads the kept
     tokens' values at the pruning point, the node with role ``pruned``); kept tokens keep their own.
 
-    Returns the graph unchanged when the block is not pruned or already recovered.
+    The similarity recoveries match every token to its most similar kept token(s) right after
+    the kept tokens are chosen (a ``TokenMatch`` node, role ``kept_match``), so that only the
+    match ([B, N, m] positions), not the [B, N, N] map or the keys, is held while the later layers
+    run. Returns the graph unchanged when the block is not pruned or already recovered.
     """
     index = node_with_role(gm, "kept_indices")
     if index is None or node_with_role(gm, "recovered") is not None:
         return gm
-    before = index.args[0]
+    before = node_with_role(gm, "pruned").args[0]  # the gather's source: every token at the pruning point
     grid = node_with_role(gm, "block_input")
-    similarity = None
-    if config.recovery in SIMILARITY_RECOVERIES and config.similarity == "attention":
-        similarity = exposed_map(gm, "self", config.head_reduction)
-    elif config.recovery in SIMILARITY_RECOVERIES:
-        similarity = node_with_role(gm, "self_attention_keys")
-        if similarity is None:
-            raise ValueError("key-cosine recovery needs the first layer's keys: run expose_attention_map first")
+    match = None
+    if config.recovery in SIMILARITY_RECOVERIES:
+        if config.similarity == "attention":
+            similarity = exposed_map(gm, "self", config.head_reduction)
+        else:
+            similarity = node_with_role(gm, "self_attention_keys")
+            if similarity is None:
+                raise ValueError("key-cosine recovery needs the first layer's keys: run expose_attention_map first")
+        gm.add_submodule(MATCH, TokenMatch(config))
+        with gm.graph.inserting_after(index):
+            match = gm.graph.call_module(MATCH, (index, similarity))
+        match.meta[ROLE] = "kept_match"
     last = last_layer_node(gm)
-    args = (last, index, before, grid, similarity)
+    args = (last, index, before, grid, match)
     if config.recovery in ("delta", "layer-delta"):
         # The kept tokens' values at the pruning point: their update is final minus these.
         args += (node_with_role(gm, "pruned"),)
