@@ -50,6 +50,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """argparse type: an integer torch.Generator takes as a seed, [-2**63, 2**64)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{text} is outside the seeds a generator takes, [-2**63, 2**64)")
+    return value
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)

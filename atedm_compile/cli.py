@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .arguments import (ArgumentParser, HelpFormatter, add_pruning_options, check_output, finite_float,
-                        positive_float, positive_int, pruning_config, save_png, schedule_of, utf8_text)
+                        positive_float, positive_int, pruning_config, save_png, schedule_of, seed_int, utf8_text)
 
 EXAMPLES = """examples:
   atedm-compile generate --out out                      # the shipped tiny-shapes model: out/image.png, out/masks.png
@@ -51,14 +51,20 @@ def cmd_flops(args) -> int:
     args.width = args.width or args.height
     config = pruning_config(args)
     keep = args.keep_ratio
-    if args.target_tflops is not None:
-        keep, report = solve_keep_ratio(
-            unet, args.target_tflops, args.schedule, args.steps, config, args.height, args.width,
-            vae_factor=factor, prune_less_blocks=args.prune_less_blocks,
-        )
-    else:
-        report = count_phases(unet, schedule_of(args), config, args.height, args.width, vae_factor=factor,
-                              model_name=args.model)
+    try:
+        if args.target_tflops is not None:
+            keep, report = solve_keep_ratio(
+                unet, args.target_tflops, args.schedule, args.steps, config, args.height, args.width,
+                vae_factor=factor, prune_less_blocks=args.prune_less_blocks,
+            )
+        else:
+            report = count_phases(unet, schedule_of(args), config, args.height, args.width, vae_factor=factor,
+                                  model_name=args.model)
+    except RuntimeError as error:  # the meta device's sizes overflow int64 (an N x N map of 10^12 tokens)
+        if "overflow" not in str(error):
+            raise
+        raise ValueError(f"image size {args.height}x{args.width} is too large to count: a tensor of the U-Net's "
+                         f"would hold more elements than 64-bit sizes allow") from None
     report.model = args.model
     if args.json:
         out = {
@@ -184,7 +190,10 @@ def cmd_generate(args) -> int:
         save_png(mask_sheet(image, kept, latent, levels), out / "masks.png")
         print(f"wrote {out / 'image.png'} and {out / 'masks.png'} (kept tokens of the last step)")
     else:
-        print(f"wrote {out / 'image.png'} (no block was pruned in the last step: no masks)")
+        stale = (out / "masks.png").is_file()
+        (out / "masks.png").unlink(missing_ok=True)  # an earlier run's masks would not be this image's
+        print(f"wrote {out / 'image.png'} (no block was pruned in the last step: no masks"
+              f"{'; removed the earlier masks.png' if stale else ''})")
     return 0
 
 
@@ -227,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: --height)")
     generate.add_argument("--guidance", type=finite_float, default=5.0,
                           help="classifier-free guidance scale (1 or less: no guidance)")
-    generate.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    generate.add_argument("--seed", type=seed_int, default=0, help="seed of the initial noise")
     generate.add_argument("--out", default="out", help="folder for image.png and masks.png")
     generate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     generate.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),

@@ -63,6 +63,8 @@ def memory_limit(device: str = "cpu") -> tuple[int, str]:
     """(bytes, what they are) of the memory a run on ``device`` can have at most: the GPU's memory,
     or the machine's RAM capped by the container's (cgroup) limit."""
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available here: torch {torch.__version__} sees no CUDA GPU")
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.get_device_properties(index).total_memory, f"memory of GPU {index}"

@@ -457,10 +457,23 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | 
     elif model == "tiny":
         pipe = tiny_sdxl_pipeline()
     else:
+        if model in UNET_CONFIGS:
+            raise ValueError(f"{model!r} is a bare U-Net config (random weights, no text encoders or VAE): sampling "
+                             f"needs a pipeline: tiny, {', '.join(TRAINED_MODELS)}, a pipeline folder or a hub id")
+        if Path(model).exists() and not Path(model).is_dir():
+            raise ValueError(f"model {model!r} is a file; give a diffusers pipeline folder (with model_index.json)")
         with quiet_loading():
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, use_safetensors=True)
+            try:
+                pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, use_safetensors=True)
+            except (OSError, ValueError) as error:
+                where = ("a folder here, but not a diffusers pipeline" if Path(model).is_dir()
+                         else "not a folder here, nor a hub id in the local cache")
+                said = str(error).splitlines()[0] if str(error) else type(error).__name__
+                said = said if len(said) <= 160 else said[:157] + "..."
+                raise ValueError(f"cannot load model {model!r}: {where}. Models: tiny, {', '.join(TRAINED_MODELS)}, "
+                                 f"a pipeline folder or a cached hub id. diffusers said: {said}") from None
         return pipe.to(device)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +19,8 @@ def test_flops_json(capsys):
     for phase in out["phases"].values():
         assert phase["tmacs_with_scoring"] >= phase["tmacs"]
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_flops_target(capsys):
     assert main(["flops", "--model", "tiny", "--height", "256", "--width", "256", "--schedule", "uniform",
@@ -35,14 +38,35 @@ def test_generate_writes_image_and_masks(tmp_path, capsys, model, size):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "masks.png"]
 
 
+def test_generate_removes_masks_an_unpruned_run_would_not_match(tmp_path, capsys):
+    assert main(["generate", "--model", "tiny", "--steps", "2", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "masks.png").is_file()
+    assert main(["generate", "--model", "tiny", "--steps", "2", "--keep-ratio", "1", "--out", str(tmp_path)]) == 0
+    assert "no masks; removed the earlier masks.png" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["flops", "--model", "tiny", "--keep-ratio", "1.5"], "keep_ratio=1.5 is outside (0, 1]"),
     (["flops", "--model", "sdxl-huge"], "unknown model config 'sdxl-huge'"),
+    (["flops", "--model", "tiny", "--height", "1000000"], "image size 1000000x1000000 is too large to count"),
     (["generate", "--steps", "2", "--height", "72"], "image size 72x72 is not a positive multiple of 16"),
+    (["generate", "--model", "sdxl-base"], "'sdxl-base' is a bare U-Net config"),
+    (["generate", "--model", str(REPO / "README.md")], "README.md' is a file"),
+    (["generate", "--model", "no-such-model"], "cannot load model 'no-such-model': not a folder here, nor a hub id"),
+    (["generate", "--model", str(REPO / "docs")], "docs': a folder here, but not a diffusers pipeline"),
 ])
 def test_bad_input_exits_2_with_a_message(argv, message, capsys, tmp_path):
     assert main(argv + (["--out", str(tmp_path)] if argv[0] == "generate" else [])) == 2
     assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_seed_no_generator_takes_is_refused_by_name(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--seed", "99999999999999999999", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "argument --seed: 99999999999999999999 is outside the seeds a generator takes" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -370,6 +370,60 @@ def test_bad_arguments_exit_2_with_a_message(data, tmp_path, capsys, change, mes
     assert not (tmp_path / "out" / "images").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    (["--device", "cuda"], "is not available here"),
+    (["--height", "65536"], "needs at least"),
+    (["--out-file"], "exists and is not a folder"),
+    (["--stats", b""], "is not an .npz of FID statistics"),
+    (["--stats", b"a caption\n"], "is not an .npz of FID statistics"),
+    (["--stats", "mu-only"], "not mu and sigma"),
+])
+def test_bad_inputs_are_said_before_anything_is_written(data, tmp_path, capsys, change, message):
+    out = tmp_path / "out"
+    args = _args(data, out)
+    if change[0] == "--out-file":
+        out.write_text("not a folder")
+    elif change[0] == "--stats":
+        stats = tmp_path / "stats.npz"
+        if change[1] == "mu-only":
+            np.savez(stats, mu=np.zeros(3))
+        else:
+            stats.write_bytes(change[1])
+        position = args.index("--reference")
+        args[position:position + 2] = ["--reference-stats", str(stats)]
+    else:
+        args += change
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.is_dir() or not any(out.iterdir())
+
+
+def test_a_metrics_factory_must_make_metrics(data, tmp_path):
+    config = EvaluateConfig("tiny-shapes", data / "captions.txt", tmp_path / "out", methods=["full"], steps=1,
+                            images=2, batch=2, reference=data / "reference")
+    with pytest.raises(ValueError, match="the metrics factory 'make' returned int, not an atedm_compile.evaluate.Metrics"):
+        def make(device):
+            return 42
+        evaluate(config, make)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_left_before_its_first_image_takes_new_settings(data, tmp_path):
+    # An earlier run that stopped before making an image left only its records: they hold nothing
+    # to keep, so other settings are no reason to refuse the folder.
+    out = tmp_path / "out"
+    (out / "images" / "full-g5").mkdir(parents=True)
+    (out / "settings.json").write_text(json.dumps({"model": "tiny", "steps": 9}))
+    (out / "captions.json").write_text(json.dumps([{"index": 0, "caption": "another caption"}]))
+    (out / "images" / "full-g5" / "run.json").write_text(json.dumps({"method": "other"}))
+    metrics = Metrics("mean colour", lambda images: images.reshape(len(images), -1, 3).mean(1),
+                      lambda images, captions: np.ones(len(images)))
+    record = evaluate(EvaluateConfig("tiny-shapes", data / "captions.txt", out, methods=["full"], steps=1, images=2,
+                                     batch=2, reference=data / "reference"), metrics)
+    assert record["rows"][0]["images"] == 2
+    assert json.loads((out / "settings.json").read_text())["steps"] == 1
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "float16", "auto"])
 def test_dtype_takes_generates_names_and_torchs(data, tmp_path, dtype):
     EvaluateConfig("tiny-shapes", data / "captions.txt", tmp_path, methods=["full"], reference=data / "reference",

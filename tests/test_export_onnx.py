@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 from export_build import STEPS, pytorch_latent
 
 import atedm_compile as ac
@@ -149,6 +150,11 @@ def test_cli_check_and_run(built, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "prune-less: steps 0-0, 1 calls" in out and "pruned: steps 1-3, 3 calls" in out
     assert (tmp_path / "image.png").stat().st_size > 0
+    # Without guidance the built batch of 2 is two images: both written, numbered.
+    assert main(["run", str(built[0]), "--guidance", "1", "--out", str(tmp_path / "two" / "y.png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["y-0.png", "y-1.png"]
+    first, second = (np.asarray(Image.open(tmp_path / "two" / f"y-{i}.png")) for i in range(2))
+    assert first.shape == second.shape and not np.array_equal(first, second)
 
 
 def test_a_scheduler_swapped_in_after_attach_is_followed(built, pipe, reference, exported):

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from atedm_compile.cli import main
 from atedm_compile.config import PruningConfig
@@ -221,3 +222,21 @@ def test_two_builds_into_one_folder_end_as_one_valid_build(tmp_path):
     assert size <= 1.05 * sum(p.numel() * 4 for p in build_unet("tiny").parameters())
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name not in (
         ".atedm-export", ".atedm-export.lock")) == []
+
+
+def test_check_and_run_on_a_file_say_it_is_no_build_directory(tmp_path, capsys):
+    file = tmp_path / "afile"
+    file.write_text("not a build")
+    for argv in (["check", str(file)], ["run", str(file), "--out", str(tmp_path / "image.png")]):
+        assert main(argv) == 2
+        _one_line(capsys.readouterr().err, "afile is a file, not a build directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_the_memory_of_a_gpu_this_machine_lacks_is_an_error_naming_it():
+    # `run --backend tensorrt` checks the GPU's memory first: without CUDA, a message, not an assertion.
+    from atedm_compile.memory import memory_limit
+
+    with pytest.raises(ValueError, match="device 'cuda' is not available here: torch .* sees no CUDA GPU"):
+        memory_limit("cuda")

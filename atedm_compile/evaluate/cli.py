@@ -16,7 +16,7 @@ EXAMPLES = """examples:
 
 def add_evaluate_command(sub) -> None:
     """Add ``evaluate`` to the ``atedm-compile`` subparsers."""
-    from ..arguments import HelpFormatter, finite_float, positive_float, positive_int
+    from ..arguments import HelpFormatter, finite_float, positive_float, positive_int, seed_int
 
     evaluate = sub.add_parser(
         "evaluate", help="FID and CLIP score of each method at matched FLOPs budgets (runs under torchrun too)",
@@ -43,7 +43,7 @@ def add_evaluate_command(sub) -> None:
                           help="guidance scales")
     evaluate.add_argument("--images", type=positive_int, default=None, help="the first N captions")
     evaluate.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
-    evaluate.add_argument("--seed", type=int, default=0, help="caption i is sampled from seed + i")
+    evaluate.add_argument("--seed", type=seed_int, default=0, help="caption i is sampled from seed + i")
     evaluate.add_argument("--batch", type=positive_int, default=4, help="images generated together")
     evaluate.add_argument("--height", type=positive_int, default=None, help="default: the model's own size")
     evaluate.add_argument("--width", type=positive_int, default=None, help="default: --height")

@@ -13,9 +13,11 @@ the table (``results.txt``), every number (``results.json``) and the curves (``c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from PIL import Image
 from ..config import check_keep_ratio
 from ..devices import DTYPES
 from ..files import write_atomically
+from ..memory import check_fits, sampling_bytes
 from . import report, shards
 from .captions import Caption, read_captions
 from .metrics import Metrics, frechet_distance, paper_metrics, statistics
@@ -109,6 +112,8 @@ class EvaluateConfig:
             raise ValueError(f"--reference {str(self.reference)!r} is not a folder")
         if self.reference_stats is not None and not Path(self.reference_stats).is_file():
             raise ValueError(f"--reference-stats {str(self.reference_stats)!r} is not a file")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {str(self.out)!r} exists and is not a folder")
         if self.dtype != "auto" and DTYPE_ALIASES.get(self.dtype, self.dtype) not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: choose auto or one of {list(DTYPES)}")
 
@@ -169,6 +174,10 @@ def _caption_records(captions: list[Caption], seed: int) -> list[dict]:
 def _prepare(out: Path, settings: dict, captions: list[dict], config: EvaluateConfig, unet_config: dict, size: dict) -> dict:
     """Rank 0: check and record the settings and captions of ``out``, and make (or reuse) the plan."""
     out.mkdir(parents=True, exist_ok=True)
+    if not any((out / "images").glob("*/*.png")):
+        # An earlier run stopped before its first image: its records hold nothing to keep.
+        for record in [out / "settings.json", out / "captions.json", *(out / "images").glob("*/run.json")]:
+            record.unlink(missing_ok=True)
     _check_same(out / "settings.json", settings, "images")
     saved = json.loads((out / "captions.json").read_text()) if (out / "captions.json").is_file() else []
     for old, new in zip(saved, captions):
@@ -337,16 +346,33 @@ def reference_image(path: Path, width: int, height: int) -> np.ndarray:
     return np.asarray(image)
 
 
+def read_reference_stats(path: str | Path) -> dict:
+    """mu, sigma (and the image count, where saved) of an ``.npz`` of FID statistics; ValueError
+    naming the file when it is not one (no pickled objects are loaded)."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            if not isinstance(saved, np.lib.npyio.NpzFile) or not {"mu", "sigma"} <= set(saved.files):
+                found = saved.files if isinstance(saved, np.lib.npyio.NpzFile) else "one array"
+                raise ValueError(f"--reference-stats {str(path)!r} holds {found}, not mu and sigma")
+            mu, sigma = saved["mu"], saved["sigma"]
+            count = int(saved["count"]) if "count" in saved.files else None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        if str(error).startswith("--reference-stats"):
+            raise
+        raise ValueError(f"--reference-stats {str(path)!r} is not an .npz of FID statistics (mu and sigma): "
+                         f"{error}") from None
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise ValueError(f"--reference-stats {str(path)!r}: mu {mu.shape} and sigma {sigma.shape} are not a "
+                         f"vector and its square covariance")
+    return {"mu": mu, "sigma": sigma, "images": count}
+
+
 def _reference_statistics(config: EvaluateConfig, files: list[Path], metrics: Metrics, shard, out: Path, size: dict,
                           counts: Counter, progress) -> dict:
     """mu and sigma of the reference images' FID features (computed in chunks over the ranks, or
     read), on rank 0: only it measures."""
     if config.reference_stats is not None:
-        def read():
-            with np.load(config.reference_stats, allow_pickle=False) as saved:
-                if not {"mu", "sigma"} <= set(saved.files):
-                    raise ValueError(f"--reference-stats {str(config.reference_stats)!r} has {saved.files}, not mu and sigma")
-                return {"mu": saved["mu"], "sigma": saved["sigma"], "images": int(saved["count"]) if "count" in saved.files else None}
+        read = functools.partial(read_reference_stats, config.reference_stats)
         return {**(shard.from_rank0(read, share=False) or {}), "kind": "statistics", "path": str(config.reference_stats)}
     folder = Path(config.reference)
     chunks = _chunks(len(files), config.batch)
@@ -405,6 +431,8 @@ def evaluate(config: EvaluateConfig, metrics: Metrics | Callable[[torch.device],
         captions = captions[:config.images]
     elif len(captions) < 2:
         raise ValueError(f"{config.captions} holds {len(captions)} caption; FID needs two or more")
+    if config.reference_stats is not None:
+        read_reference_stats(config.reference_stats)  # a bad file: said before anything is made
     shard = shards.start(config.device)
     try:
         return _evaluate(config, metrics, _caption_records(captions, config.seed), shard)
@@ -421,7 +449,11 @@ def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> d
     if metrics is None:
         metrics = paper_metrics(device)
     elif not isinstance(metrics, Metrics) and callable(metrics):
-        metrics = metrics(device)
+        made = metrics(device)
+        if not isinstance(made, Metrics):
+            raise ValueError(f"the metrics factory {getattr(metrics, '__name__', metrics)!r} returned "
+                             f"{type(made).__name__}, not an atedm_compile.evaluate.Metrics")
+        metrics = made
     dtype = (DTYPES[DTYPE_ALIASES.get(config.dtype, config.dtype)] if config.dtype != "auto"
              else torch.float16 if device.type == "cuda" else torch.float32)
     pipe = load_pipeline(config.model, dtype=dtype, device=device)
@@ -430,6 +462,10 @@ def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> d
     height = config.height or pipe.unet.config.sample_size * vae_factor
     width = config.width or height
     check_image_size(height, width, pipe.unet.config, vae_factor)
+    vae_config = dict(pipe.vae.config) if getattr(pipe, "vae", None) is not None else None
+    check_fits(sampling_bytes(dict(pipe.unet.config), vae_config, config.batch, 2 * config.batch, height, width,
+                              vae_factor, precision="fp32" if dtype == torch.float32 else "fp16"),
+               str(device), f"sampling {config.batch} image{'s' * (config.batch > 1)} of {width}x{height} px")
     size = {"height": height, "width": width}
     out = Path(config.out)
     settings = {"model": config.model, "steps": config.steps, "seed": config.seed, "batch": config.batch, **size,

@@ -63,12 +63,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return torch.device("cuda", local_rank)
+    from ..devices import resolve_device as checked
+
     try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        return checked(f"cuda:{local_rank}" if device == "cuda" else device)
+    except ValueError as error:
+        raise ValueError(f"--device {device!r}: {error}") from None
 
 
 def start(device: str = "auto") -> Shard:

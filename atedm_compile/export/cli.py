@@ -13,7 +13,8 @@ from .onnx import DEFAULT_OPSET, EXPORTERS, OPSETS
 
 def add_export_commands(sub) -> None:
     """Add ``build``, ``run`` and ``check`` to the ``atedm-compile`` subparsers."""
-    from ..arguments import HelpFormatter, add_pruning_options, finite_float, positive_int, utf8_text
+    from ..arguments import (HelpFormatter, add_pruning_options, finite_float, positive_int, seed_int,
+                             utf8_text)
 
     build = sub.add_parser(
         "build", help="export one ONNX graph (and TensorRT engine) per schedule phase", formatter_class=HelpFormatter,
@@ -36,7 +37,7 @@ def add_export_commands(sub) -> None:
                        help="torch.onnx.export path: torchscript (dynamo=False, faster) or dynamo")
     build.add_argument("--opset", type=int, default=DEFAULT_OPSET, choices=OPSETS,
                        metavar=f"{{{OPSETS.start}..{OPSETS.stop - 1}}}", help="ONNX opset")
-    build.add_argument("--seed", type=int, default=0, help="weights seed of a config-name model")
+    build.add_argument("--seed", type=seed_int, default=0, help="weights seed of a config-name model")
     build.add_argument("--optimization-level", type=int, default=3, choices=range(6), metavar="{0..5}",
                        help="TensorRT builder optimisation level")
     build.add_argument("--out", required=True, help="output directory (new, empty, or an earlier build's)")
@@ -60,14 +61,14 @@ def add_export_commands(sub) -> None:
                      help="images per prompt (default: what the built batch fits)")
     run.add_argument("--guidance", type=finite_float, default=5.0,
                      help="classifier-free guidance scale (1 or less: no guidance, half the U-Net batch)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    run.add_argument("--seed", type=seed_int, default=0, help="seed of the initial noise")
     run.add_argument("--backend", default=None, choices=BACKENDS, help="default: the built backend")
     run.add_argument("--providers", nargs="+", default=None,
                      help="ONNX Runtime providers: cpu, cuda, tensorrt or full names (default: cuda where present, "
                           "else cpu)")
     run.add_argument("--fallback-pytorch", action="store_true",
                      help="on a step count or shape the build does not cover, warn and run the PyTorch runner")
-    run.add_argument("--out", default="out/image.png", help="image file to write (PNG)")
+    run.add_argument("--out", default="out/image.png", help="PNG to write (more images: numbered, image-0.png ...)")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser(
@@ -167,15 +168,18 @@ def cmd_run(args) -> int:
     unet.register_forward_hook(lambda *_: timings.setdefault(unet.calls[-1].phase, []).append(
         time.perf_counter() - started["t"]))
     generator = torch.Generator().manual_seed(args.seed)
-    image = pipe(args.prompt, num_inference_steps=steps, height=height, width=width, guidance_scale=args.guidance,
-                 num_images_per_prompt=images, generator=generator).images[0]
+    made = pipe(args.prompt, num_inference_steps=steps, height=height, width=width, guidance_scale=args.guidance,
+                num_images_per_prompt=images, generator=generator).images
     print(f"{directory}: {steps} steps at {width}x{height}, backend {args.backend or manifest.backend}")
     for phase, seconds in timings.items():
         calls = [c.step for c in unet.calls if c.phase == phase]
         print(f"  {phase}: steps {min(calls)}-{max(calls)}, {len(calls)} calls, "
               f"{sum(seconds) / len(seconds):.4f} s per call")
-    save_png(image, out)
-    print(f"wrote {out}")
+    # Every image the batch made: OUT itself for one, OUT's name numbered (image-0.png, ...) for more.
+    files = [out] if len(made) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(made))]
+    for image, file in zip(made, files):
+        save_png(image, file)
+    print(f"wrote {', '.join(map(str, files))}")
     return 0
 
 

@@ -174,6 +174,8 @@ class Manifest:
 def read_manifest(directory: Path) -> Manifest:
     """The manifest of a build directory, after checking its format and version (not the artefacts)."""
     path = Path(directory) / MANIFEST
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise ManifestError(f"{directory} is a file, not a build directory (run `atedm-compile build --out DIR`)")
     if not path.is_file():
         raise ManifestError(f"{path} does not exist: not an atedm-compile build directory (run `atedm-compile build`)")
     try:
