@@ -1,26 +1,21 @@
 """``benchmarks/gpu_latency.py`` runs on the CPU as a smoke test (the GPU run is
 ``benchmarks/gpu_check.sh``)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from atedm_compile import triton_map
+from scripts import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["--device", "cpu", "--model", "tiny", "--calls", "1", "--warmup", "0", "--steps", "2", "--loops", "1",
          "--tome-keep", "0.7"]
 
 
 @pytest.fixture(scope="module")
 def gpu_latency():
-    spec = importlib.util.spec_from_file_location("gpu_latency", REPO / "benchmarks" / "gpu_latency.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_latency")
 
 
 def _check_report(path, mode, triton=False):

@@ -1,16 +1,12 @@
 """``memory.LiveBytes`` (live tensor bytes and their peak, on any device) and
 ``benchmarks/gpu_memory.py``, which models a GPU's activation memory with it on the meta device."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from atedm_compile import ops
 from atedm_compile.memory import LiveBytes
-
-REPO = Path(__file__).resolve().parents[1]
+from scripts import load_benchmark
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -50,10 +46,7 @@ def test_live_bytes_keeps_the_context_of_its_peak():
 
 @pytest.fixture(scope="module")
 def gpu_memory():
-    spec = importlib.util.spec_from_file_location("gpu_memory", REPO / "benchmarks" / "gpu_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_memory")
 
 
 def test_a_pruned_sdxl_step_holds_no_more_than_the_full_model(gpu_memory):
