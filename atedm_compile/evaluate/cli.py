@@ -57,7 +57,7 @@ def add_evaluate_command(sub) -> None:
                           help="pipeline dtype (auto: fp16 on GPU, fp32 on CPU)")
     evaluate.add_argument("--inception", default=None,
                           help="clean-fid's inception-2015-12-05.pt (default: looked for in ~/.cache/clean-fid/, then /tmp/)")
-    evaluate.add_argument("--clip-model", default=CLIP_MODEL, help=f"OpenCLIP model")
+    evaluate.add_argument("--clip-model", default=CLIP_MODEL, help="OpenCLIP model")
     evaluate.add_argument("--clip-pretrained", default=CLIP_PRETRAINED,
                           help="OpenCLIP pretrained tag, from the Hugging Face cache, or a weights file")
     evaluate.add_argument("--metrics", default=None, metavar="MODULE:FUNCTION",
