@@ -192,10 +192,13 @@ def solve_keep_ratio(
 
     low, high = lowest, highest
     bottom = report(low)
+    if getattr(bottom, measure) > target_tmacs and bottom.average_tmacs >= bottom.full_tmacs:
+        raise ValueError(f"preset {preset!r} prunes nothing, whatever the keep ratio: it costs the full model's "
+                         f"{bottom.full_tmacs:.4g} TMACs, above the target {target_tmacs:.4g}")
     if getattr(bottom, measure) > target_tmacs:
         raise ValueError(
-            f"target {target_tmacs} TMACs is below what preset {preset!r} reaches at keep_ratio={low} "
-            f"({getattr(bottom, measure):.3f}); the full model costs {bottom.full_tmacs:.3f}"
+            f"target {target_tmacs:.4g} TMACs is below what preset {preset!r} reaches at keep_ratio={low} "
+            f"({getattr(bottom, measure):.4g}); the full model costs {bottom.full_tmacs:.4g}"
         )
     if highest == 1.0 and bottom.full_tmacs <= target_tmacs:
         return 1.0, report(1.0)
