@@ -99,6 +99,9 @@ class PruningConfig:
         _check_choice("fill", self.fill, FILLS)
         if self.fill == "distinct" and self.cell == 1:
             raise ValueError("fill='distinct' picks tokens unlike the patch winners: it needs cell > 1 (try cell=2)")
+        if self.neighbours > 1 and self.recovery != "delta":
+            raise ValueError(f"neighbours={self.neighbours} averages the updates of several kept tokens: only "
+                             f"recovery='delta' has them (recovery={self.recovery!r} would ignore it)")
 
     @property
     def uses_cross_attention(self) -> bool:
