@@ -12,7 +12,11 @@ shared machines wall time of the same call varies by 15% from one call to the ne
 timed round-robin so that any drift hits them all alike.
 
     python benchmarks/latency.py [--repeats 5] [--height 512] [--schedule atedm] [--threads 1] [--dtype bf16]
-        [--configs paper default]
+        [--configs paper default] [--compiled]
+
+``--compiled`` times every variant under ``torch.compile`` (inductor's C++ code on the CPU;
+``Runner.compile``: one compiled graph per phase, the full model's included); the warm-up round
+compiles them (minutes each on 2 cores), and the table says how long that took.
 
 For a GPU (CUDA events, eager and compiled, SD-XL at 1024 px): ``benchmarks/gpu_latency.py``.
 """
@@ -51,6 +55,8 @@ def main() -> None:
                         help="intra-op threads; CPU time sums them, spin-waits included, so 1 measures best")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="pruning settings to time each phase under (default: both)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="time the variants under torch.compile (Runner.compile, inductor) instead of eagerly")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,31 +70,40 @@ def main() -> None:
 
     unet = build_unet(HALF_WIDTH_SDXL, dtype=DTYPES[args.dtype])
     inputs = unet_inputs(unet, 2, args.height // 8, args.height // 8, device="cpu", dtype=DTYPES[args.dtype])
-    runners = {}
+    runners, forwards = {}, {}
     for label, config in configs.items():  # installed in turn, one at a time
         runners[label] = ac.apply(unet, schedule, config)
         runners[label].start(schedule.num_steps)
+        if args.compiled:  # kept, so that each install below puts the runner's own compiled forward back
+            forwards[label] = runners[label].compile().unet.forward
         ac.remove(unet)
     variants = [(None, None)] + [(label, p.name) for label in configs for p in schedule.phases]
     names = ["full" if phase is None else f"{phase} ({label})" for label, phase in variants]
     cpu: dict[str, list[float]] = {name: [] for name in names}
     wall: dict[str, list[float]] = {name: [] for name in names}
+    warmup: dict[str, float] = {}
     with torch.inference_mode():
         for repeat in range(args.repeats + 1):
             for name, (label, phase) in zip(names, variants):
                 runner = runners[label or next(iter(runners))]
                 runner.install()
+                if args.compiled:
+                    unet.forward = forwards[label or next(iter(runners))]
                 runner.use_phase(phase)
                 start, start_cpu = time.perf_counter(), time.process_time()
                 unet(**inputs)
-                if repeat:  # the first round warms up
+                if repeat:  # the first round warms up (and compiles)
                     cpu[name].append(time.process_time() - start_cpu)
                     wall[name].append(time.perf_counter() - start)
+                else:
+                    warmup[name] = time.perf_counter() - start
                 runner.uninstall()
 
     full = statistics.median(cpu["full"])
+    mode = (f"compiled (torch.compile, inductor; first calls {min(warmup.values()):.0f}-{max(warmup.values()):.0f} s)"
+            if args.compiled else "eager")
     print(f"SD-XL half width at {args.height} px, batch 2, {args.dtype}, {args.threads} threads, schedule {args.schedule}, "
-          f"keep {args.keep_ratio}, G-WPR rounds {args.iterations}; median of {args.repeats} calls")
+          f"keep {args.keep_ratio}, G-WPR rounds {args.iterations}; {mode}; median of {args.repeats} calls")
     header = (f"{'variant':<21} {'TMACs':>7} {'CPU s/step':>11} {'wall s/step':>12} {'speed-up':>9} "
               f"{'FLOPs ratio':>12} {'efficiency':>11}")
     print(header)
