@@ -58,6 +58,13 @@ def test_bad_captions_files_are_named(tmp_path, content, message):
         read_captions(path)
 
 
+def test_a_captions_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_bytes(b"a red square\na blue \xff circle\n")
+    with pytest.raises(ValueError, match=r"captions.txt' is not UTF-8 text: line 2 holds byte 0xff"):
+        read_captions(path)
+
+
 # -- metrics -----------------------------------------------------------------------------------
 
 def test_frechet_distance_matches_its_closed_form():

@@ -38,19 +38,25 @@ def read_captions(path: str | Path) -> list[Caption]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"captions file {str(path)!r} does not exist")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise ValueError(f"captions file {str(path)!r} is not UTF-8 text: line {line} holds byte "
+                         f"0x{raw[error.start]:02x}") from None
     if path.suffix.lower() == ".json":
-        captions = _coco_captions(path)
+        captions = _coco_captions(path, text)
     else:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        captions = [Caption(_clean(line)) for line in lines if line.strip()]
+        captions = [Caption(_clean(line)) for line in text.splitlines() if line.strip()]
     if not captions:
         raise ValueError(f"captions file {str(path)!r} holds no caption")
     return captions
 
 
-def _coco_captions(path: Path) -> list[Caption]:
+def _coco_captions(path: Path, text: str) -> list[Caption]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"captions file {str(path)!r} is not valid JSON: {error}") from None
     annotations = data.get("annotations") if isinstance(data, dict) else None
