@@ -63,7 +63,7 @@ def cmd_flops(args) -> int:
     except RuntimeError as error:  # the meta device's sizes overflow int64 (an N x N map of 10^12 tokens)
         if "overflow" not in str(error):
             raise
-        raise ValueError(f"image size {args.height}x{args.width} is too large to count: a tensor of the U-Net's "
+        raise ValueError(f"image size {args.width}x{args.height} px is too large to count: a tensor of the U-Net's "
                          f"would hold more elements than 64-bit sizes allow") from None
     report.model = args.model
     if args.json:
@@ -95,7 +95,7 @@ def cmd_flops(args) -> int:
             out["target_tmacs"] = args.target_tflops
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{args.model} at {args.height}x{args.width}, schedule {args.schedule}, keep ratio {keep}, "
+    print(f"{args.model} at {args.width}x{args.height} px, schedule {args.schedule}, keep ratio {keep}, "
           f"{args.steps} steps. TMACs of one U-Net call on the CFG pair.")
     rows = [["full model", f"0-{args.steps - 1}", f"{report.full_tmacs:.4g}", f"{report.full_tmacs:.4g}"]]
     rows += [[p.name, f"{p.steps[0]}-{p.steps[1] - 1}", f"{p.tmacs:.4g}", f"{p.tmacs_with_scoring:.4g}"]

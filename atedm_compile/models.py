@@ -208,11 +208,11 @@ def check_image_size(height: int, width: int, unet_config, vae_factor: int) -> N
         >>> check_image_size(1000, 1024, unet_config("sdxl-base"), 8)
         Traceback (most recent call last):
         ...
-        ValueError: image size 1000x1024 is not a positive multiple of 32 for this model
+        ValueError: image size 1024x1000 px is not a positive multiple of 32 for this model
     """
     multiple = 2 ** (len(unet_config["down_block_types"]) - 1) * vae_factor
     if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(f"image size {height}x{width} is not a positive multiple of {multiple} for this model")
+        raise ValueError(f"image size {width}x{height} px is not a positive multiple of {multiple} for this model")
 
 
 def build_unet(

@@ -49,11 +49,11 @@ def test_generate_removes_masks_an_unpruned_run_would_not_match(tmp_path, capsys
 @pytest.mark.parametrize("argv,message", [
     (["flops", "--model", "tiny", "--keep-ratio", "1.5"], "keep_ratio=1.5 is outside (0, 1]"),
     (["flops", "--model", "sdxl-huge"], "unknown model config 'sdxl-huge'"),
-    (["flops", "--model", "tiny", "--height", "1000000"], "image size 1000000x1000000 is too large to count"),
+    (["flops", "--model", "tiny", "--height", "1000000"], "image size 1000000x1000000 px is too large to count"),
     (["flops", "--model", "tiny", "--target-tflops", "0.0019", "--schedule", "none"],
      "preset 'none' prunes nothing, whatever the keep ratio: it costs the full model's 0.002212 TMACs"),
     (["flops", "--model", "tiny", "--target-tflops", "0.0001"], "target 0.0001 TMACs is below what preset 'atedm'"),
-    (["generate", "--steps", "2", "--height", "72"], "image size 72x72 is not a positive multiple of 16"),
+    (["generate", "--steps", "2", "--height", "72"], "image size 72x72 px is not a positive multiple of 16"),
     (["generate", "--model", "sdxl-base"], "'sdxl-base' is a bare U-Net config"),
     (["generate", "--model", str(REPO / "README.md")], "README.md' is a file"),
     (["generate", "--model", "no-such-model"], "cannot load model 'no-such-model': not a folder here, nor a hub id"),

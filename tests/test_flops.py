@@ -85,7 +85,7 @@ def test_unreachable_budget():
 
 
 def test_bad_image_size():
-    with pytest.raises(ValueError, match="1000x1024 is not a positive multiple of 32"):
+    with pytest.raises(ValueError, match="1024x1000 px is not a positive multiple of 32"):
         count_phases(build_unet("tiny", device="meta"), ac.make_schedule("none", 1), height=1000, width=1024)
 
 

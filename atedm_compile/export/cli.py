@@ -141,7 +141,7 @@ def cmd_run(args) -> int:
     height, width = args.height or manifest.height, args.width or manifest.width
     unet_batch = images * (2 if guided else 1)
     given = {"U-Net batch": (manifest.batch, unet_batch), "steps": (manifest.num_steps, steps),
-             "size": (f"{manifest.height}x{manifest.width}", f"{height}x{width}")}
+             "size": (f"{manifest.width}x{manifest.height} px", f"{width}x{height} px")}
     wrong = {k: v for k, v in given.items() if v[0] != v[1]}
     if wrong and not args.fallback_pytorch:
         listing = ", ".join(f"{k}: built {a}, given {b}" for k, (a, b) in wrong.items())
