@@ -242,3 +242,22 @@ def test_bad_config_names_the_value(field, value):
 def test_distinct_fill_needs_cells():
     with pytest.raises(ValueError, match="fill='distinct' .* needs cell > 1"):
         PruningConfig(fill="distinct")
+
+
+@pytest.mark.parametrize("prune_point", ["after-ff", "before-ff"])
+@pytest.mark.parametrize("selection", [dict(), dict(cell=3, fill="score"), dict(cell=3, fill="distinct")],
+                         ids=["top-k", "cells", "distinct"])
+@pytest.mark.parametrize("scorer", ["gwpr", "random", "ca-entropy"])
+def test_every_scorer_and_selection_makes_a_graph_in_order(level2_block, block_inputs, scorer, selection, prune_point):
+    # The scorer follows the map it reads (random scores: the pruning point), the selection the
+    # scores (and the point where it reads the values): every order must be a valid graph.
+    config = PruningConfig(scorer=scorer, prune_point=prune_point, recovery="delta", similarity="key-cosine",
+                           **selection)
+    gm = _pruned(level2_block, 0.37, config)
+    gm.graph.lint()
+    order = {node: place for place, node in enumerate(gm.graph.nodes)}
+    scores, index, pruned = (node_with_role(gm, role) for role in ("token_scores", "kept_indices", "pruned"))
+    assert order[scores] < order[index] < order[pruned]
+    with torch.no_grad():
+        (out,) = gm(*block_inputs)
+    assert out.shape == block_inputs[0].shape and torch.isfinite(out).all()

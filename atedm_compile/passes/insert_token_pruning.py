@@ -47,14 +47,16 @@ def insert_token_pruning(
     gm.add_submodule(SCORER, TokenScorer(config))
     gm.add_submodule(SELECTOR, selector)
     graph = gm.graph
-    with graph.inserting_after(source or point):  # random scores read the hidden states' shape
+    # Random scores read the hidden states' shape: then the scores, and all after them, follow the point.
+    with graph.inserting_after(source or point):
         scores = graph.call_module(SCORER, (source or point,))
+    after_point = source is None or selector.reads_hidden  # whether the selection must wait for the point
     # With cells, the selector reads the grid's H and W off the block input.
     grid = (node_with_role(gm, "block_input"),) if config.cell > 1 else ()
     hidden = point if selector.reads_hidden else None
-    with graph.inserting_after(point if selector.reads_hidden else scores):
+    with graph.inserting_after(point if after_point and source is not None else scores):
         index = graph.call_module(SELECTOR, (scores, hidden, *grid))
-    with graph.inserting_after(index if selector.reads_hidden or source is None else point):  # the later
+    with graph.inserting_after(index if after_point else point):
         kept = graph.call_function(ops.gather_tokens, (point, index))
     scores.meta[ROLE] = "token_scores"
     index.meta[ROLE] = "kept_indices"
