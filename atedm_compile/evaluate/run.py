@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import sys
-import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -350,17 +349,19 @@ def read_reference_stats(path: str | Path) -> dict:
     """mu, sigma (and the image count, where saved) of an ``.npz`` of FID statistics; ValueError
     naming the file when it is not one (no pickled objects are loaded)."""
     try:
-        with np.load(path, allow_pickle=False) as saved:
-            if not isinstance(saved, np.lib.npyio.NpzFile) or not {"mu", "sigma"} <= set(saved.files):
-                found = saved.files if isinstance(saved, np.lib.npyio.NpzFile) else "one array"
-                raise ValueError(f"--reference-stats {str(path)!r} holds {found}, not mu and sigma")
-            mu, sigma = saved["mu"], saved["sigma"]
-            count = int(saved["count"]) if "count" in saved.files else None
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
-        if str(error).startswith("--reference-stats"):
-            raise
+        saved = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as error:
+        # numpy takes what is no array file for a pickle, and suggests loading it: never here.
+        why = "neither .npz nor .npy" if "pickle" in str(error) else str(error)
         raise ValueError(f"--reference-stats {str(path)!r} is not an .npz of FID statistics (mu and sigma): "
-                         f"{error}") from None
+                         f"{why}") from None
+    if not isinstance(saved, np.lib.npyio.NpzFile):
+        raise ValueError(f"--reference-stats {str(path)!r} holds one array, not an .npz of mu and sigma")
+    with saved:
+        if not {"mu", "sigma"} <= set(saved.files):
+            raise ValueError(f"--reference-stats {str(path)!r} holds {saved.files}, not mu and sigma")
+        mu, sigma = saved["mu"], saved["sigma"]
+        count = int(saved["count"]) if "count" in saved.files else None
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
         raise ValueError(f"--reference-stats {str(path)!r}: mu {mu.shape} and sigma {sigma.shape} are not a "
                          f"vector and its square covariance")

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .. import devices
+
 # Rank 0 may solve FLOPs budgets (minutes on SD-XL) while the others wait for the answer.
 TIMEOUT = timedelta(minutes=60)
 
@@ -63,10 +65,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    from ..devices import resolve_device as checked
-
     try:
-        return checked(f"cuda:{local_rank}" if device == "cuda" else device)
+        return devices.resolve_device(f"cuda:{local_rank}" if device == "cuda" else device)
     except ValueError as error:
         raise ValueError(f"--device {device!r}: {error}") from None
 
