@@ -178,8 +178,8 @@ def attention_with_map_chunked(
 
     query: [B, N, h*d], key and value: [B, M, h*d] -> (out [B, N, h*d], map [B, N, M] float32).
 
-    Each chunk's scores Q K^T are computed in the compute dtype, then scaled in float32; the
-    softmax statistics are float32: the row log-sum-exp the fused kernel returns (CUDA flash
+    Each chunk's scores Q K^T are computed in the compute dtype, then scaled and normalised in
+    float32 (one kernel reads them); the softmax statistics are float32: the row log-sum-exp the fused kernel returns (CUDA flash
     attention on fp16 / bf16, the CPU kernel) or, where none does, one computed per chunk. Extra
     memory: the buffer, B x N x M x 4 bytes, and one chunk's scores (``MAP_CHUNK_BYTES``).
     Everything is static in shape: no host synchronisation, one graph under ``torch.compile``.
@@ -195,9 +195,13 @@ def attention_with_map_chunked(
         k_t = k[:, part].transpose(-1, -2)
         for first in range(0, tokens, row_tile):
             rows = slice(first, min(first + row_tile, tokens))
-            scores = torch.matmul(q[:, part, rows], k_t).float().mul_(scale)  # [B, c, r, M]
-            row_lse = torch.logsumexp(scores, dim=-1) if lse is None else lse[:, part, rows]
-            probs = scores.sub_(row_lse.unsqueeze(-1)).exp_()
+            scores = torch.matmul(q[:, part, rows], k_t)  # [B, c, r, M], compute dtype
+            if lse is None:
+                row_lse = torch.logsumexp(scores.float() * scale, dim=-1)  # not in place: scores is read again
+            else:
+                row_lse = lse[:, part, rows]
+            # exp(scale * s - lse) in float32, the scores read once: one kernel, then exp in place.
+            probs = torch.add(row_lse.unsqueeze(-1).neg(), scores, alpha=scale).exp_()
             if reduction == "rms":
                 probs.square_()
             target = combined[:, rows]
