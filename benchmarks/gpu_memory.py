@@ -32,6 +32,7 @@ import time
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import atedm_compile as ac  # noqa: E402
 from atedm_compile import ops  # noqa: E402
@@ -94,18 +95,11 @@ class _Blocks:
 def peak(unet, inputs, blocks: _Blocks) -> tuple[int, str]:
     """(peak bytes of one call above the weights and inputs, where: operator and block)."""
     live = LiveBytes(context=lambda: blocks.stack[-1] if blocks.stack else "")
-    live.ignore([*unet.parameters(), *unet.buffers(), *_tensors(inputs)])
+    given = [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    live.ignore([*unet.parameters(), *unet.buffers(), *given])
     with torch.no_grad(), live:
         unet(**inputs)
     return live.peak, f"{live.peak_op.removeprefix('aten.')} in {live.peak_context}"
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
 
 
 def measure(model: str = "sdxl-base", dtype: torch.dtype = torch.float16, height: int | None = None, batch: int = 2,
