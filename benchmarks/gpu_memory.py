@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     for r in rows:
         budget = "-" if r["budget_mib"] is None else f"{r['budget_mib']:g}"
         change = "" if r["variant"] == "full" else f"{(r['peak'] - full) / mib:+.{digits}f}"
-        print(f"{r['variant']:<22} {r['path']:<8} {budget:>9} {r['peak'] / mib:>9,.{digits}f} {change:>8}  {r['where']}")
+        size = f"{r['peak'] / mib:,.{digits}f}"
+        print(f"{r['variant']:<22} {r['path']:<8} {budget:>9} {size:>9} {change:>8}  {r['where']}")
     return 0
 
 
