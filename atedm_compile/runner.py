@@ -1,20 +1,29 @@
 """Run a diffusers pipeline (or a bare U-Net) with the phase graphs of a schedule.
 
-``apply`` leaves the U-Net's modules, parameters and state dict as they are: each attention block
-gets an instance-level ``forward`` that calls the graph of the phase owning the current step (or
-the block's own forward where that phase leaves it unpruned). ``remove`` deletes those attributes
-and the original model is back, exactly.
+``apply`` leaves the U-Net's modules, parameters, state dict and ``forward`` as they are. It adds:
 
-The step index comes from the pipeline's scheduler: ``set_timesteps`` starts a run at step 0 and
-every ``scheduler.step`` call ends one step. That is the pipeline's loop index whatever the
-scheduler, and with or without CFG (one U-Net call per step either way). A scheduler swapped in
-after ``apply`` (``pipe.scheduler = ...``) is followed from the next U-Net call on.
+* a forward pre-hook on the U-Net (torch's own hook list, beside accelerate's or anyone's), which
+  finds the step of each call (``steps``: from the scheduler of the pipeline that makes the call)
+  and makes the phase owning that step the one that runs;
+* an instance-level ``forward`` on each attention block: an object (no closure) that calls the
+  block graph of the current phase, or the forward it replaced where that phase leaves the block
+  unpruned.
+
+Both are plain objects that point at the runner, so ``copy.deepcopy`` of an applied U-Net or
+pipeline is an independent applied model and ``pickle`` / ``torch.save`` work. ``remove`` puts
+back exactly what it found: the blocks' previous ``forward`` (or none), the hook list without its
+hook, and a ``forward`` that ``compile`` replaced.
+
+A phase is "graphs plus the state it keeps between steps": the state is reset at the first call
+of every sampling run (``Runner.start`` or a new run of the driving scheduler).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -24,18 +33,28 @@ from .config import DEFAULT_PRUNING, PruningConfig, ToMeConfig
 from .modules import TokenSelector
 from .passes import pruning_passes, run_passes
 from .schedule import Phase, Schedule, make_schedule
-from .steps import PhaseCall, SchedulerFollower, StepCounter
-from .tracing import BlockInfo, attention_blocks, trace_block
+from .steps import PhaseCall, StepTracker
+from .tracing import BlockInfo, attention_blocks, is_leaf_module, trace_block
 
 _RUNNER_ATTR = "_atedm_runner"
 
+# Attention processors whose result is plain softmax attention of to_q / to_k / to_v: the map path
+# of a pruned block's first layer computes exactly that. Any other processor on that layer (PAG's,
+# a user's own) is honoured by leaving the block unpruned for the call, with one warning.
+_PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0", "SlicedAttnProcessor",
+                     "XFormersAttnProcessor", "AttnProcessorNPU")
+# Block arguments the block graphs do not take; a call that gives one runs the block unpruned.
+_UNSUPPORTED = ("timestep", "added_cond_kwargs", "class_labels", "cross_attention_kwargs", "attention_mask",
+                "encoder_attention_mask")
+
 
 @dataclass
-class Runner(StepCounter):
+class Runner:
     """The state of AT-EDM on one U-Net: the schedule, the phase graphs, the current step.
 
-    Use ``apply`` to make one. With a pipeline the step advances by itself; with a bare U-Net
-    call ``start(num_steps)`` and ``set_step(i)`` around your own loop.
+    Use ``apply`` to make one. Called by a diffusers pipeline, the step comes from that pipeline's
+    scheduler (``atedm_compile.steps``); around a loop of your own over a bare U-Net, call
+    ``start(num_steps)`` and ``set_step(i)``.
     """
 
     unet: torch.nn.Module = field(repr=False)
@@ -44,20 +63,23 @@ class Runner(StepCounter):
     preset_options: dict = field(default_factory=dict)
     blocks: list[BlockInfo] = field(init=False)
     schedule: Schedule | None = field(init=False, default=None)
-    step: int = field(init=False, default=0)
-    calls: list[PhaseCall] = field(init=False, default_factory=list)
 
     def __post_init__(self):
         self.blocks = attention_blocks(self.unet)
         self._modules = {b.name: self.unet.get_submodule(b.path) for b in self.blocks}
         self._graphs: dict[tuple[str, float], fx.GraphModule] = {}
+        # The block modules each graph calls, by path: a module swapped in since (a LoRA layer
+        # loaded after the first call) makes the graph stale.
+        self._leaves: dict[tuple[str, float], list[tuple[str, torch.nn.Module]]] = {}
         self._capture: dict | None = None
         self._phase_graphs: dict[str, tuple[Phase, dict[str, fx.GraphModule | None]]] = {}
         self._active: dict[str, fx.GraphModule | None] = {b.name: None for b in self.blocks}
         self._phase: Phase | None = None
-        self._follower: SchedulerFollower | None = None
+        self._tracker = StepTracker()
         self._hook = None
-        self._cudagraph_steps = False
+        self._forwards: dict[str, _PhasedForward] = {}
+        self._compiled: _CompiledForward | None = None
+        self._warned: set = set()
         if not isinstance(self.config, (PruningConfig, ToMeConfig)):
             raise ValueError(f"config={self.config!r} is not a PruningConfig or a ToMeConfig")
         if isinstance(self.schedule_spec, Schedule):
@@ -77,6 +99,7 @@ class Runner(StepCounter):
             schedule = self.schedule_spec
         else:
             schedule = make_schedule(self.schedule_spec, num_steps, **self.preset_options)
+        self._drop_stale_graphs()
         # Resolved once per run, so that switching phase inside the sampling loop is a lookup.
         self._phase_graphs = {
             phase.name: (phase, {name: self.graph(name, keep) for name, keep in phase.keep_ratios(self.blocks).items()})
@@ -84,10 +107,16 @@ class Runner(StepCounter):
         }
         self.schedule = schedule
 
+    def _drop_stale_graphs(self) -> None:
+        stale = [key for key, leaves in self._leaves.items()
+                 if any(_submodule(self._modules[key[0]], path) is not module for path, module in leaves)]
+        for key in stale:
+            del self._graphs[key], self._leaves[key]
+
     def start(self, num_steps: int) -> None:
         """Begin a sampling run of ``num_steps`` steps at step 0 (``calls`` starts afresh)."""
         self._resolve(num_steps)
-        self.calls.clear()
+        self._tracker.start(num_steps)
         self.set_step(0)
 
     def set_step(self, step: int) -> None:
@@ -95,10 +124,11 @@ class Runner(StepCounter):
         if self.schedule is None:
             raise RuntimeError("no sampling run started: call start(num_steps) first")
         self.use_phase(self.schedule.phase_at(step).name)
-        self.step = step
+        self._tracker.step = step
 
     def use_phase(self, name: str | None) -> None:
-        """Run every following U-Net call with phase ``name``; ``None`` runs the unpruned model."""
+        """Run the following U-Net calls made outside a pipeline with phase ``name``; ``None`` runs
+        the unpruned model. (A pipeline's calls take the phase of their step.)"""
         if name is None:
             self._phase = None
             self._active = dict.fromkeys(self._active)
@@ -114,6 +144,21 @@ class Runner(StepCounter):
     def phase(self) -> Phase | None:
         return self._phase
 
+    @property
+    def step(self) -> int:
+        """The step of the current (or last) U-Net call."""
+        return self._tracker.step
+
+    @property
+    def calls(self) -> list[PhaseCall]:
+        """(step, phase) of every U-Net call of the current sampling run."""
+        return self._tracker.calls
+
+    @property
+    def num_steps(self) -> int | None:
+        """Steps of the current sampling run (None before one starts)."""
+        return None if self.schedule is None else self.schedule.num_steps
+
     def built_graphs(self) -> dict[tuple[str, float], fx.GraphModule]:
         """Every block graph made so far, by (block name, keep ratio)."""
         return dict(self._graphs)
@@ -124,8 +169,11 @@ class Runner(StepCounter):
             return None
         key = (block_name, keep_ratio)
         if key not in self._graphs:
-            gm = trace_block(self._modules[block_name], where=block_name)
+            block = self._modules[block_name]
+            gm = trace_block(block, where=block_name)
             self._graphs[key] = run_passes(gm, pruning_passes(keep_ratio, self.config, block_name))
+            self._leaves[key] = [(node.target, gm.get_submodule(node.target)) for node in gm.graph.nodes
+                                 if node.op == "call_module" and _submodule(block, node.target) is not None]
             self._set_capture(self._capture)
         return self._graphs[key]
 
@@ -135,11 +183,6 @@ class Runner(StepCounter):
             for module in gm.modules():
                 if isinstance(module, TokenSelector):
                     module.capture = captured
-
-    @property
-    def num_steps(self) -> int | None:
-        """Steps of the current sampling run (None before one starts)."""
-        return None if self.schedule is None else self.schedule.num_steps
 
     @contextlib.contextmanager
     def capture_kept_tokens(self):
@@ -173,8 +216,9 @@ class Runner(StepCounter):
                 an error, not a silent split.
 
         The compiled forward is this runner's own (its compiled graphs do not count against
-        another runner's recompile limit); ``remove`` drops it. Recording kept tokens
-        (``capture_kept_tokens``) is a graph of its own per phase. Returns the runner.
+        another runner's recompile limit); ``remove`` puts back the ``forward`` it replaced.
+        Recording kept tokens (``capture_kept_tokens``) is a graph of its own per phase. Returns
+        the runner.
 
         Example:
             >>> runner = apply(pipe, "atedm", keep_ratio=0.37).compile(mode="reduce-overhead")  # doctest: +SKIP
@@ -183,53 +227,185 @@ class Runner(StepCounter):
         if options["fullgraph"] and getattr(self.config, "scorer", None) == "random":
             raise ValueError("the random scorer draws from a torch.Generator, which a compiled graph cannot "
                              "create: compile(fullgraph=False) lets it run outside the graph")
-        # CUDA graphs write every call's output into the same buffers; each U-Net call marks a new
-        # step so that they may (the sampling loop has used the previous output by then).
-        self._cudagraph_steps = (options.get("mode") in ("reduce-overhead", "max-autotune")
-                                 or options.get("backend") == "cudagraphs")
-        forward = type(self.unet).forward.__get__(self.unet)
-        self.unet.forward = torch.compile(_own_code(lambda *args, **kwargs: forward(*args, **kwargs)), **options)
+        if self._compiled is not None:
+            self._compiled.uninstall()
+        self._compiled = _CompiledForward(self.unet, options)
         return self
 
     # -- installation ----------------------------------------------------------------------
 
-    def install(self, pipe=None) -> None:
-        """Put the phase graphs in the U-Net's blocks (``apply`` does this); given ``pipe``, follow
-        its scheduler. After ``uninstall``, installs again as before."""
+    def install(self) -> None:
+        """Put the phase graphs in the U-Net's blocks (``apply`` does this). After ``uninstall``,
+        installs again as before."""
         for name, module in self._modules.items():
-            module.forward = _phased_forward(self, name, module)
-        self._hook = self.unet.register_forward_pre_hook(self._before_unet_call, with_kwargs=True)
-        if pipe is not None:
-            self._follower = self.follow(pipe)
-        elif self._follower is not None:  # installed again after uninstall (flops counting does this)
-            self._follower.hook()
+            self._forwards[name] = _PhasedForward(self, name, module)
+        self._hook = self.unet.register_forward_pre_hook(_BeforeUNetCall(self), with_kwargs=True)
         object.__setattr__(self.unet, _RUNNER_ATTR, self)
 
     def uninstall(self) -> None:
-        """Give the U-Net (and scheduler) their own behaviour back (``remove`` does this)."""
-        for module in self._modules.values():
-            module.__dict__.pop("forward", None)
-        self.unet.__dict__.pop("forward", None)  # compile()'s
-        self._cudagraph_steps = False
+        """Give the U-Net back what it had before ``install`` (``remove`` does this)."""
+        for forward in self._forwards.values():
+            forward.uninstall()
+        self._forwards.clear()
+        if self._compiled is not None:
+            self._compiled.uninstall()
+            self._compiled = None
         if self._hook is not None:
             self._hook.remove()
-        if self._follower is not None:
-            self._follower.unhook()
+            self._hook = None
         self.unet.__dict__.pop(_RUNNER_ATTR, None)
 
-    def _before_unet_call(self, unet, args, kwargs):
+    def _before_unet_call(self, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs.get("sample")
-        check_latent(unet, sample)
-        if self._follower is not None:
-            self._follower.sync()
-        if self.schedule is None:
+        check_latent(self.unet, sample)
+        position, new_run = self._tracker.locate(self.unet, args, kwargs)
+        if position is not None:
+            if new_run or self.schedule is None or self.schedule.num_steps != position.num_steps:
+                self._resolve(position.num_steps)
+            self.use_phase(self.schedule.phase_at(position.step).name)
+        elif self.schedule is None:
             raise RuntimeError(
-                "AT-EDM runner has no current step: sampling must go through the pipeline's scheduler "
-                "(apply after setting pipe.scheduler), or call runner.start(num_steps) / set_step(i)"
-            )
+                "AT-EDM runner has no current step: call the U-Net through a diffusers pipeline (its scheduler "
+                "gives the step), or call runner.start(num_steps) / set_step(i) around your own loop")
         self.calls.append(PhaseCall(self.step, self._phase.name if self._phase else "full"))
-        if self._cudagraph_steps:
+        if self._compiled is not None and self._compiled.cudagraph_steps:
             torch.compiler.cudagraph_mark_step_begin()
+
+    def _run_block(self, name: str, forward: _PhasedForward, args: tuple, kwargs: dict):
+        gm = self._active[name]
+        if gm is None:
+            return forward.previous(*args, **kwargs)
+        arguments = dict(zip(forward.parameter_names, args), **kwargs)
+        given = [k for k in _UNSUPPORTED if arguments.get(k) is not None]
+        processor = type(forward.module.transformer_blocks[0].attn1.processor).__name__
+        if given or processor not in _PLAIN_PROCESSORS:
+            reason = (f"it was given {given}" if given else
+                      f"its first layer's self-attention runs {processor}, whose result the pruning map path "
+                      f"does not reproduce")
+            self._warn_once((name, tuple(given), processor), f"AT-EDM: block {name} runs unpruned because {reason}")
+            return forward.previous(*args, **kwargs)
+        (out,) = gm(arguments["hidden_states"], arguments.get("encoder_hidden_states"))
+        if arguments.get("return_dict", True):
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=out)
+        return (out,)
+
+    @torch.compiler.disable
+    def _warn_once(self, key, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
+    def __getstate__(self):
+        # A copy or a pickle keeps the installation and the settings; its block graphs are made
+        # again from its own modules when its first run starts (fx graphs do not unpickle calls
+        # of our functions), so it starts with no run, like a runner fresh from apply.
+        state = dict(self.__dict__)
+        state.update(_graphs={}, _leaves={}, _phase_graphs={}, _active=dict.fromkeys(self._active), _phase=None,
+                     schedule=None, _warned=set())
+        return state
+
+
+def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _restore_forward(module: torch.nn.Module, ours, previous_in_dict) -> bool:
+    """Put back the instance ``forward`` that ``ours`` replaced (or none). False, and nothing
+    changed, when another wrapper was put over ours since."""
+    if module.__dict__.get("forward") is not ours:
+        return False
+    if previous_in_dict is None:
+        del module.__dict__["forward"]
+    else:
+        module.__dict__["forward"] = previous_in_dict
+    return True
+
+
+class _PhasedForward:
+    """A block's ``forward`` under the runner: the current phase's graph for the block, or the
+    forward it replaced. Its signature is the replaced forward's."""
+
+    def __init__(self, runner: Runner, name: str, module: torch.nn.Module):
+        self.runner, self.name, self.module = runner, name, module
+        self.replaced = module.__dict__.get("forward")  # an instance forward of someone else's, if any
+        self.active = True
+        # The names of positional arguments, as the block's class forward takes them.
+        self.parameter_names = tuple(inspect.signature(type(module).forward).parameters)[1:]
+        module.__dict__["forward"] = self
+
+    @property
+    def previous(self):
+        return self.replaced if self.replaced is not None else type(self.module).forward.__get__(self.module)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.previous)
+
+    def __call__(self, *args, **kwargs):
+        if not self.active:
+            return self.previous(*args, **kwargs)
+        return self.runner._run_block(self.name, self, args, kwargs)
+
+    def uninstall(self) -> None:
+        if not _restore_forward(self.module, self, self.replaced):
+            self.active = False
+            warnings.warn(f"AT-EDM: the forward of block {self.name} was wrapped by "
+                          f"{type(self.module.__dict__.get('forward')).__name__} after apply; AT-EDM is off in it, "
+                          f"but its pass-through stays under that wrapper until the wrapper is removed", stacklevel=4)
+
+
+class _BeforeUNetCall:
+    """The U-Net's forward pre-hook: the phase of the call, from its step. Runs outside any
+    compiled region (it reads the scheduler, plain Python state)."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    @torch.compiler.disable
+    def __call__(self, unet, args, kwargs):
+        self.runner._before_unet_call(args, kwargs)
+
+
+class _CompiledForward:
+    """``Runner.compile``'s U-Net ``forward``: ``torch.compile`` of the forward it replaced, made at
+    the first call (and again in a copy: compiled code is not copied or pickled)."""
+
+    def __init__(self, unet: torch.nn.Module, options: dict):
+        self.unet, self.options = unet, options
+        self.replaced = unet.__dict__.get("forward")
+        # CUDA graphs write every call's output into the same buffers; each U-Net call marks a new
+        # step so that they may (the sampling loop has used the previous output by then).
+        self.cudagraph_steps = (options.get("mode") in ("reduce-overhead", "max-autotune")
+                                or options.get("backend") == "cudagraphs")
+        self._compiled = None
+        unet.__dict__["forward"] = self
+
+    @property
+    def previous(self):
+        return self.replaced if self.replaced is not None else type(self.unet).forward.__get__(self.unet)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.previous)
+
+    def __call__(self, *args, **kwargs):
+        if self._compiled is None:
+            forward = self.previous
+            self._compiled = torch.compile(_own_code(lambda *a, **k: forward(*a, **k)), **self.options)
+        return self._compiled(*args, **kwargs)
+
+    def uninstall(self) -> None:
+        if not _restore_forward(self.unet, self, self.replaced):
+            warnings.warn("AT-EDM: the U-Net's forward was wrapped after compile(); the compiled forward stays "
+                          "under that wrapper", stacklevel=4)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_compiled": None}
 
 
 def _own_code(function):
@@ -237,29 +413,6 @@ def _own_code(function):
     code object, so a copy's graphs are its own and go away with it."""
     return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
                               function.__defaults__, function.__closure__)
-
-
-_UNSUPPORTED = ("timestep", "added_cond_kwargs", "class_labels", "attention_mask", "encoder_attention_mask")
-
-
-def _phased_forward(runner: Runner, name: str, module: torch.nn.Module):
-    original = type(module).forward.__get__(module)
-
-    def forward(hidden_states, encoder_hidden_states=None, return_dict=True, **kwargs):
-        gm = runner._active[name]
-        if gm is None:
-            return original(hidden_states, encoder_hidden_states, return_dict=return_dict, **kwargs)
-        given = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
-        if given or kwargs.get("cross_attention_kwargs"):
-            raise ValueError(f"{name}: a pruned block does not take {given or ['cross_attention_kwargs']}")
-        (out,) = gm(hidden_states, encoder_hidden_states)
-        if return_dict:
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-            return Transformer2DModelOutput(sample=out)
-        return (out,)
-
-    return forward
 
 
 def latent_multiple(unet: torch.nn.Module) -> int:
@@ -282,12 +435,14 @@ def check_latent(unet: torch.nn.Module, sample: torch.Tensor) -> None:
         )
 
 
-def _unet_and_scheduler(target):
-    if hasattr(target, "unet") and hasattr(target, "scheduler"):
-        return target.unet, target.scheduler
-    if hasattr(target, "down_blocks"):
-        return target, None
-    raise ValueError(f"expected a diffusers pipeline with .unet and .scheduler, or a U-Net; got {type(target).__name__}")
+def _unet_of(target) -> torch.nn.Module:
+    """The U-Net of a pipeline, a U-Net, or a ``torch.compile`` wrapper of either's U-Net."""
+    unet = target.unet if hasattr(target, "unet") and hasattr(target, "scheduler") else target
+    unet = getattr(unet, "_orig_mod", unet)
+    if not hasattr(unet, "down_blocks"):
+        raise ValueError(f"expected a diffusers pipeline with .unet and .scheduler, or a U-Net; "
+                         f"got {type(target).__name__}")
+    return unet
 
 
 def apply(
@@ -299,8 +454,11 @@ def apply(
     """Prune the attention blocks of a pipeline's (or a bare U-Net's) U-Net with AT-EDM.
 
     Args:
-        target: a diffusers ``StableDiffusionXLPipeline`` / ``StableDiffusionPipeline`` (the step
-            follows its scheduler), or a ``UNet2DConditionModel`` (drive ``Runner.set_step``).
+        target: a diffusers pipeline with a U-Net (``StableDiffusionXLPipeline``,
+            ``StableDiffusionPipeline``, their img2img / inpaint / ControlNet / PAG kin), its
+            ``UNet2DConditionModel``, or a ``torch.compile`` wrapper of that U-Net. Any pipeline
+            that calls this U-Net is followed by its own scheduler (``atedm_compile.steps``);
+            outside pipelines, drive ``Runner.start`` / ``Runner.set_step``.
         schedule: a preset name (built for whatever step count the pipeline is called with) or
             a ``Schedule`` (its step count must match the pipeline's).
         config: scoring, recovery and pruning point. Default ``config.DEFAULT_PRUNING``: the paper's
@@ -322,23 +480,22 @@ def apply(
         ['prune-less', 'pruned', 'pruned', 'pruned']
         >>> remove(pipe)
     """
-    unet, scheduler = _unet_and_scheduler(target)
-    remove(target)
+    unet = _unet_of(target)
+    remove(unet)
     if isinstance(schedule, Schedule) and preset_options:
         raise ValueError(f"preset options {sorted(preset_options)} only go with a preset name, not a Schedule")
     runner = Runner(unet, schedule, DEFAULT_PRUNING if config is None else config, preset_options)
-    runner.install(target if scheduler is not None else None)
+    runner.install()
     return runner
 
 
 def remove(target) -> None:
-    """Undo ``apply``: the U-Net and scheduler behave exactly as before. No-op if not applied."""
-    unet, _ = _unet_and_scheduler(target)
-    runner = unet.__dict__.get(_RUNNER_ATTR)
+    """Undo ``apply``: the U-Net behaves exactly as before. No-op if not applied."""
+    runner = runner_of(target)
     if runner is not None:
         runner.uninstall()
 
 
 def runner_of(target) -> Runner | None:
-    unet, _ = _unet_and_scheduler(target)
-    return unet.__dict__.get(_RUNNER_ATTR)
+    """The runner applied to a pipeline's or U-Net's U-Net (seen through ``torch.compile``), or None."""
+    return _unet_of(target).__dict__.get(_RUNNER_ATTR)

@@ -1,14 +1,32 @@
-"""Step tracking shared by the PyTorch runner and the exported U-Net.
+"""Which sampling step a U-Net call belongs to: shared by the PyTorch runner and the exported U-Net.
 
-Both know the sampling step by following a diffusers pipeline's scheduler: ``set_timesteps``
-starts a run at step 0 and every ``scheduler.step`` call ends one step. That is the pipeline's
-loop index whatever the scheduler, and with or without CFG (one U-Net call per step either way).
+Nothing is patched on the scheduler or the pipeline. When a diffusers pipeline calls the U-Net,
+the step is read from that pipeline's scheduler at the time of the call: the scheduler's own index
+into its full ``timesteps`` (``step_index``, else ``begin_index`` before the first ``step``, else
+where the call's timestep stands in ``timesteps``), divided by the scheduler's ``order`` (Heun and
+KDPM2 make two U-Net calls per step). That is the step's position in the full N-step schedule,
+i.e. its noise level, whatever part of it a pipeline runs:
+
+* img2img / inpaint at strength s run the last s of the N steps: those steps keep their positions
+  (a strength-0.3 img2img of 20 steps runs steps 14..19, all in the pruned phase of ``atedm``);
+* the SD-XL refiner's ``denoising_start=0.8`` runs the last 20% (all pruned), the base's
+  ``denoising_end=0.8`` the first 80%, both by the same positions;
+* an interrupted run simply stops; the next one starts from its scheduler's new index.
+
+The pipeline that drives a call is the one on the call stack whose U-Net is the called model, so a
+second pipeline sharing the U-Net (``from_pipe``) with its own scheduler, a scheduler swapped in
+at any time, and copies of a pipeline are each followed by their own scheduler. Outside any
+pipeline (a loop of your own over a bare U-Net), the step is what ``start`` / ``set_step`` set.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 import weakref
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass
@@ -19,86 +37,105 @@ class PhaseCall:
     phase: str
 
 
-class StepCounter:
-    """The step of a sampling run, for a class with ``step``, ``num_steps`` (None before a run),
-    ``start(num_steps)`` and ``set_step(step)``: ``advance`` moves to the next step (and stays on
-    the last one), ``follow`` hooks it to a pipeline's scheduler."""
+@dataclass(frozen=True)
+class StepPosition:
+    """Where a U-Net call stands in its sampling run: ``step`` of ``num_steps`` (0-based)."""
 
     step: int
-    num_steps: int | None
-
-    def advance(self) -> None:
-        """Go to the next step of the run (no-op on its last step or before a run)."""
-        if self.num_steps is not None and self.step + 1 < self.num_steps:
-            self.set_step(self.step + 1)
-
-    def follow(self, pipe) -> SchedulerFollower:
-        """Follow ``pipe``'s scheduler (also one swapped in later): ``start``, ``advance``, ``set_step``."""
-        return SchedulerFollower(pipe, self.start, self.advance, self.set_step)
+    num_steps: int
 
 
-def follow_scheduler(scheduler, start, advance) -> None:
-    """Hook a diffusers scheduler instance: after ``set_timesteps``, ``start(len(timesteps))``;
-    after each ``step``, ``advance()``. That is the pipeline's loop index, whatever the scheduler."""
-    set_timesteps, step = scheduler.set_timesteps, scheduler.step
-
-    def hooked_set_timesteps(*args, **kwargs):
-        out = set_timesteps(*args, **kwargs)
-        start(len(scheduler.timesteps))
-        return out
-
-    def hooked_step(*args, **kwargs):
-        out = step(*args, **kwargs)
-        advance()
-        return out
-
-    scheduler.set_timesteps, scheduler.step = hooked_set_timesteps, hooked_step
+def _unwrapped(module):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) stands for, or ``module``."""
+    return getattr(module, "_orig_mod", module)
 
 
-def unfollow_scheduler(scheduler) -> None:
-    """Undo ``follow_scheduler``: the instance's class methods are visible again."""
-    scheduler.__dict__.pop("set_timesteps", None)
-    scheduler.__dict__.pop("step", None)
+def driving_pipeline(model) -> object | None:
+    """The diffusers pipeline on the call stack whose ``unet`` is ``model`` (or a compiled wrapper
+    of it), nearest first; None when the call does not come from such a pipeline."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if owner is not None and owner is not model:
+            unet = getattr(owner, "__dict__", {}).get("unet")
+            if unet is not None and _unwrapped(unet) is model and "scheduler" in owner.__dict__:
+                return owner
+        frame = frame.f_back
+    return None
 
 
-class SchedulerFollower:
-    """Keeps ``start`` / ``advance`` hooked (``follow_scheduler``) on the scheduler a pipeline
-    actually calls. Diffusers users often swap schedulers (``pipe.scheduler = X.from_config(...)``)
-    after ``apply``; ``sync``, called before every U-Net call, moves the hooks to the new one and
-    picks up the run its ``set_timesteps`` (which ran unhooked) set up."""
+def _as_float(timestep) -> float:
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0])
+    return float(timestep)
 
-    def __init__(self, pipe, start, advance, set_step):
-        self._pipe = weakref.ref(pipe)
-        self._start, self._advance, self._set_step = start, advance, set_step
-        self.scheduler = None
-        self.hook()
 
-    def hook(self) -> None:
-        """Follow the pipeline's current scheduler (and no other)."""
-        self.unhook()
-        pipe = self._pipe()
-        if pipe is not None:
-            self.scheduler = pipe.scheduler
-            follow_scheduler(self.scheduler, self._start, self._advance)
+def _index_of(timesteps: torch.Tensor, value: float) -> int | None:
+    matches = torch.nonzero(torch.isclose(timesteps.detach().float().cpu(), torch.tensor(value), rtol=1e-5,
+                                          atol=1e-4)).flatten()
+    return int(matches[0]) if len(matches) else None
 
-    def sync(self) -> None:
-        """If the pipeline's scheduler was replaced, follow the new one from the step it is at."""
-        pipe = self._pipe()
-        if pipe is None or pipe.scheduler is self.scheduler:
-            return
-        self.hook()
-        timesteps = getattr(pipe.scheduler, "timesteps", None)
-        if timesteps is None:
-            raise RuntimeError(
-                f"pipe.scheduler was replaced by a {type(pipe.scheduler).__name__} whose set_timesteps was never "
-                f"called: the step cannot be told; call set_timesteps first, or apply again")
-        self._start(len(timesteps))
-        # step_index: how many step() calls this run has made (None before the first one).
-        step = getattr(pipe.scheduler, "step_index", None)
-        if step:
-            self._set_step(int(step))
 
-    def unhook(self) -> None:
-        if self.scheduler is not None:
-            unfollow_scheduler(self.scheduler)
-            self.scheduler = None
+def scheduler_position(scheduler, timestep) -> StepPosition:
+    """The step of a U-Net call at ``timestep`` made between ``scheduler.set_timesteps`` and the
+    ``step`` that consumes it (module docstring); ValueError when the timestep is not where the
+    scheduler stands."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    name = type(scheduler).__name__
+    if timesteps is None or len(timesteps) == 0:
+        raise ValueError(f"the pipeline's {name} has no timesteps (set_timesteps was never called): the sampling "
+                         f"step of this U-Net call cannot be told")
+    timesteps = torch.as_tensor(timesteps)
+    value = _as_float(timestep)
+    index = getattr(scheduler, "step_index", None)
+    if index is None:
+        index = getattr(scheduler, "begin_index", None)
+    if index is None and hasattr(scheduler, "counter"):  # PNDM: step() calls so far
+        index = scheduler.counter
+    if index is None or not 0 <= index < len(timesteps) or _index_of(timesteps[index:index + 1], value) is None:
+        index = _index_of(timesteps, value)
+    if index is None:
+        raise ValueError(f"the U-Net was called at timestep {value:g}, which is not one of the {len(timesteps)} "
+                         f"timesteps of the pipeline's {name}: the sampling step cannot be told")
+    order = max(1, int(getattr(scheduler, "order", 1) or 1))
+    return StepPosition(index // order, math.ceil(len(timesteps) / order))
+
+
+class StepTracker:
+    """The step of the current U-Net call and the record of calls, for the runner and the exported
+    U-Net. ``locate`` is called at every U-Net call; ``start`` / ``set_step`` drive calls made
+    outside any pipeline."""
+
+    def __init__(self):
+        self.step = 0
+        self.num_steps: int | None = None
+        self.calls: list[PhaseCall] = []
+        self._run = None  # the timesteps tensor of the run being followed (weakly)
+
+    def start(self, num_steps: int) -> None:
+        self.num_steps, self.step, self._run = num_steps, 0, None
+        self.calls.clear()
+
+    def locate(self, model, args: tuple, kwargs: dict) -> tuple[StepPosition | None, bool]:
+        """(position, new run) of a call of ``model``: the driving pipeline's scheduler decides;
+        without one, ``(None, False)`` and the caller uses ``step`` / ``num_steps`` as set."""
+        pipe = driving_pipeline(model)
+        if pipe is None:
+            return None, False
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if timestep is None:
+            raise ValueError("the U-Net was called without a timestep")
+        scheduler = pipe.scheduler
+        position = scheduler_position(scheduler, timestep)
+        run = self._run() if self._run is not None else None
+        new_run = run is not scheduler.timesteps or (self.calls and position.step < self.calls[-1].step)
+        if new_run:
+            self._run = weakref.ref(scheduler.timesteps)
+            self.calls.clear()
+        self.step, self.num_steps = position.step, position.num_steps
+        return position, bool(new_run)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_run"] = None  # a weak reference: not copied, not pickled
+        return state

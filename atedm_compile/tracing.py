@@ -150,11 +150,30 @@ def _drop_fixed_arguments(gm: fx.GraphModule) -> None:
             node.meta[ROLE] = "block_input"
 
 
+def _third_party_wrappers() -> tuple[type, ...]:
+    """Module classes that wrap a layer with Python control flow of their own (peft's LoRA tuner
+    layers): called as leaves, so that whatever they do at run time (set_adapters, disable,
+    fuse) happens in the graph too."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return ()
+    return (BaseTunerLayer,)
+
+
+def is_leaf_module(module: torch.nn.Module) -> bool:
+    """Whether a block graph calls ``module`` as one node: a ``BasicTransformerBlock`` (layer 0 is
+    opened afterwards), a third-party wrapper, or a torch layer."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    if isinstance(module, (BasicTransformerBlock, *_third_party_wrappers())):
+        return True
+    return fx.Tracer().is_leaf_module(module, "")
+
+
 class _BlockTracer(fx.Tracer):
     def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
-        from diffusers.models.attention import BasicTransformerBlock
-
-        return isinstance(module, BasicTransformerBlock) or super().is_leaf_module(module, qualified_name)
+        return is_leaf_module(module)
 
 
 def trace_block(block: torch.nn.Module, where: str = "block") -> fx.GraphModule:

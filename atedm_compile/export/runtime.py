@@ -2,7 +2,8 @@
 
 ``ExportedUNet`` is a ``torch.nn.Module`` with the U-Net's config, called like the U-Net. It
 feeds each call, as a dict of named tensors, to the engine of the phase that owns the current
-step; the step follows the pipeline's scheduler (``attach``) or ``start`` / ``set_step``.
+step; the step comes from the scheduler of the pipeline calling it (``atedm_compile.steps``), or
+from ``start`` / ``set_step`` outside a pipeline.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import torch
 from ..config import PruningConfig
 from ..runner import apply
 from ..schedule import make_schedule
-from ..steps import PhaseCall, StepCounter
+from ..steps import PhaseCall, StepTracker
 from .manifest import WEIGHTS, Manifest, read_manifest, verify_artefacts
 
 ON_MISMATCH = ("error", "fallback")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-class ExportedUNet(StepCounter, torch.nn.Module):
+class ExportedUNet(torch.nn.Module):
     """The phase engines of a build directory behind a ``UNet2DConditionModel``-like interface.
 
     ``calls`` records (step, phase) of every call; a call that fell back to PyTorch is recorded
@@ -43,9 +44,7 @@ class ExportedUNet(StepCounter, torch.nn.Module):
         self.engines = engines
         self.on_mismatch = on_mismatch
         self.fallback = fallback
-        self.calls: list[PhaseCall] = []
-        self.step = 0
-        self.num_steps: int | None = None
+        self._tracker = StepTracker()
         self._fallback_runner = None
         self._attached: dict | None = None
         from diffusers.configuration_utils import FrozenDict
@@ -76,40 +75,52 @@ class ExportedUNet(StepCounter, torch.nn.Module):
 
     # -- steps ------------------------------------------------------------------------------
 
+    @property
+    def step(self) -> int:
+        return self._tracker.step
+
+    @property
+    def num_steps(self) -> int | None:
+        return self._tracker.num_steps
+
+    @property
+    def calls(self) -> list[PhaseCall]:
+        """(step, phase) of every call of the current sampling run."""
+        return self._tracker.calls
+
     def start(self, num_steps: int) -> None:
         """Begin a sampling run of ``num_steps`` steps (must be the built count, or fall back)."""
-        self.num_steps = num_steps
+        self._tracker.start(num_steps)
+        self._begin(num_steps)
+
+    def _begin(self, num_steps: int) -> None:
         self._fallback_runner = None
         if num_steps != self.manifest.num_steps:
             self._mismatch(f"{num_steps} sampling steps were asked for, but the phase graphs in {self.directory} "
                            f"were built for {self.manifest.num_steps} steps (phase boundaries "
                            f"{[(p.name, p.start, p.stop) for p in self.manifest.phases]})")
-        self.set_step(0)
 
     def set_step(self, step: int) -> None:
         if self.num_steps is None:
             raise RuntimeError("no sampling run started: call start(num_steps) or attach(pipe) first")
         if not 0 <= step < self.num_steps:
             raise ValueError(f"step {step} is outside 0..{self.num_steps - 1}")
-        self.step = step
+        self._tracker.step = step
         if self._fallback_runner is not None:
             self._fallback_runner.set_step(step)
 
     def attach(self, pipe) -> ExportedUNet:
-        """Make this the U-Net of ``pipe`` and follow its scheduler's steps (as ``apply`` does,
-        including a scheduler swapped in later)."""
+        """Make this the U-Net of ``pipe`` (its scheduler gives the steps, as with ``apply``)."""
         self.detach(pipe)
         # A plain dict: assigning the replaced U-Net to an attribute would make it a submodule.
-        self._attached = {"follower": self.follow(pipe),
-                          "unet": pipe.unet}
+        self._attached = {"unet": pipe.unet}
         pipe.unet = self
         return self
 
     def detach(self, pipe) -> None:
-        """Undo ``attach``: ``pipe`` gets its previous U-Net and scheduler back. No-op if not attached."""
+        """Undo ``attach``: ``pipe`` gets its previous U-Net back. No-op if not attached."""
         if self._attached is None:
             return
-        self._attached["follower"].unhook()
         if pipe.unet is self:
             pipe.unet = self._attached["unet"]
         self._attached = None
@@ -135,8 +146,11 @@ class ExportedUNet(StepCounter, torch.nn.Module):
         if given:
             raise ValueError(f"the exported U-Net takes sample, timestep, encoder_hidden_states and "
                              f"added_cond_kwargs only; got {given}")
-        if self._attached is not None:
-            self._attached["follower"].sync()
+        position, new_run = self._tracker.locate(self, (sample, timestep), {})
+        if position is not None:
+            if new_run:
+                self._begin(position.num_steps)
+            self.set_step(position.step)
         if self.num_steps is None:
             raise RuntimeError("no sampling run started: attach(pipe) before sampling, or call start(num_steps)")
         feed = {"sample": sample, "encoder_hidden_states": encoder_hidden_states, **(added_cond_kwargs or {})}
