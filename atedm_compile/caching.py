@@ -227,12 +227,12 @@ def _cut_stages(unet, position: BranchPosition):
                          f"{len(down.resnets)} (+1): the skip connections do not pair up")
     if all(getattr(up, name, None) for name in ("s1", "s2", "b1", "b2")):
         raise ValueError("FreeU is enabled on the up stage the branch cuts: disable_freeu() first")
-    if getattr(unet, "class_embedding", None) is not None or unet.config.addition_embed_type == "image_hint":
-        raise ValueError("class labels and image hints are not inputs of the cached U-Net")
     return down, up
 
 
 def _embed(unet, sample, timestep, text, added):
+    if getattr(unet, "class_embedding", None) is not None or unet.config.addition_embed_type == "image_hint":
+        raise ValueError("class labels and image hints are not inputs of the split U-Net")
     if unet.config.center_input_sample:
         sample = 2 * sample - 1.0
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)

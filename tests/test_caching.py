@@ -372,3 +372,36 @@ def test_sdxl_base_cached_step_costs_less():
     assert shallow.cached_tmacs < deeper.cached_tmacs < 0.1 * shallow.full_tmacs
     assert shallow.full_steps == 25 and shallow.average_tmacs == pytest.approx(
         (shallow.full_tmacs + shallow.cached_tmacs) / 2)
+
+
+@pytest.mark.slow
+def test_pruned_full_and_cached_steps_export_to_onnx(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    unet = build_unet("tiny")
+    sample, text, added = _inputs(unet, 32)
+    names = ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    tensors = (sample, torch.tensor(999.0), text, added["text_embeds"], added["time_ids"])
+    runner = apply(unet, "uniform", keep_ratio=0.5)
+    try:
+        runner.start(4)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            full, cached = FullStep(unet, 4, names), CachedStep(unet, 4, names + [FEATURES_NAME])
+            torch.onnx.export(full, tensors, str(tmp_path / "full.onnx"), input_names=names,
+                              output_names=["latent", FEATURES_NAME], dynamo=False, opset_version=17)
+            noise, features = full(*tensors)
+            later = (sample * 0.5, *tensors[1:], features)
+            torch.onnx.export(cached, later, str(tmp_path / "cached.onnx"), input_names=names + [FEATURES_NAME],
+                              output_names=["latent"], dynamo=False, opset_version=17)
+            expected = cached(*later)
+    finally:
+        remove(unet)
+    session = onnxruntime.InferenceSession(str(tmp_path / "full.onnx"))
+    got_noise, got_features = session.run(None, {n: t.numpy() for n, t in zip(names, tensors)})
+    np.testing.assert_allclose(got_noise, noise.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got_features, features.numpy(), atol=1e-4)
+    session = onnxruntime.InferenceSession(str(tmp_path / "cached.onnx"))
+    (got,) = session.run(None, {n: t.numpy() for n, t in zip(names + [FEATURES_NAME], later)})
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
+    # The cached graph holds only the shallow layers' weights.
+    assert (tmp_path / "cached.onnx").stat().st_size < 0.3 * (tmp_path / "full.onnx").stat().st_size
