@@ -157,6 +157,23 @@ def test_full_and_cached_forward_equal_the_plain_unet(unets, name):
                                        atol=1e-6, rtol=0)
 
 
+def test_uneven_latent_passes_the_upsample_sizes(unets):
+    # 34 x 30 halves to 17 x 15, then 9 x 8: the upsamplers must be told the sizes to go back to.
+    unet = unets["tiny"]
+    shapes = unet_input_shapes(unet.config, 1, 34, 30)
+    generator = torch.Generator().manual_seed(3)
+    sample, text = (torch.randn(shapes[name], generator=generator) for name in ("sample", "encoder_hidden_states"))
+    added = {name: torch.randn(shapes[name], generator=generator) for name in ("text_embeds", "time_ids")}
+    with torch.no_grad():
+        expected = unet(sample, 10.0, text, added_cond_kwargs=added).sample
+        for branch in range(9):
+            noise, features = full_forward(unet, branch, sample, 10.0, text, added)
+            assert tuple(features.shape) == features_shape(unet.config, branch, 1, 34, 30)
+            torch.testing.assert_close(noise, expected, atol=1e-6, rtol=0)
+            torch.testing.assert_close(cached_forward(unet, branch, features, sample, 10.0, text, added), expected,
+                                       atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name", list(UNETS))
 def test_features_shape(unets, name):
     unet = unets[name]
