@@ -422,3 +422,19 @@ def test_pruned_full_and_cached_steps_export_to_onnx(tmp_path):
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
     # The cached graph holds only the shallow layers' weights.
     assert (tmp_path / "cached.onnx").stat().st_size < 0.3 * (tmp_path / "full.onnx").stat().st_size
+
+
+def test_cached_step_macs_count_the_pruned_blocks_it_runs():
+    unet = build_unet("tiny", device="meta")
+    size = dict(num_steps=10, height=256, width=256)
+    plain = {branch: count_cached_steps(unet, DeepCacheConfig(branch=branch), **size) for branch in (0, 4)}
+    runner = apply(unet, "uniform", keep_ratio=0.5)
+    try:
+        runner.start(10)
+        pruned = {branch: count_cached_steps(unet, DeepCacheConfig(branch=branch), **size) for branch in (0, 4)}
+    finally:
+        remove(unet)
+    # Branch 0's shallow layers hold no attention block; branch 4's hold down1.F, up1.M and up1.L.
+    assert pruned[0].cached_flops == plain[0].cached_flops
+    assert pruned[4].cached_flops < plain[4].cached_flops
+    assert pruned[4].full_flops < plain[4].full_flops
