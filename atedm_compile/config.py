@@ -123,6 +123,55 @@ def check_keep_ratio(keep_ratio, where: str = "keep_ratio") -> float:
     return float(keep_ratio)
 
 
+# -- DeepCache: steps that reuse the deep features of an earlier step ------------------------
+
+CACHE_SPACINGS = ("uniform", "non-uniform")
+MAX_CACHE_INTERVAL = 1000  # one full step per 1000 is already past any scheduler's step count
+
+
+@dataclass(frozen=True)
+class DeepCacheConfig:
+    """Which sampling steps run the whole U-Net and which reuse its deep features (DeepCache,
+    Ma et al., CVPR 2024; the ``DeepCache`` package's ``DeepCacheSDHelper`` and pipelines).
+
+    A full step runs the whole U-Net and keeps the input of the up-stage layer at ``branch``; a
+    cached step runs only the layers above the branch (the down layers before it and the up
+    layers from it on) and reads that kept feature instead of running the deep part.
+
+    Args:
+        interval: steps per full step: 1 runs every step in full, 2 every other step (the package's
+            ``cache_interval``).
+        branch: the skip branch, counted from the shallowest: block ``branch // (L + 1)`` of the
+            down stages, layer ``branch % (L + 1)`` in it, for ``L`` = the U-Net's
+            ``layers_per_block`` (layer ``L`` is the downsampler). With ``L`` = 2, every SD and
+            SD-XL U-Net, that is the package's ``cache_branch_id`` (``// 3``, ``% 3``). Branch 0:
+            only ``conv_in`` and the last up layer run in a cached step. Which branches a U-Net
+            has is checked against it (``caching.branch_position``).
+        spacing: ``uniform`` (steps 0, interval, 2 x interval... run in full: the helper's
+            ``skip_mode="uniform"`` and the pipelines' ``uniform=True``) or ``non-uniform`` (the
+            pipelines' ``uniform=False``: ceil(N / interval) full steps, denser around
+            ``center``, placed by ``sample_from_quad_center`` with ``power``; the helper has no
+            working non-uniform mode).
+        power: exponent of the non-uniform spacing, > 1 (the package lowers it by 0.02 until the
+            full steps are distinct). Our default 1.4; the package's pipelines have none.
+        center: the step the non-uniform full steps crowd around. Our default 15; the package's
+            pipelines have none. Must lie inside the run (checked with the step count).
+    """
+
+    interval: int = 2
+    branch: int = 0
+    spacing: str = "uniform"
+    power: float = 1.4
+    center: int = 15
+
+    def __post_init__(self):
+        check_number("interval", self.interval, 1, MAX_CACHE_INTERVAL, integer=True)
+        check_number("branch", self.branch, 0, 2**31 - 1, integer=True)
+        _check_choice("spacing", self.spacing, CACHE_SPACINGS)
+        check_number("power", self.power, 1.0, 100.0, low_open=True)
+        check_number("center", self.center, 0, 2**31 - 1, integer=True)
+
+
 # -- ToMe, the baseline (supp. B.1) ----------------------------------------------------------
 
 SUBLAYERS = {"self-attention": "attn1", "cross-attention": "attn2", "ff": "ff"}

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import DEFAULT_PRUNING, PruningConfig, ToMeConfig
+from .caching import cached_forward, features_shape, full_forward, full_steps
+from .config import DEFAULT_PRUNING, DeepCacheConfig, PruningConfig, ToMeConfig
 from .models import check_image_size, unet_input_shapes
 from .ops import keep_count
 from .modules import TokenMatch, TokenMatching, TokenMerge, TokenRecovery, TokenScorer, TokenSelector, TokenUnmerge
@@ -279,3 +280,63 @@ def fit_keep_ratio(
         report = cost(keep)
     return keep, report, getattr(report, measure) > limit_tmacs
 
+
+
+@dataclass
+class CachedStepCost:
+    """MACs of a run with DeepCache's cached steps (CFG pair: batch ``2 * images``).
+
+    full_tmacs: a full step (the whole U-Net); cached_tmacs: a cached step (the shallow layers);
+    average_tmacs: the mean over the ``num_steps`` steps, ``full_steps`` of them full.
+    """
+
+    branch: int
+    interval: int
+    spacing: str
+    num_steps: int
+    full_steps: int
+    height: int
+    width: int
+    images: int
+    full_tmacs: float
+    cached_tmacs: float
+    average_tmacs: float
+    full_flops: int
+    cached_flops: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_cached_steps(
+    unet,
+    cache: DeepCacheConfig,
+    num_steps: int = 50,
+    height: int = 1024,
+    width: int = 1024,
+    images: int = 1,
+    vae_factor: int = 8,
+) -> CachedStepCost:
+    """MACs of a full and a cached step at ``cache.branch`` and their mean over a ``num_steps``-step
+    run with ``cache``'s full steps. ``unet`` is best on the meta device; it runs as it is (a
+    runner applied to it runs its current phase in both steps).
+
+    Example:
+        >>> from atedm_compile.models import build_unet
+        >>> cost = count_cached_steps(build_unet("tiny", device="meta"), DeepCacheConfig(interval=2), 10, 256, 256)
+        >>> cost.full_steps, cost.cached_tmacs < cost.full_tmacs
+        (5, True)
+    """
+    check_image_size(height, width, unet.config, vae_factor)
+    device = next(unet.parameters()).device
+    latent = (height // vae_factor, width // vae_factor)
+    inputs = unet_inputs(unet, 2 * images, *latent, device=device)
+    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], inputs.get("added_cond_kwargs"))
+    features = torch.zeros(features_shape(unet.config, cache.branch, 2 * images, *latent), device=device)
+    full, _ = _count(lambda: full_forward(unet, cache.branch, *args))
+    cached, _ = _count(lambda: cached_forward(unet, cache.branch, features, *args))
+    count = len(full_steps(cache, num_steps))
+    macs = 2 * 1e12  # FLOPs per TMAC
+    average = (count * full + (num_steps - count) * cached) / num_steps
+    return CachedStepCost(cache.branch, cache.interval, cache.spacing, num_steps, count, height, width, images,
+                          full / macs, cached / macs, average / macs, full, cached)
