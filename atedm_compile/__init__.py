@@ -1,6 +1,6 @@
 """atedm-compile: AT-EDM attention-driven token pruning for diffusers U-Nets, as FX graph passes."""
 
-from .config import PruningConfig, ToMeConfig
+from .config import DeepCacheConfig, PruningConfig, ToMeConfig
 from .runner import Runner, apply, remove, runner_of
 from .schedule import PRESETS, Phase, Schedule, make_schedule
 from .steps import PhaseCall
@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "BlockInfo",
+    "DeepCacheConfig",
     "Phase",
     "PhaseCall",
     "PruningConfig",

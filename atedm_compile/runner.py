@@ -15,7 +15,11 @@ back exactly what it found: the blocks' previous ``forward`` (or none), the hook
 hook, and a ``forward`` that ``compile`` replaced.
 
 A phase is "graphs plus the state it keeps between steps": the state is reset at the first call
-of every sampling run (``Runner.start`` or a new run of the driving scheduler).
+of every sampling run (``Runner.start`` or a new run of the driving scheduler). With cached steps
+(``apply(..., cache=DeepCacheConfig(...))``) the U-Net also gets an instance ``forward`` that runs
+a full step (keeping its deep features) or a cached one (``caching.cached_step``), whose attention
+blocks are those of the step's phase. The first call of a run is always full (a partial run, an
+img2img at strength 0.3 say, may start on a step the rule caches: it has no features yet).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .config import DEFAULT_PRUNING, PruningConfig, ToMeConfig
+from .caching import CacheState, cached_step
+from .config import DEFAULT_PRUNING, DeepCacheConfig, PruningConfig, ToMeConfig
 from .modules import TokenSelector
 from .passes import pruning_passes, run_passes
 from .schedule import Phase, Schedule, make_schedule
@@ -79,6 +84,9 @@ class Runner:
         self._hook = None
         self._forwards: dict[str, _PhasedForward] = {}
         self._compiled: _CompiledForward | None = None
+        self._cached: _CachedUNetForward | None = None
+        self._cache_state = CacheState()
+        self._role = "full"
         self._warned: set = set()
         if not isinstance(self.config, (PruningConfig, ToMeConfig)):
             raise ValueError(f"config={self.config!r} is not a PruningConfig or a ToMeConfig")
@@ -113,22 +121,36 @@ class Runner:
         for key in stale:
             del self._graphs[key], self._leaves[key]
 
+    @property
+    def cache(self) -> DeepCacheConfig | None:
+        """The cached steps' settings of the schedule (None: every step is full)."""
+        spec = self.schedule_spec
+        return spec.cache if isinstance(spec, Schedule) else self.preset_options.get("cache")
+
     def start(self, num_steps: int) -> None:
         """Begin a sampling run of ``num_steps`` steps at step 0 (``calls`` starts afresh)."""
         self._resolve(num_steps)
         self._tracker.start(num_steps)
+        self._cache_state.reset()
         self.set_step(0)
 
     def set_step(self, step: int) -> None:
-        """Make the phase that owns ``step`` the one that runs."""
+        """Make the phase that owns ``step`` (and its role, full or cached) the one that runs."""
         if self.schedule is None:
             raise RuntimeError("no sampling run started: call start(num_steps) first")
         self.use_phase(self.schedule.phase_at(step).name)
+        self._role = self.schedule.role_at(step)
         self._tracker.step = step
 
+    @property
+    def role(self) -> str:
+        """``full`` or ``cached``: how the next U-Net call runs."""
+        return self._role
+
     def use_phase(self, name: str | None) -> None:
-        """Run the following U-Net calls made outside a pipeline with phase ``name``; ``None`` runs
-        the unpruned model. (A pipeline's calls take the phase of their step.)"""
+        """Run the following U-Net calls made outside a pipeline with phase ``name``, as full
+        steps; ``None`` runs the unpruned model. (A pipeline's calls take the phase of their step.)"""
+        self._role = "full"
         if name is None:
             self._phase = None
             self._active = dict.fromkeys(self._active)
@@ -223,6 +245,9 @@ class Runner:
         Example:
             >>> runner = apply(pipe, "atedm", keep_ratio=0.37).compile(mode="reduce-overhead")  # doctest: +SKIP
         """
+        if self.cache is not None:
+            raise ValueError("compile() does not take a schedule with cached steps yet: the cached features "
+                             "are state kept between calls, outside any graph; apply without cache to compile")
         options = {"fullgraph": True, **options}
         if options["fullgraph"] and getattr(self.config, "scorer", None) == "random":
             raise ValueError("the random scorer draws from a torch.Generator, which a compiled graph cannot "
@@ -237,6 +262,8 @@ class Runner:
     def install(self) -> None:
         """Put the phase graphs in the U-Net's blocks (``apply`` does this). After ``uninstall``,
         installs again as before."""
+        if self.cache is not None:
+            self._cached = _CachedUNetForward(self)
         for name, module in self._modules.items():
             self._forwards[name] = _PhasedForward(self, name, module)
         self._hook = self.unet.register_forward_pre_hook(_BeforeUNetCall(self), with_kwargs=True)
@@ -247,9 +274,10 @@ class Runner:
         for forward in self._forwards.values():
             forward.uninstall()
         self._forwards.clear()
-        if self._compiled is not None:
-            self._compiled.uninstall()
-            self._compiled = None
+        for wrapper in (self._compiled, self._cached):
+            if wrapper is not None:
+                wrapper.uninstall()
+        self._compiled = self._cached = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -262,12 +290,16 @@ class Runner:
         if position is not None:
             if new_run or self.schedule is None or self.schedule.num_steps != position.num_steps:
                 self._resolve(position.num_steps)
-            self.use_phase(self.schedule.phase_at(position.step).name)
+            if new_run:
+                self._cache_state.reset()
+            self.set_step(position.step)
         elif self.schedule is None:
             raise RuntimeError(
                 "AT-EDM runner has no current step: call the U-Net through a diffusers pipeline (its scheduler "
                 "gives the step), or call runner.start(num_steps) / set_step(i) around your own loop")
-        self.calls.append(PhaseCall(self.step, self._phase.name if self._phase else "full"))
+        if self._role == "cached" and self._cache_state.features is None:
+            self._role = "full"  # the first call of a run: no features yet
+        self.calls.append(PhaseCall(self.step, self._phase.name if self._phase else "full", self._role))
         if self._compiled is not None and self._compiled.cudagraph_steps:
             torch.compiler.cudagraph_mark_step_begin()
 
@@ -303,7 +335,7 @@ class Runner:
         # of our functions), so it starts with no run, like a runner fresh from apply.
         state = dict(self.__dict__)
         state.update(_graphs={}, _leaves={}, _phase_graphs={}, _active=dict.fromkeys(self._active), _phase=None,
-                     schedule=None, _warned=set())
+                     schedule=None, _warned=set(), _cache_state=CacheState())
         return state
 
 
@@ -408,6 +440,59 @@ class _CompiledForward:
         return {**self.__dict__, "_compiled": None}
 
 
+# UNet2DConditionModel.forward's arguments that a cached step's split of the U-Net does not take.
+_NOT_SPLIT = ("class_labels", "timestep_cond", "attention_mask", "cross_attention_kwargs",
+              "down_block_additional_residuals", "mid_block_additional_residual",
+              "down_intrablock_additional_residuals", "encoder_attention_mask")
+
+
+class _CachedUNetForward:
+    """The U-Net's ``forward`` under a schedule with cached steps: ``caching.cached_step`` in the
+    role the pre-hook chose (full: the whole U-Net, keeping its deep features; cached: the shallow
+    layers on them). The attention blocks it calls run the step's phase."""
+
+    def __init__(self, runner: Runner):
+        self.runner, self.unet = runner, runner.unet
+        self.replaced = self.unet.__dict__.get("forward")
+        # A bound class forward left behind by a hook that was removed (accelerate's, DeepCache's) is
+        # the plain forward: kept to be put back.
+        plain = (isinstance(self.replaced, types.MethodType) and self.replaced.__self__ is self.unet
+                 and self.replaced.__func__ is type(self.unet).forward)
+        if self.replaced is not None and not plain:
+            raise ValueError(f"cached steps replace the U-Net's forward, which is already replaced by "
+                             f"{type(self.replaced).__name__} (an offload hook or a compiled forward): apply "
+                             f"before adding it")
+        self.parameter_names = tuple(inspect.signature(type(self.unet).forward).parameters)[1:]
+        self.unet.__dict__["forward"] = self
+
+    @property
+    def previous(self):
+        return type(self.unet).forward.__get__(self.unet)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.previous)
+
+    def __call__(self, *args, **kwargs):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        arguments = dict(zip(self.parameter_names, args), **kwargs)
+        given = [name for name in _NOT_SPLIT if arguments.get(name) is not None]
+        if given:
+            raise ValueError(f"a schedule with cached steps does not take {given} (ControlNet residuals, class "
+                             f"labels, masks...): apply without cache for this pipeline")
+        runner = self.runner
+        noise = cached_step(self.unet, runner.cache.branch, runner.role == "full", runner._cache_state,
+                            arguments["sample"], arguments["timestep"], arguments["encoder_hidden_states"],
+                            arguments.get("added_cond_kwargs"))
+        return UNet2DConditionOutput(sample=noise) if arguments.get("return_dict", True) else (noise,)
+
+    def uninstall(self) -> None:
+        if not _restore_forward(self.unet, self, self.replaced):
+            warnings.warn("AT-EDM: the U-Net's forward was wrapped after apply; the cached-step forward stays "
+                          "under that wrapper", stacklevel=4)
+
+
 def _own_code(function):
     """A copy of ``function`` with a code object of its own: dynamo keeps compiled graphs per
     code object, so a copy's graphs are its own and go away with it."""
@@ -467,7 +552,8 @@ def apply(
             paper's setting (similarity copy). A ``ToMeConfig`` runs the ToMe baseline instead,
             merging ``1 - keep`` of the tokens.
         **preset_options: passed to ``make_schedule`` with a preset name (``keep_ratio``,
-            ``prune_less_fraction``, ``prune_less_blocks``...).
+            ``prune_less_fraction``, ``prune_less_blocks``, ``cache=DeepCacheConfig(...)`` for
+            DeepCache's cached steps across the phases...).
 
     Applying again replaces the previous application.
 

@@ -1,7 +1,9 @@
 """DSAP: phases of sampling steps, each with a keep ratio per attention block.
 
 A phase is data: a step range and an ordered list of (block selector, keep ratio) rules, later
-rules winning. A selector is a block name (``down1.F``), a module path
+rules winning. A schedule may also cache steps (DeepCache's rule, ``DeepCacheConfig``): across all
+its phases, a step is then "full" (the whole U-Net, its deep features kept) or "cached" (the
+shallow layers only, on the features of the last full step), pruned by its phase either way. A selector is a block name (``down1.F``), a module path
 (``down_blocks.1.attentions.0``), a glob over names (``up*.L``, ``*``) or a feature level
 (``level2``). Blocks no rule selects are unpruned (keep 1.0).
 """
@@ -12,7 +14,8 @@ import fnmatch
 import math
 from dataclasses import dataclass, field
 
-from .config import check_keep_ratio
+from .caching import step_roles
+from .config import DeepCacheConfig, check_keep_ratio
 from .tracing import BlockInfo
 
 PRESETS = ("atedm", "atedm-dagger", "prune-more-early", "uniform", "none")
@@ -77,10 +80,13 @@ class Schedule:
     phases: tuple[Phase, ...]
     num_steps: int
     name: str = "custom"
+    cache: DeepCacheConfig | None = None
 
     def __post_init__(self):
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps={self.num_steps!r} must be an integer >= 1")
+        if self.cache is not None and not isinstance(self.cache, DeepCacheConfig):
+            raise ValueError(f"cache={self.cache!r} is not a DeepCacheConfig (or None: no cached steps)")
         names = [phase.name for phase in self.phases]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
@@ -103,6 +109,13 @@ class Schedule:
             if phase.start <= step < phase.stop:
                 return phase
         raise ValueError(f"step {step} is outside this schedule's steps 0..{self.num_steps - 1}")
+
+    def role_at(self, step: int) -> str:
+        """``"full"`` or ``"cached"``: whether ``step`` runs the whole U-Net (every step without a
+        cache) or only its shallow layers on the deep features of the last full step."""
+        if self.cache is None:
+            return "full"
+        return step_roles(self.cache, self.num_steps)[step]
 
     def check_covers(self, num_inference_steps: int) -> None:
         if num_inference_steps != self.num_steps:
@@ -129,6 +142,7 @@ def make_schedule(
     prune_less_fraction: float = 0.3,
     prune_less_steps: int | None = None,
     prune_less_blocks: str = "F-L",
+    cache: DeepCacheConfig | None = None,
 ) -> Schedule:
     """A preset schedule for ``num_steps`` sampling steps.
 
@@ -144,6 +158,7 @@ def make_schedule(
         prune_less_steps: the same as a count; overrides the fraction.
         prune_less_blocks: which block of each down stage (F or L) and up stage (F, M or L) the
             prune-less phase leaves alone: ``F-L`` (paper's best, supp. C.3), ``F-M``, ``L-L``...
+        cache: cached steps across all phases (``DeepCacheConfig``); None: every step is full.
 
     Example:
         >>> make_schedule("atedm", num_steps=50).phases[0].steps
@@ -155,12 +170,12 @@ def make_schedule(
         raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1")
     keep_ratio = check_keep_ratio(keep_ratio)
     if preset == "none":
-        return Schedule((Phase("full", 0, num_steps),), num_steps, preset)
+        return Schedule((Phase("full", 0, num_steps),), num_steps, preset, cache)
     prune_all: tuple[tuple[str, float], ...] = (("*", keep_ratio),)
     if preset == "atedm-dagger":
         prune_all += (("level2", 1.0),)
     if preset == "uniform":
-        return Schedule((Phase("pruned", 0, num_steps, prune_all),), num_steps, preset)
+        return Schedule((Phase("pruned", 0, num_steps, prune_all),), num_steps, preset, cache)
 
     if prune_less_steps is None:
         if not 0.0 <= prune_less_fraction <= 1.0:
@@ -178,4 +193,4 @@ def make_schedule(
         if length:
             phases.append(Phase(phase.name, start, start + length, phase.rules))
             start += length
-    return Schedule(tuple(phases), num_steps, preset)
+    return Schedule(tuple(phases), num_steps, preset, cache)

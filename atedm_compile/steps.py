@@ -31,10 +31,12 @@ import torch
 
 @dataclass
 class PhaseCall:
-    """One U-Net call made under the runner: the step index and the phase that ran."""
+    """One U-Net call made under the runner: the step index, the phase that ran and whether the
+    step was ``full`` or ``cached`` (a schedule with cached steps)."""
 
     step: int
     phase: str
+    role: str = "full"
 
 
 @dataclass(frozen=True)
