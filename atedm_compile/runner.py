@@ -25,33 +25,22 @@ img2img at strength 0.3 say, may start on a step the rule caches: it has no feat
 from __future__ import annotations
 
 import contextlib
-import inspect
-import types
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from .caching import CacheState, cached_step
+from .caching import CacheState
 from .config import DEFAULT_PRUNING, DeepCacheConfig, PruningConfig, ToMeConfig
+from .forwards import BeforeUNetCall, CachedUNetForward, CompiledForward, PhasedForward
 from .modules import TokenSelector
 from .passes import pruning_passes, run_passes
 from .schedule import Phase, Schedule, make_schedule
 from .steps import PhaseCall, StepTracker
-from .tracing import BlockInfo, attention_blocks, is_leaf_module, trace_block
+from .tracing import BlockInfo, attention_blocks, trace_block
 
 _RUNNER_ATTR = "_atedm_runner"
-
-# Attention processors whose result is plain softmax attention of to_q / to_k / to_v: the map path
-# of a pruned block's first layer computes exactly that. Any other processor on that layer (PAG's,
-# a user's own) is honoured by leaving the block unpruned for the call, with one warning.
-_PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0", "SlicedAttnProcessor",
-                     "XFormersAttnProcessor", "AttnProcessorNPU")
-# Block arguments the block graphs do not take; a call that gives one runs the block unpruned.
-_UNSUPPORTED = ("timestep", "added_cond_kwargs", "class_labels", "cross_attention_kwargs", "attention_mask",
-                "encoder_attention_mask")
-
 
 @dataclass
 class Runner:
@@ -82,9 +71,9 @@ class Runner:
         self._phase: Phase | None = None
         self._tracker = StepTracker()
         self._hook = None
-        self._forwards: dict[str, _PhasedForward] = {}
-        self._compiled: _CompiledForward | None = None
-        self._cached: _CachedUNetForward | None = None
+        self._forwards: dict[str, PhasedForward] = {}
+        self._compiled: CompiledForward | None = None
+        self._cached: CachedUNetForward | None = None
         self._cache_state = CacheState()
         self._role = "full"
         self._warned: set = set()
@@ -254,7 +243,7 @@ class Runner:
                              "create: compile(fullgraph=False) lets it run outside the graph")
         if self._compiled is not None:
             self._compiled.uninstall()
-        self._compiled = _CompiledForward(self.unet, options)
+        self._compiled = CompiledForward(self.unet, options)
         return self
 
     # -- installation ----------------------------------------------------------------------
@@ -263,10 +252,10 @@ class Runner:
         """Put the phase graphs in the U-Net's blocks (``apply`` does this). After ``uninstall``,
         installs again as before."""
         if self.cache is not None:
-            self._cached = _CachedUNetForward(self)
+            self._cached = CachedUNetForward(self)
         for name, module in self._modules.items():
-            self._forwards[name] = _PhasedForward(self, name, module)
-        self._hook = self.unet.register_forward_pre_hook(_BeforeUNetCall(self), with_kwargs=True)
+            self._forwards[name] = PhasedForward(self, name, module)
+        self._hook = self.unet.register_forward_pre_hook(BeforeUNetCall(self), with_kwargs=True)
         object.__setattr__(self.unet, _RUNNER_ATTR, self)
 
     def uninstall(self) -> None:
@@ -303,26 +292,6 @@ class Runner:
         if self._compiled is not None and self._compiled.cudagraph_steps:
             torch.compiler.cudagraph_mark_step_begin()
 
-    def _run_block(self, name: str, forward: _PhasedForward, args: tuple, kwargs: dict):
-        gm = self._active[name]
-        if gm is None:
-            return forward.previous(*args, **kwargs)
-        arguments = dict(zip(forward.parameter_names, args), **kwargs)
-        given = [k for k in _UNSUPPORTED if arguments.get(k) is not None]
-        processor = type(forward.module.transformer_blocks[0].attn1.processor).__name__
-        if given or processor not in _PLAIN_PROCESSORS:
-            reason = (f"it was given {given}" if given else
-                      f"its first layer's self-attention runs {processor}, whose result the pruning map path "
-                      f"does not reproduce")
-            self._warn_once((name, tuple(given), processor), f"AT-EDM: block {name} runs unpruned because {reason}")
-            return forward.previous(*args, **kwargs)
-        (out,) = gm(arguments["hidden_states"], arguments.get("encoder_hidden_states"))
-        if arguments.get("return_dict", True):
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-            return Transformer2DModelOutput(sample=out)
-        return (out,)
-
     @torch.compiler.disable
     def _warn_once(self, key, message: str) -> None:
         if key not in self._warned:
@@ -344,160 +313,6 @@ def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
         return module.get_submodule(path)
     except AttributeError:
         return None
-
-
-def _restore_forward(module: torch.nn.Module, ours, previous_in_dict) -> bool:
-    """Put back the instance ``forward`` that ``ours`` replaced (or none). False, and nothing
-    changed, when another wrapper was put over ours since."""
-    if module.__dict__.get("forward") is not ours:
-        return False
-    if previous_in_dict is None:
-        del module.__dict__["forward"]
-    else:
-        module.__dict__["forward"] = previous_in_dict
-    return True
-
-
-class _PhasedForward:
-    """A block's ``forward`` under the runner: the current phase's graph for the block, or the
-    forward it replaced. Its signature is the replaced forward's."""
-
-    def __init__(self, runner: Runner, name: str, module: torch.nn.Module):
-        self.runner, self.name, self.module = runner, name, module
-        self.replaced = module.__dict__.get("forward")  # an instance forward of someone else's, if any
-        self.active = True
-        # The names of positional arguments, as the block's class forward takes them.
-        self.parameter_names = tuple(inspect.signature(type(module).forward).parameters)[1:]
-        module.__dict__["forward"] = self
-
-    @property
-    def previous(self):
-        return self.replaced if self.replaced is not None else type(self.module).forward.__get__(self.module)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self.previous)
-
-    def __call__(self, *args, **kwargs):
-        if not self.active:
-            return self.previous(*args, **kwargs)
-        return self.runner._run_block(self.name, self, args, kwargs)
-
-    def uninstall(self) -> None:
-        if not _restore_forward(self.module, self, self.replaced):
-            self.active = False
-            warnings.warn(f"AT-EDM: the forward of block {self.name} was wrapped by "
-                          f"{type(self.module.__dict__.get('forward')).__name__} after apply; AT-EDM is off in it, "
-                          f"but its pass-through stays under that wrapper until the wrapper is removed", stacklevel=4)
-
-
-class _BeforeUNetCall:
-    """The U-Net's forward pre-hook: the phase of the call, from its step. Runs outside any
-    compiled region (it reads the scheduler, plain Python state)."""
-
-    def __init__(self, runner: Runner):
-        self.runner = runner
-
-    @torch.compiler.disable
-    def __call__(self, unet, args, kwargs):
-        self.runner._before_unet_call(args, kwargs)
-
-
-class _CompiledForward:
-    """``Runner.compile``'s U-Net ``forward``: ``torch.compile`` of the forward it replaced, made at
-    the first call (and again in a copy: compiled code is not copied or pickled)."""
-
-    def __init__(self, unet: torch.nn.Module, options: dict):
-        self.unet, self.options = unet, options
-        self.replaced = unet.__dict__.get("forward")
-        # CUDA graphs write every call's output into the same buffers; each U-Net call marks a new
-        # step so that they may (the sampling loop has used the previous output by then).
-        self.cudagraph_steps = (options.get("mode") in ("reduce-overhead", "max-autotune")
-                                or options.get("backend") == "cudagraphs")
-        self._compiled = None
-        unet.__dict__["forward"] = self
-
-    @property
-    def previous(self):
-        return self.replaced if self.replaced is not None else type(self.unet).forward.__get__(self.unet)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self.previous)
-
-    def __call__(self, *args, **kwargs):
-        if self._compiled is None:
-            forward = self.previous
-            self._compiled = torch.compile(_own_code(lambda *a, **k: forward(*a, **k)), **self.options)
-        return self._compiled(*args, **kwargs)
-
-    def uninstall(self) -> None:
-        if not _restore_forward(self.unet, self, self.replaced):
-            warnings.warn("AT-EDM: the U-Net's forward was wrapped after compile(); the compiled forward stays "
-                          "under that wrapper", stacklevel=4)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_compiled": None}
-
-
-# UNet2DConditionModel.forward's arguments that a cached step's split of the U-Net does not take.
-_NOT_SPLIT = ("class_labels", "timestep_cond", "attention_mask", "cross_attention_kwargs",
-              "down_block_additional_residuals", "mid_block_additional_residual",
-              "down_intrablock_additional_residuals", "encoder_attention_mask")
-
-
-class _CachedUNetForward:
-    """The U-Net's ``forward`` under a schedule with cached steps: ``caching.cached_step`` in the
-    role the pre-hook chose (full: the whole U-Net, keeping its deep features; cached: the shallow
-    layers on them). The attention blocks it calls run the step's phase."""
-
-    def __init__(self, runner: Runner):
-        self.runner, self.unet = runner, runner.unet
-        self.replaced = self.unet.__dict__.get("forward")
-        # A bound class forward left behind by a hook that was removed (accelerate's, DeepCache's) is
-        # the plain forward: kept to be put back.
-        plain = (isinstance(self.replaced, types.MethodType) and self.replaced.__self__ is self.unet
-                 and self.replaced.__func__ is type(self.unet).forward)
-        if self.replaced is not None and not plain:
-            raise ValueError(f"cached steps replace the U-Net's forward, which is already replaced by "
-                             f"{type(self.replaced).__name__} (an offload hook or a compiled forward): apply "
-                             f"before adding it")
-        self.parameter_names = tuple(inspect.signature(type(self.unet).forward).parameters)[1:]
-        self.unet.__dict__["forward"] = self
-
-    @property
-    def previous(self):
-        return type(self.unet).forward.__get__(self.unet)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self.previous)
-
-    def __call__(self, *args, **kwargs):
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        arguments = dict(zip(self.parameter_names, args), **kwargs)
-        given = [name for name in _NOT_SPLIT if arguments.get(name) is not None]
-        if given:
-            raise ValueError(f"a schedule with cached steps does not take {given} (ControlNet residuals, class "
-                             f"labels, masks...): apply without cache for this pipeline")
-        runner = self.runner
-        noise = cached_step(self.unet, runner.cache.branch, runner.role == "full", runner._cache_state,
-                            arguments["sample"], arguments["timestep"], arguments["encoder_hidden_states"],
-                            arguments.get("added_cond_kwargs"))
-        return UNet2DConditionOutput(sample=noise) if arguments.get("return_dict", True) else (noise,)
-
-    def uninstall(self) -> None:
-        if not _restore_forward(self.unet, self, self.replaced):
-            warnings.warn("AT-EDM: the U-Net's forward was wrapped after apply; the cached-step forward stays "
-                          "under that wrapper", stacklevel=4)
-
-
-def _own_code(function):
-    """A copy of ``function`` with a code object of its own: dynamo keeps compiled graphs per
-    code object, so a copy's graphs are its own and go away with it."""
-    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
-                              function.__defaults__, function.__closure__)
 
 
 def latent_multiple(unet: torch.nn.Module) -> int:
