@@ -290,6 +290,28 @@ def test_accelerate_hooks_stay_and_come_off_by_their_owner(pipe, order):
     vars(unet).pop("forward")  # accelerate leaves the bound method it had kept: its own habit
 
 
+def test_enable_model_cpu_offload_either_side_of_apply():
+    from atedm_compile.forwards import InstanceForward
+
+    pipe = tiny_sdxl_pipeline()
+    expected = _sample(pipe)
+    ac.apply(pipe, "atedm")
+    pruned = _sample(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")  # after apply
+    assert torch.equal(_sample(pipe), pruned)
+    ac.remove(pipe)
+
+    def offloaded_only():  # the pipeline puts its offload hooks on again after every call
+        forward = vars(pipe.unet)["forward"]
+        return hasattr(pipe.unet, "_hf_hook") and not isinstance(forward, InstanceForward)
+
+    assert offloaded_only() and torch.equal(_sample(pipe), expected)
+    runner = ac.apply(pipe, "atedm")  # and before it
+    assert torch.equal(_sample(pipe), pruned) and _steps(runner) == _atedm(3, range(3))
+    ac.remove(pipe)
+    assert offloaded_only() and torch.equal(_sample(pipe), expected)
+
+
 def test_runner_compile_puts_back_the_forward_it_replaced(pipe):
     from accelerate.hooks import CpuOffload, add_hook_to_module, remove_hook_from_module
 
