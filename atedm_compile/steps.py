@@ -80,25 +80,28 @@ def _index_of(timesteps: torch.Tensor, value: float) -> int | None:
 
 def scheduler_position(scheduler, timestep) -> StepPosition:
     """The step of a U-Net call at ``timestep`` made between ``scheduler.set_timesteps`` and the
-    ``step`` that consumes it (module docstring); ValueError when the timestep is not where the
-    scheduler stands."""
+    ``step`` that consumes it (module docstring); ValueError when the scheduler has no timesteps or
+    the timestep is not one of them.
+
+    The scheduler's own index is used where it has one, without reading the timestep (on a GPU
+    that would wait for the device); the timestep's value decides only for schedulers without an
+    index (DDIM, DDPM) and before a scheduler's first ``step`` when it has no begin index."""
     timesteps = getattr(scheduler, "timesteps", None)
     name = type(scheduler).__name__
     if timesteps is None or len(timesteps) == 0:
         raise ValueError(f"the pipeline's {name} has no timesteps (set_timesteps was never called): the sampling "
                          f"step of this U-Net call cannot be told")
-    timesteps = torch.as_tensor(timesteps)
-    value = _as_float(timestep)
     index = getattr(scheduler, "step_index", None)
     if index is None:
         index = getattr(scheduler, "begin_index", None)
     if index is None and hasattr(scheduler, "counter"):  # PNDM: step() calls so far
         index = scheduler.counter
-    if index is None or not 0 <= index < len(timesteps) or _index_of(timesteps[index:index + 1], value) is None:
-        index = _index_of(timesteps, value)
-    if index is None:
-        raise ValueError(f"the U-Net was called at timestep {value:g}, which is not one of the {len(timesteps)} "
-                         f"timesteps of the pipeline's {name}: the sampling step cannot be told")
+    if index is None or not 0 <= index < len(timesteps):
+        value = _as_float(timestep)
+        index = _index_of(torch.as_tensor(timesteps), value)
+        if index is None:
+            raise ValueError(f"the U-Net was called at timestep {value:g}, which is not one of the "
+                             f"{len(timesteps)} timesteps of the pipeline's {name}: the sampling step cannot be told")
     order = max(1, int(getattr(scheduler, "order", 1) or 1))
     return StepPosition(index // order, math.ceil(len(timesteps) / order))
 
