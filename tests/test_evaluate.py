@@ -181,6 +181,34 @@ def test_unknown_method_is_refused():
         plan_budgets(build_unet("tiny-shapes", device="meta"), ["atedm", "cheap"], keep_ratios=[0.5], steps=4)
 
 
+def test_a_budget_not_below_the_full_models_cost_is_refused():
+    # Solved, it was keep 1.0: "pruned" rows that were the full model's, said nowhere.
+    from atedm_compile.models import build_unet
+
+    unet = build_unet("tiny-shapes", device="meta")
+    full = plan_budgets(unet, ["full"], steps=2, height=64, width=64, vae_factor=4)["full_tmacs"]
+    with pytest.raises(ValueError, match=r"budget 1 TMACs is not below the full model's 0.0003394 TMACs per U-Net "
+                                         r"call at 64x64 px: nothing to prune"):
+        plan_budgets(unet, ["atedm"], budgets=[1.0], steps=2, height=64, width=64, vae_factor=4)
+    with pytest.raises(ValueError, match="not below the full model's"):
+        plan_budgets(unet, ["atedm"], budgets=[full], steps=2, height=64, width=64, vae_factor=4)
+
+
+def test_the_plan_key_does_not_depend_on_pythons_hash_seed():
+    # diffusers lists the config keys left at their defaults in set order, which the hash seed
+    # changes: in the key, every new process solved the plan again (328 s for SD-XL).
+    from atedm_compile.evaluate.run import _plan_key
+    from atedm_compile.models import unet_config
+
+    config = EvaluateConfig("tiny-shapes", "c.txt", "out", methods=["full", "atedm"], keep_ratios=[0.5])
+    unet = unet_config("tiny-shapes")
+    defaults = ["dropout", "conv_in_kernel", "mid_block_type", "upcast_attention"]
+    keys = [_plan_key(config, {**unet, "_use_default_values": order, "_class_name": "UNet2DConditionModel"}, {})
+            for order in (defaults, defaults[::-1])]
+    assert keys[0] == keys[1] == _plan_key(config, unet, {})
+    assert _plan_key(config, {**unet, "dropout": 0.5}, {}) != keys[0]
+
+
 @pytest.mark.slow
 def test_budgets_solve_atedm_and_match_tome():
     from atedm_compile.flops import count_phases
@@ -357,6 +385,46 @@ def test_other_settings_in_the_same_folder_are_refused(two_runs, data, capsys):
     assert "steps" in capsys.readouterr().err
 
 
+def test_a_reference_folder_of_other_images_with_the_same_names_and_sizes_is_measured_anew(data, tmp_path):
+    # Features were keyed by file names and sizes: FID 0.65 against a folder whose true FID is 108.84.
+    metrics = Metrics("mean colour", lambda images: images.reshape(len(images), -1, 3).mean(1),
+                      lambda images, captions: np.ones(len(images)))
+    folders = {}
+    for name, colours in (("bright", [(250, 240, 230), (200, 210, 220), (230, 200, 250)]),
+                          ("dark", [(10, 20, 30), (40, 10, 20), (20, 50, 10)])):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        for i, colour in enumerate(colours):  # BMP: the same size for the same pixel count
+            Image.new("RGB", (64, 64), colour).save(folders[name] / f"{i}.bmp")
+    assert [p.stat().st_size for p in sorted(folders["bright"].iterdir())] == \
+        [p.stat().st_size for p in sorted(folders["dark"].iterdir())]
+
+    def fid(reference, out):
+        record = evaluate(EvaluateConfig("tiny-shapes", data / "captions.txt", out, methods=["full"], steps=1,
+                                         images=2, batch=2, reference=reference), metrics)
+        return record["rows"][0]["fid"]
+
+    shared = tmp_path / "shared"
+    bright, dark = fid(folders["bright"], shared), fid(folders["dark"], shared)
+    assert dark == fid(folders["dark"], tmp_path / "fresh") != bright
+    assert json.loads((shared / "results.json").read_text())["settings"]["reference"]["path"] == str(folders["dark"])
+
+
+def test_a_rerun_that_would_drop_rows_is_refused(two_runs, data, tmp_path, capsys):
+    # A rerun with fewer guidance scales or images rewrote results.json and results.txt with less.
+    alone, _, _ = two_runs
+    out = tmp_path / "out"
+    shutil.copytree(alone, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for change, message in ((["--images", "4"], "holds its rows of 5 images, which this run (4 images) would drop"),
+                            (["--methods", "full"], "holds the rows ['atedm-keep0.5-g7'] of 5 images"),
+                            (["--guidance", "5"], "holds the rows ['full-g7', 'atedm-keep0.5-g7'] of 5 images")):
+        assert main(_args(data, out) + change) == 2  # the last --methods, --guidance, --images counts
+        err = capsys.readouterr().err
+        assert message in err and "or use another --out" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("change, message", [
     (["--methods", "full", "atedm", "--keep-ratios"], "need budgets"),
     (["--images", "9"], "holds only 5 captions"),
@@ -384,6 +452,8 @@ def test_bad_arguments_exit_2_with_a_message(data, tmp_path, capsys, change, mes
     (["--stats", b""], "is not an .npz of FID statistics"),
     (["--stats", b"a caption\n"], "is not an .npz of FID statistics"),
     (["--stats", "mu-only"], "not mu and sigma"),
+    (["--budgets", "1"], "is not below the full model's"),
+    (["--budgets", "1e-9"], "TMACs is below what preset 'uniform' reaches"),
 ])
 def test_bad_inputs_are_said_before_anything_is_written(data, tmp_path, capsys, change, message):
     out = tmp_path / "out"
