@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from .config import (DEFAULT_PRUNING, FILLS, MAX_CELL, MAX_ITERATIONS, PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES,
+from .config import (DEFAULT_PRUNING, FILLS, MAX_CELL, MAX_GUIDANCE, MAX_ITERATIONS, PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES,
                      PruningConfig)
 from .ops import HEAD_REDUCTIONS
 from .schedule import PRESETS, Schedule, make_schedule
@@ -68,6 +68,14 @@ def finite_float(text: str) -> float:
         value = math.nan
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """argparse type: a guidance scale in [0, ``MAX_GUIDANCE``] (1 or less: no guidance)."""
+    value = finite_float(text)
+    if not 0 <= value <= MAX_GUIDANCE:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside the guidance scales taken, [0, {MAX_GUIDANCE:g}]")
     return value
 
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .arguments import (ArgumentParser, HelpFormatter, add_pruning_options, check_output, finite_float,
+from .arguments import (ArgumentParser, HelpFormatter, add_pruning_options, check_output, guidance_scale,
                         positive_float, positive_int, pruning_config, save_png, schedule_of, seed_int, utf8_text)
 
 EXAMPLES = """examples:
@@ -130,7 +130,7 @@ def cmd_generate(args) -> int:
     from .flops import count_phases
     from .memory import prunes
     from . import triton_map
-    from .models import build_unet, load_pipeline, pipeline_configs
+    from .models import build_unet, load_pipeline, pipeline_configs, refuse_non_finite
     from .ops import attention_path
     from .runner import apply
     from .visualize import mask_sheet
@@ -170,7 +170,8 @@ def cmd_generate(args) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     with runner.capture_kept_tokens() as kept, attention_path(args.attention_map):
         image = pipe(args.prompt, num_inference_steps=args.steps, height=height, width=width,
-                     guidance_scale=args.guidance, generator=generator).images[0]
+                     guidance_scale=args.guidance, generator=generator,
+                     callback_on_step_end=refuse_non_finite).images[0]
 
     cost = count_phases(build_unet(dict(pipe.unet.config), device="meta"), schedule, config, height, width,
                         vae_factor=vae_factor)
@@ -234,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--height", type=positive_int, default=None,
                           help="image height in pixels (default: the model's own size)")
     generate.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: --height)")
-    generate.add_argument("--guidance", type=finite_float, default=5.0,
-                          help="classifier-free guidance scale (1 or less: no guidance)")
+    generate.add_argument("--guidance", type=guidance_scale, default=5.0,
+                          help="classifier-free guidance scale, 0 to 100 (1 or less: no guidance)")
     generate.add_argument("--seed", type=seed_int, default=0, help="seed of the initial noise")
     generate.add_argument("--out", default="out", help="folder for image.png and masks.png")
     generate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

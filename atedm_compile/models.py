@@ -481,6 +481,15 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | 
     return pipe
 
 
+def refuse_non_finite(pipe, step: int, timestep, tensors: dict) -> dict:
+    """A pipeline's ``callback_on_step_end``: ValueError as soon as the latents hold inf or NaN,
+    so that no black or flat image is written as if it were one."""
+    if not torch.isfinite(tensors["latents"]).all():
+        raise ValueError(f"sampling step {step + 1} made latents that are not finite (inf or NaN): no image written; "
+                         f"a smaller guidance scale, or float32 instead of float16, avoids the overflow")
+    return tensors
+
+
 def pipeline_configs(model: str) -> tuple[dict, dict] | None:
     """(U-Net config, VAE config) of the pipeline ``load_pipeline(model)`` gives, read without
     loading any weights; None where only loading can tell (a hub id)."""

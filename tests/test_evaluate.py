@@ -429,7 +429,7 @@ def test_a_rerun_that_would_drop_rows_is_refused(two_runs, data, tmp_path, capsy
     (["--methods", "full", "atedm", "--keep-ratios"], "need budgets"),
     (["--images", "9"], "holds only 5 captions"),
     (["--images", "1"], "images=1 must be an integer >= 2"),
-    (["--guidance", "0"], "each > 0"),
+    (["--guidance", "0"], "each in (0, 100]"),
     (["--keep-ratios", "1.5"], "outside (0, 1]"),
     (["--reference", "/no/such/folder"], "is not a folder"),
 ])

@@ -35,6 +35,11 @@ def _one_line(err: str, message: str) -> None:
     (["generate", "--height", "0"], "argument --height: '0' is not an integer >= 1"),
     (["generate", "--width", "-8"], "argument --width: '-8' is not an integer >= 1"),
     (["generate", "--guidance", "nan"], "argument --guidance: 'nan' is not a finite number"),
+    (["generate", "--guidance", "1e308"], "argument --guidance: '1e308' is outside the guidance scales taken, [0, 100]"),
+    (["generate", "--guidance", "-1"], "argument --guidance: '-1' is outside the guidance scales taken, [0, 100]"),
+    (["run", "build", "--guidance", "1e20"], "argument --guidance: '1e20' is outside the guidance scales taken"),
+    (["evaluate", "--model", "m", "--captions", "c", "--out", "o", "--guidance", "7", "101"],
+     "argument --guidance: '101' is outside the guidance scales taken, [0, 100]"),
     (["generate", "--prompt", "caf\udce9"], "argument --prompt: 'caf\\udce9' is not valid UTF-8 text"),
     (["generate", "--steps", "0"], "argument --steps: '0' is not an integer >= 1"),
     (["run", "build", "--steps", "0"], "argument --steps: '0' is not an integer >= 1"),
@@ -81,6 +86,26 @@ def test_missing_onnx_extra_names_the_extra(argv, capsys, tmp_path, monkeypatch)
     out = tmp_path / "out"
     assert main([a.format(out=out) for a in argv]) == 2
     _one_line(capsys.readouterr().err, 'not installed here: pip install "atedm-compile[onnx]"')
+    assert not out.exists()
+
+
+def test_latents_that_are_not_finite_write_no_image(capsys, tmp_path, monkeypatch):
+    # generate --guidance 1e308 wrote an all-black PNG and exited 0: NaN latents, decoded.
+    from atedm_compile import models
+
+    load = models.load_pipeline
+
+    def overflowing(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        pipe.unet.register_forward_hook(lambda module, inputs, output: (output[0] * float("inf"), *output[1:]))
+        return pipe
+
+    monkeypatch.setattr(models, "load_pipeline", overflowing)
+    out = tmp_path / "out"
+    assert main(["generate", "--steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err  # the progress bar's lines, then the error's
+    _one_line("\n".join(line for line in err.splitlines() if not line.startswith("sampling:")),
+              "sampling step 1 made latents that are not finite (inf or NaN): no image written")
     assert not out.exists()
 
 
@@ -156,6 +181,7 @@ def cli_faults(tmp_path_factory):
     (hidden / "onnx" / "__init__.py").write_text("raise ImportError('No module named onnx')\n")
     cases = {
         "zero height": (["generate", "--height", "0"], {}, "argument --height: '0' is not an integer >= 1"),
+        "absurd guidance": (["generate", "--guidance", "1e308"], {}, "'1e308' is outside the guidance scales taken"),
         "non-UTF-8 prompt": ([b"generate", b"--prompt", b"\xff\xfe red"], {}, "is not valid UTF-8 text"),
         "image too large": (["generate", "--model", "tiny", "--height", "100000", "--width", "100000"], {},
                             "needs at least 21.7 PiB of memory, more than the"),
@@ -176,7 +202,7 @@ def cli_faults(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("case", ["zero height", "non-UTF-8 prompt", "image too large", "no TensorRT", "no onnx extra",
+@pytest.mark.parametrize("case", ["zero height", "absurd guidance", "non-UTF-8 prompt", "image too large", "no TensorRT", "no onnx extra",
                                   "mistyped manifest"])
 def test_bad_input_through_the_cli(cli_faults, case):
     returncode, err, message, out = cli_faults[case]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import check_keep_ratio
+from ..config import MAX_GUIDANCE, check_keep_ratio
 from ..devices import DTYPES
 from ..files import write_atomically
 from ..memory import check_fits, sampling_bytes
@@ -97,8 +97,8 @@ class EvaluateConfig:
             check_keep_ratio(keep, "keep ratio")
         if any(b <= 0 for b in self.budgets):
             raise ValueError(f"budgets {list(self.budgets)}: each must be a positive number of TMACs")
-        if not self.guidance or any(g <= 0 for g in self.guidance):
-            raise ValueError(f"guidance {list(self.guidance)}: give one or more scales, each > 0")
+        if not self.guidance or any(not 0 < g <= MAX_GUIDANCE for g in self.guidance):
+            raise ValueError(f"guidance {list(self.guidance)}: give one or more scales, each in (0, {MAX_GUIDANCE:g}]")
         for name, least in (("steps", 1), ("batch", 1), ("images", 2), ("seed", 0)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < least):
@@ -278,8 +278,11 @@ def _fid_features(metrics: Metrics, images: np.ndarray) -> np.ndarray:
 
 
 def _generate(pipe, texts: list[str], seeds: list[int], guidance: float, steps: int, height: int, width: int) -> np.ndarray:
+    from ..models import refuse_non_finite
+
     result = pipe(prompt=texts, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                  generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np")
+                  generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np",
+                  callback_on_step_end=refuse_non_finite)
     # diffusers hands back a transposed view: made contiguous, the images are laid out in memory as
     # when read back from their files, so feature networks see the very same input either way.
     return np.ascontiguousarray((np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8))
