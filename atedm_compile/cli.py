@@ -42,12 +42,12 @@ def _print_table(headers: list[str], rows: list[list]) -> None:
 
 def cmd_flops(args) -> int:
     from .flops import count_phases, solve_keep_ratio
-    from .models import build_unet, vae_factor
+    from .models import build_unet, own_height, vae_factor
 
     unet = build_unet(args.model, device="meta")
     factor = vae_factor(args.model)
     # Default: the model's own size (SD-XL 1024, SD 1.5 512, tiny 256, tiny-shapes 64, tiny-shapes-xl 128 px).
-    args.height = args.height or unet.config.sample_size * factor  # 0 never gets here: positive_int
+    args.height = args.height or own_height(unet.config, factor)  # 0 never gets here: positive_int
     args.width = args.width or args.height
     config = pruning_config(args)
     keep = args.keep_ratio
@@ -112,10 +112,10 @@ def image_size(height: int | None, width: int | None, unet_config: dict, vae_con
     """(height, width, VAE factor) of a sampling run: the model's own size by default (width:
     the height), checked against the U-Net's size multiple and the memory the run needs."""
     from .memory import check_fits, sampling_bytes
-    from .models import check_image_size
+    from .models import check_image_size, own_height
 
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 8
-    height = height or unet_config["sample_size"] * factor
+    height = height or own_height(unet_config, factor)
     width = width or height
     check_image_size(height, width, unet_config, factor)
     check_fits(sampling_bytes(unet_config, vae_config, images, 2 * images, height, width, factor, pruned), device,

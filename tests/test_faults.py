@@ -109,6 +109,60 @@ def test_latents_that_are_not_finite_write_no_image(capsys, tmp_path, monkeypatc
     assert not out.exists()
 
 
+def _damaged_model(folder: Path, damage: str) -> Path:
+    """A copy of the shipped tiny-shapes folder (or a diffusers pipeline folder) with one fault."""
+    import json
+    import shutil
+
+    from atedm_compile.models import TINY_SHAPES
+
+    model = folder / damage
+    if damage in ("no pipeline class", "broken vae config"):
+        (model / "unet").mkdir(parents=True)
+        (model / "vae").mkdir()
+        index = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"]}
+        if damage == "no pipeline class":
+            index["_class_name"] = "NoSuchPipeline"
+        (model / "model_index.json").write_text(json.dumps(index))
+        (model / "unet" / "config.json").write_text(json.dumps({"sample_size": 8, "block_out_channels": [4, 8],
+                                                                "down_block_types": ["DownBlock2D"] * 2}))
+        (model / "vae" / "config.json").write_text("{broken" if damage == "broken vae config" else
+                                                   json.dumps({"block_out_channels": [4, 8]}))
+        return model
+    shutil.copytree(TINY_SHAPES, model)
+    config = json.loads((model / "config.json").read_text())
+    if damage == "no sample_size":
+        del config["unet"]["sample_size"]
+    elif damage == "no block_out_channels":
+        del config["vae"]["block_out_channels"]
+    elif damage == "other widths":
+        config["unet"]["block_out_channels"] = [32, 64, 128]
+    elif damage == "truncated weights":
+        weights = (model / "model.safetensors").read_bytes()
+        (model / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    (model / "config.json").write_text("{\"unet\": " if damage == "broken config" else json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no sample_size", "no sample_size/config.json: the unet config has no sample_size (the model's own image size)"),
+    ("no block_out_channels", "no block_out_channels/config.json: the vae config has no block_out_channels (a list)"),
+    ("truncated weights", "truncated weights/model.safetensors is not a whole safetensors file"),
+    ("other widths", "other widths/model.safetensors: the unet weights do not fit the config: tensors 719 of other "
+                     "shapes (first conv_in.weight: [24, 4, 3, 3] in the weights, [32, 4, 3, 3] by the config)"),
+    ("broken config", "broken config/config.json is not valid JSON"),
+    ("no pipeline class", "no pipeline class/model_index.json names the pipeline class 'NoSuchPipeline', which "
+                          "diffusers"),
+    ("broken vae config", "broken vae config/vae/config.json is not valid JSON"),
+])
+def test_a_damaged_model_folder_is_one_line_naming_the_file(damage, message, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(_damaged_model(tmp_path, damage)), "--steps", "1", "--out", str(out)]) == 2
+    _one_line(capsys.readouterr().err, message)
+    assert not out.exists()
+
+
 def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(capsys, tmp_path, monkeypatch):
     def interrupted(*_, **__):
         raise KeyboardInterrupt

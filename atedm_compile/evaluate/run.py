@@ -498,7 +498,7 @@ def evaluate(config: EvaluateConfig, metrics: Metrics | Callable[[torch.device],
 def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> dict:
     from tqdm import tqdm
 
-    from ..models import check_image_size, load_pipeline
+    from ..models import check_image_size, load_pipeline, own_height
 
     device = shard.device
     if metrics is None:
@@ -514,7 +514,7 @@ def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> d
     pipe = load_pipeline(config.model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     vae_factor = getattr(pipe, "vae_scale_factor", 8)
-    height = config.height or pipe.unet.config.sample_size * vae_factor
+    height = config.height or own_height(pipe.unet.config, vae_factor)
     width = config.width or height
     check_image_size(height, width, pipe.unet.config, vae_factor)
     vae_config = dict(pipe.vae.config) if getattr(pipe, "vae", None) is not None else None
