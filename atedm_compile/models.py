@@ -173,7 +173,7 @@ def read_json_object(path: Path) -> dict:
     except ValueError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+        raise ValueError(f"{path} holds {json.dumps(data)[:40]}, not a JSON object")
     return data
 
 

@@ -6,6 +6,7 @@ CLI as subprocesses (``python -m atedm_compile.cli`` from this checkout), starte
 """
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -314,6 +315,25 @@ def test_check_and_run_on_a_file_say_it_is_no_build_directory(tmp_path, capsys):
         assert main(argv) == 2
         _one_line(capsys.readouterr().err, "afile is a file, not a build directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[]", "manifest.json holds [], not an atedm-compile export manifest (a JSON object)"),
+    (b"null", "manifest.json holds null, not an atedm-compile export manifest (a JSON object)"),
+    (b'{"format": "caf\xe9"}', "manifest.json is not UTF-8 text (byte 15): not an atedm-compile export manifest"),
+])
+def test_a_manifest_that_is_no_json_object_is_named(content, message, capsys, tmp_path):
+    from atedm_compile.export import ManifestError, read_manifest
+
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "manifest.json").write_bytes(content)
+    for argv in (["check", str(build)], ["run", str(build), "--out", str(tmp_path / "image.png")]):
+        assert main(argv) == 2
+        _one_line(capsys.readouterr().err, message)
+    with pytest.raises(ManifestError, match=re.escape(message)):  # what `build` into the folder catches, to build anew
+        read_manifest(build)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["build", "manifest.json"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")

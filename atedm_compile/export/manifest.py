@@ -179,10 +179,16 @@ def read_manifest(directory: Path) -> Manifest:
     if not path.is_file():
         raise ManifestError(f"{path} does not exist: not an atedm-compile build directory (run `atedm-compile build`)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{path} is not UTF-8 text (byte {error.start}): not an atedm-compile export "
+                            f"manifest") from None
     except json.JSONDecodeError as error:
         raise ManifestError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} holds {json.dumps(data)[:40]}, not an atedm-compile export manifest (a JSON "
+                            f"object)")
+    if data.get("format") != FORMAT:
         raise ManifestError(f"{path} is not an atedm-compile export manifest (format {data.get('format')!r})")
     if data.get("format_version") != FORMAT_VERSION:
         raise ManifestError(
