@@ -46,6 +46,26 @@ def test_coco_captions_keep_one_per_image(tmp_path):
         (3, "two birds", "000003.jpg"), (7, "A brown dog sleeping.", "000007.jpg")]
 
 
+def test_a_byte_order_mark_is_no_part_of_the_first_caption(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_bytes("a red square\na blue circle\n".encode("utf-8-sig"))
+    assert [c.text for c in read_captions(path)] == ["a red square", "a blue circle"]
+    coco = tmp_path / "captions.json"
+    coco.write_bytes(json.dumps({"annotations": [{"image_id": 1, "caption": "a dog"}]}).encode("utf-8-sig"))
+    assert [c.text for c in read_captions(coco)] == ["a dog"]
+
+
+def test_coco_image_ids_of_both_kinds_sort_integers_first(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({"annotations": [{"id": "b", "image_id": "x", "caption": "a string id"},
+                                                {"id": 2, "image_id": 5, "caption": "an integer id"},
+                                                {"id": 1, "image_id": "x", "caption": "another caption of x"}]}))
+    assert [(c.image_id, c.text) for c in read_captions(path)] == [(5, "an integer id"), ("x", "another caption of x")]
+    path.write_text(json.dumps({"annotations": [{"image_id": [1], "caption": "a list for an id"}]}))
+    with pytest.raises(ValueError, match=r"annotation 0 has image_id \[1\], neither an integer nor a string"):
+        read_captions(path)
+
+
 @pytest.mark.parametrize("content, message", [
     ("\n\n", "holds no caption"),
     ('{"images": []}', "not COCO captions"),

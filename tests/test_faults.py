@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _one_line(err: str, message: str) -> None:
-    lines = err.strip().splitlines()
+    # The sampling progress bar, where sampling began, is no error line.
+    lines = [line for line in err.strip().splitlines() if not re.match(r"sampling: +\d+%", line)]
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
 
@@ -44,6 +45,11 @@ def _one_line(err: str, message: str) -> None:
     (["generate", "--prompt", "caf\udce9"], "argument --prompt: 'caf\\udce9' is not valid UTF-8 text"),
     (["generate", "--steps", "0"], "argument --steps: '0' is not an integer >= 1"),
     (["run", "build", "--steps", "0"], "argument --steps: '0' is not an integer >= 1"),
+    (["generate", "--steps", "1000000000000"], "argument --steps: '1000000000000' is more than the 1000 sampling "
+                                               "steps taken"),
+    (["run", "build", "--steps", "1001"], "argument --steps: '1001' is more than the 1000 sampling steps taken"),
+    (["evaluate", "--model", "m", "--captions", "c", "--out", "o", "--steps", "10000"],
+     "argument --steps: '10000' is more than the 1000 sampling steps taken"),
     (["run", "build", "--images", "0"], "argument --images: '0' is not an integer >= 1"),
     (["flops", "--target-tflops", "nan"], "argument --target-tflops: 'nan' is not a finite number"),
     (["flops", "--target-tflops", "-1"], "argument --target-tflops: '-1' is not a number > 0"),
@@ -104,9 +110,7 @@ def test_latents_that_are_not_finite_write_no_image(capsys, tmp_path, monkeypatc
     monkeypatch.setattr(models, "load_pipeline", overflowing)
     out = tmp_path / "out"
     assert main(["generate", "--steps", "2", "--out", str(out)]) == 2
-    err = capsys.readouterr().err  # the progress bar's lines, then the error's
-    _one_line("\n".join(line for line in err.splitlines() if not line.startswith("sampling:")),
-              "sampling step 1 made latents that are not finite (inf or NaN): no image written")
+    _one_line(capsys.readouterr().err, "sampling step 1 made latents that are not finite (inf or NaN): no image written")
     assert not out.exists()
 
 
@@ -162,6 +166,28 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file(damage, message, cap
     assert main(["generate", "--model", str(_damaged_model(tmp_path, damage)), "--steps", "1", "--out", str(out)]) == 2
     _one_line(capsys.readouterr().err, message)
     assert not out.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
+@pytest.mark.parametrize("argv, out", [(["generate"], "/proc/atedm-out"), (["generate"], "/sys/atedm/out"),
+                                       (["run", "build"], "/proc/atedm-out.png")])
+def test_an_output_where_no_file_can_be_made_is_refused_before_sampling(argv, out, capsys, monkeypatch):
+    # root passes os.access there: the output was found unwritable only after sampling.
+    monkeypatch.setattr("atedm_compile.models.load_pipeline", lambda *_, **__: pytest.fail("a model was loaded"))
+    assert main(argv + ["--out", out]) == 2
+    _one_line(capsys.readouterr().err, f"--out {out}: /{out.split('/')[1]} takes no new files")
+
+
+def test_an_output_name_that_is_not_utf8_is_refused_before_anything_is_written(capsys, tmp_path, monkeypatch):
+    # The image was written, then printing its name failed: exit 2 with the file on disk.
+    monkeypatch.setattr("atedm_compile.models.load_pipeline", lambda *_, **__: pytest.fail("a model was loaded"))
+    out = str(tmp_path / "caf\udce9")
+    for argv in (["generate", "--out", out], ["run", "build", "--out", out + ".png"],
+                 ["evaluate", "--model", "tiny-shapes", "--captions", "c.txt", "--methods", "full",
+                  "--reference-stats", __file__, "--out", out]):
+        assert main(argv) == 2
+        _one_line(capsys.readouterr().err, "caf\\udce9" + ("'" if argv[0] != "run" else ".png'") + " is not valid UTF-8")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(capsys, tmp_path, monkeypatch):
@@ -245,11 +271,21 @@ def cli_faults(tmp_path_factory):
         "mistyped manifest": (["check", str(_bad_manifest(root / "bad-build"))], {},
                               'batch is "two", expected an integer'),
     }
+    # A file-size limit of 1 KiB (as a full disk): the image cannot be written, its folder not kept.
+    limited = [f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY)); "
+               f"from atedm_compile.cli import main; sys.exit(main(sys.argv[1:]))"]
+    cases["file-size limit"] = (["generate", "--steps", "1"], {"LIMIT": "1"}, "File too large: '")
     started = {}
     for name, (argv, env, message) in cases.items():
         out = root / name.replace(" ", "-")
         extra = [] if argv[0] == "check" else [b"--out" if isinstance(argv[0], bytes) else "--out", str(out)]
-        started[name] = (_start(argv + extra, **env), message, out)
+        if env.pop("LIMIT", None):
+            process = subprocess.Popen([sys.executable, "-c", *limited, *argv, *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE)
+            message += f"{out / 'image.png'}'"
+        else:
+            process = _start(argv + extra, **env)
+        started[name] = (process, message, out)
     results = {}
     for name, (process, message, out) in started.items():
         stdout, stderr = process.communicate(timeout=300)
@@ -257,8 +293,8 @@ def cli_faults(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("case", ["zero height", "absurd guidance", "non-UTF-8 prompt", "image too large", "no TensorRT", "no onnx extra",
-                                  "mistyped manifest"])
+@pytest.mark.parametrize("case", ["zero height", "absurd guidance", "file-size limit", "non-UTF-8 prompt",
+                                  "image too large", "no TensorRT", "no onnx extra", "mistyped manifest"])
 def test_bad_input_through_the_cli(cli_faults, case):
     returncode, err, message, out = cli_faults[case]
     assert returncode == 2, err

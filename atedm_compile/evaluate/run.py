@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import MAX_GUIDANCE, check_keep_ratio
+from ..arguments import check_output
+from ..config import MAX_GUIDANCE, MAX_STEPS, check_keep_ratio
 from ..devices import DTYPES
 from ..files import write_atomically
 from ..memory import check_fits, sampling_bytes
@@ -104,6 +105,8 @@ class EvaluateConfig:
             if value is not None and (not isinstance(value, int) or value < least):
                 raise ValueError(f"{name}={value!r} must be an integer >= {least}"
                                  + (" (a covariance needs two images)" if name == "images" else ""))
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"steps={self.steps} is more than the {MAX_STEPS} sampling steps taken")
         if (self.reference is None) == (self.reference_stats is None):
             raise ValueError("FID needs exactly one of --reference DIR (real images, e.g. COCO val2017) and "
                              "--reference-stats FILE.npz (their mu and sigma)")
@@ -111,8 +114,7 @@ class EvaluateConfig:
             raise ValueError(f"--reference {str(self.reference)!r} is not a folder")
         if self.reference_stats is not None and not Path(self.reference_stats).is_file():
             raise ValueError(f"--reference-stats {str(self.reference_stats)!r} is not a file")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"--out {str(self.out)!r} exists and is not a folder")
+        check_output(Path(self.out), folder=True)
         if self.dtype != "auto" and DTYPE_ALIASES.get(self.dtype, self.dtype) not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: choose auto or one of {list(DTYPES)}")
 

@@ -13,7 +13,9 @@ from .onnx import DEFAULT_OPSET, EXPORTERS, OPSETS
 
 def add_export_commands(sub) -> None:
     """Add ``build``, ``run`` and ``check`` to the ``atedm-compile`` subparsers."""
-    from ..arguments import HelpFormatter, add_pruning_options, guidance_scale, positive_int, seed_int, utf8_text
+    from ..arguments import (HelpFormatter, add_pruning_options, guidance_scale, positive_int, seed_int, step_count,
+                             utf8_text)
+    from ..config import MAX_STEPS
 
     build = sub.add_parser(
         "build", help="export one ONNX graph (and TensorRT engine) per schedule phase", formatter_class=HelpFormatter,
@@ -53,7 +55,8 @@ def add_export_commands(sub) -> None:
     run.add_argument("directory", help="a directory made by `atedm-compile build`")
     run.add_argument("--prompt", type=utf8_text, default="a small red triangle at the top left on a striped blue "
                                                          "background", help="what to draw")
-    run.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the built count)")
+    run.add_argument("--steps", type=step_count, default=None,
+                     help=f"sampling steps, 1 to {MAX_STEPS} (default: the built count)")
     run.add_argument("--height", type=positive_int, default=None, help="image height (default: the built height)")
     run.add_argument("--width", type=positive_int, default=None, help="image width (default: the built width)")
     run.add_argument("--images", type=positive_int, default=None,
