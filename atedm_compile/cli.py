@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns at import about optional image backends this tool never uses.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    from .export.extras import UnavailableError
+    from .export.extras import UnavailableError, set_aside_broken_torchvision
+
+    set_aside_broken_torchvision()  # only `evaluate`'s metrics need it, and say so
 
     try:
         return args.func(args)

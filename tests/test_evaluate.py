@@ -107,7 +107,7 @@ def test_missing_metric_libraries_and_weights_are_named(tmp_path):
     with pytest.raises(MissingMetricDependency) as raised:
         paper_metrics("cpu", inception=tmp_path / "inception-2015-12-05.pt")
     message = str(raised.value)
-    for part in ("clean-fid", "open_clip_torch", "pip install 'atedm-compile[eval]'",
+    for part in ("clean-fid", "open_clip_torch", "pip install -c constraints/eval.txt -e '.[eval]'",
                  str(tmp_path / "inception-2015-12-05.pt")):
         assert part in message
 
@@ -556,7 +556,7 @@ def test_python_api_takes_a_metrics_object(data, tmp_path):
 def _paper_metrics_or_skip():
     for package, module in (("clean-fid", "cleanfid"), ("open_clip_torch", "open_clip")):
         if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{package} is not installed (pip install 'atedm-compile[eval]')")
+            pytest.skip(f"{package} is not installed (pip install -c constraints/eval.txt -e '.[eval]')")
     try:
         return paper_metrics("cpu")
     except MissingMetricDependency as missing:

@@ -302,6 +302,32 @@ def test_bad_input_through_the_cli(cli_faults, case):
     assert not out.exists()
 
 
+def test_a_torchvision_built_for_another_torch_fails_only_what_needs_it(tmp_path):
+    # pip put a CUDA torchvision beside the CPU torch: importing it raises a RuntimeError, and
+    # transformers imports it wherever it finds it: generate, evaluate and the toy metrics crashed.
+    hidden = tmp_path / "hidden"
+    (hidden / "torchvision").mkdir(parents=True)
+    (hidden / "torchvision" / "__init__.py").write_text(
+        "raise RuntimeError('operator torchvision::nms does not exist')\n")
+    (hidden / "torchvision-0.28.0.dist-info").mkdir()
+    (hidden / "torchvision-0.28.0.dist-info" / "METADATA").write_text("Name: torchvision\nVersion: 0.28.0\n")
+    captions, reference = tmp_path / "captions.txt", tmp_path / "reference"
+    captions.write_text("a red square\na blue circle\n")
+    reference.mkdir()
+    evaluate = ["evaluate", "--model", "tiny-shapes", "--captions", str(captions), "--reference", str(reference),
+                "--methods", "full", "--steps", "1", "--out", str(tmp_path / "eval")]
+    generate, metrics = (_start(argv, PYTHONPATH=str(hidden)) for argv in (
+        ["generate", "--steps", "1", "--out", str(tmp_path / "out")], evaluate))
+    results = [process.communicate(timeout=300) for process in (generate, metrics)]
+    assert generate.returncode == 0, results[0][1].decode()[-3000:]
+    assert (tmp_path / "out" / "image.png").is_file()
+    assert metrics.returncode == 2
+    _one_line(results[1][1].decode(), "the paper's metrics need a torchvision built for this torch: torchvision "
+                                      "0.28.0 does not import with torch")
+    assert "operator torchvision::nms does not exist" in results[1][1].decode()
+    assert not (tmp_path / "eval").exists()
+
+
 def test_ctrl_c_through_the_cli(tmp_path):
     out = tmp_path / "out"
     process = _start(["generate", "--model", "tiny", "--steps", "50", "--out", str(out)])
