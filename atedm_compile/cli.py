@@ -267,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     set_aside_broken_torchvision()  # only `evaluate`'s metrics need it, and say so
 
     try:
+        if getattr(args, "out", None) is not None:
+            from .evaluate.shards import check_launch
+
+            check_launch()
         return args.func(args)
     except (ValueError, OSError, UnavailableError) as error:
         # OSError: an output path that is a file, a folder we may not write, a full disk.

@@ -296,6 +296,29 @@ def test_one_process_and_two_ranks_give_the_same_results(two_runs):
             assert (alone / "images" / run / name).read_bytes() == (ranks / "images" / run / name).read_bytes()
 
 
+@pytest.mark.slow
+def test_ranks_started_by_slurms_env_launch_give_torchruns_bytes(two_runs, data, tmp_path):
+    # srun starting every rank with RANK / WORLD_SIZE (no torchrun) sets no OMP_NUM_THREADS: each
+    # rank took every core, and its sums rounded otherwise than torchrun's one thread.
+    import socket
+
+    _, ranks, _ = two_runs
+    out = tmp_path / "out"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", TRANSFORMERS_VERBOSITY="error")
+    processes = [subprocess.Popen([sys.executable, "-m", "atedm_compile.cli", *_args(data, out)], cwd=ROOT,
+                                  env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for r in range(2)]
+    results = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [r[1].decode()[-2000:] for r in results]
+    for png in (ranks / "images").rglob("*.png"):
+        assert (out / png.relative_to(ranks)).read_bytes() == png.read_bytes(), png
+    assert json.loads((out / "results.json").read_text()) == json.loads((ranks / "results.json").read_text())
+
+
 def test_a_plan_solved_under_other_rules_is_solved_again(two_runs, data, tmp_path):
     from atedm_compile.evaluate.plan import PLANNER_VERSION
 

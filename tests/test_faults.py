@@ -190,6 +190,40 @@ def test_an_output_name_that_is_not_utf8_is_refused_before_anything_is_written(c
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("environ, refused", [
+    ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4"}, True),  # srun -n 4, no torchrun
+    ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "4", "RANK": "1", "WORLD_SIZE": "4"}, False),  # env:// made
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}, False),  # srun -n 1
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, False),  # the batch script's own process
+    ({}, False),
+])
+def test_several_slurm_tasks_without_torchrun_are_refused(environ, refused):
+    from atedm_compile.evaluate.shards import check_launch
+
+    if refused:
+        with pytest.raises(ValueError, match=r"SLURM started 4 tasks of this command \(SLURM_STEP_NUM_TASKS=4\) "
+                                             r"without torchrun: no RANK or WORLD_SIZE, so each would do the whole "
+                                             r"job into the same --out"):
+            check_launch(environ)
+    else:
+        check_launch(environ)
+
+
+@pytest.mark.parametrize("argv", [["generate", "--out", "{out}"], ["build", "--out", "{out}"],
+                                  ["evaluate", "--model", "tiny-shapes", "--captions", "c.txt", "--methods", "full",
+                                   "--reference-stats", __file__, "--out", "{out}"]])
+def test_a_plain_srun_of_several_tasks_is_one_line_before_anything_runs(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("atedm_compile.models.load_pipeline", lambda *_, **__: pytest.fail("a model was loaded"))
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    out = tmp_path / "out"
+    assert main([a.format(out=out) for a in argv]) == 2
+    _one_line(capsys.readouterr().err, "SLURM started 2 tasks of this command (SLURM_STEP_NUM_TASKS=2) without torchrun")
+    assert not out.exists()
+
+
 def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(capsys, tmp_path, monkeypatch):
     def interrupted(*_, **__):
         raise KeyboardInterrupt
