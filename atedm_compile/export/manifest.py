@@ -430,12 +430,14 @@ def carry_over(entry: PhaseEntry, previous: Manifest | None) -> PhaseEntry:
 
 
 def dropped_artefacts(previous: Manifest | None, phases: list[PhaseEntry]) -> list[str]:
-    """Files of the previous build's phases that the new schedule no longer has."""
+    """Files of the previous build's phases that none of ``phases`` carries over: those of phases
+    the new schedule no longer has, of phases exported again, and, where the build settings (the
+    model...) changed, every one."""
     if previous is None:
         return []
-    current = {p.name for p in phases}
-    return [artefact.file for old in previous.phases if old.name not in current
-            for artefact in (old.onnx, old.engine) if artefact is not None]
+    kept = {artefact.file for p in phases for artefact in (p.onnx, p.engine) if artefact is not None}
+    return [artefact.file for old in previous.phases for artefact in (old.onnx, old.engine)
+            if artefact is not None and artefact.file not in kept]
 
 
 def tool_versions() -> dict[str, str]:
