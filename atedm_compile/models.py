@@ -459,20 +459,21 @@ def load_unet(directory: str | Path = TINY_SHAPES):
     """The U-Net of a trained model folder alone (float32), without its VAE and text encoders."""
     directory = Path(directory)
     unet = build_unet(read_config(directory)["unet"])
-    state = _read_weights(directory)
-    load_weights(unet, {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")},
-                 f"{directory / 'model.safetensors'}: the unet")
+    state = _read_weights(directory, "unet.")
+    load_weights(unet, {k[len("unet."):]: v for k, v in state.items()}, f"{directory / 'model.safetensors'}: the unet")
     return unet
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _read_weights(directory: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a model folder's ``model.safetensors`` whose names start with ``prefix``."""
+    from safetensors import SafetensorError, safe_open
 
+    path = directory / "model.safetensors"
     try:
-        return load_file(directory / "model.safetensors")
+        with safe_open(str(path), framework="pt") as weights:
+            return {name: weights.get_tensor(name) for name in weights.keys() if name.startswith(prefix)}
     except SafetensorError as error:
-        raise ValueError(f"{directory / 'model.safetensors'} is not a whole safetensors file: {error}") from None
+        raise ValueError(f"{path} is not a whole safetensors file: {error}") from None
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
