@@ -8,10 +8,12 @@ import argparse
 import inspect
 import math
 import os
+import tempfile
 from pathlib import Path
 
-from .config import (DEFAULT_PRUNING, FILLS, MAX_CELL, MAX_ITERATIONS, PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES,
+from .config import (DEFAULT_PRUNING, FILLS, MAX_CELL, MAX_GUIDANCE, MAX_ITERATIONS, MAX_STEPS, PRUNE_POINTS, RECOVERIES, SCORERS, SIMILARITIES,
                      PruningConfig)
+from .files import temp_prefix
 from .ops import HEAD_REDUCTIONS
 from .schedule import PRESETS, Schedule, make_schedule
 
@@ -50,6 +52,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def step_count(text: str) -> int:
+    """argparse type: sampling steps, 1 to ``MAX_STEPS``."""
+    value = positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than the {MAX_STEPS} sampling steps taken (the "
+                                         f"schedulers' training timesteps)")
+    return value
+
+
 def seed_int(text: str) -> int:
     """argparse type: an integer torch.Generator takes as a seed, [-2**63, 2**64)."""
     try:
@@ -68,6 +79,14 @@ def finite_float(text: str) -> float:
         value = math.nan
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """argparse type: a guidance scale in [0, ``MAX_GUIDANCE``] (1 or less: no guidance)."""
+    value = finite_float(text)
+    if not 0 <= value <= MAX_GUIDANCE:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside the guidance scales taken, [0, {MAX_GUIDANCE:g}]")
     return value
 
 
@@ -92,7 +111,8 @@ def add_pruning_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default=SCHEDULE_DEFAULTS["preset"], choices=PRESETS,
                         help="DSAP preset: atedm (prune-less first 30%% of steps), atedm-dagger (level 2 never "
                              "pruned), prune-more-early, uniform (every step prunes) or none")
-    parser.add_argument("--steps", type=positive_int, default=SCHEDULE_DEFAULTS["num_steps"], help="sampling steps")
+    parser.add_argument("--steps", type=step_count, default=SCHEDULE_DEFAULTS["num_steps"],
+                        help=f"sampling steps, 1 to {MAX_STEPS}")
     parser.add_argument("--keep-ratio", type=float, default=SCHEDULE_DEFAULTS["keep_ratio"],
                         help="share of tokens kept in pruned blocks, in (0, 1]")
     parser.add_argument("--prune-less-blocks", default=SCHEDULE_DEFAULTS["prune_less_blocks"],
@@ -127,6 +147,10 @@ def check_output(path: Path, folder: bool) -> None:
     before any model is loaded; nothing is created."""
     path = Path(path)
     what = "folder" if folder else "file"
+    try:
+        str(path).encode("utf-8")  # what is not UTF-8 cannot be printed in "wrote ..." once written
+    except UnicodeEncodeError:
+        raise ValueError(f"--out {str(path)!r} is not valid UTF-8") from None
     if not folder and path.suffix.lower() != ".png":
         raise ValueError(f"--out {path} must name a .png file")
     if path.exists():
@@ -141,8 +165,13 @@ def check_output(path: Path, folder: bool) -> None:
             target = target.parent
         if not target.is_dir():
             raise ValueError(f"--out {path}: {target} is not a folder, so the output {what} cannot be made there")
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {path}: {target} is not writable")
+    # A file made and removed: root passes os.access in /proc and /sys, which take no new files.
+    try:
+        handle, probe = tempfile.mkstemp(dir=target, prefix=temp_prefix("probe"))
+    except OSError as error:
+        raise ValueError(f"--out {path}: {target} takes no new files ({error.strerror})") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def pruning_config(args) -> PruningConfig:
@@ -172,9 +201,13 @@ def save_png(image, path: Path) -> None:
     """Write a PIL image as PNG atomically (never a half-written file), making its folder."""
     import io
 
-    from .files import write_atomically
+    from .files import make_folder, remove_folders, write_atomically
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, buffer.getvalue())
+    made = make_folder(path.parent)
+    try:
+        write_atomically(path, buffer.getvalue())
+    except BaseException:
+        remove_folders(made)  # no empty output folder left by a full disk
+        raise

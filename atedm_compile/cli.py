@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .arguments import (ArgumentParser, HelpFormatter, add_pruning_options, check_output, finite_float,
+from .arguments import (ArgumentParser, HelpFormatter, add_pruning_options, check_output, guidance_scale,
                         positive_float, positive_int, pruning_config, save_png, schedule_of, seed_int, utf8_text)
 
 EXAMPLES = """examples:
@@ -42,12 +42,12 @@ def _print_table(headers: list[str], rows: list[list]) -> None:
 
 def cmd_flops(args) -> int:
     from .flops import count_phases, solve_keep_ratio
-    from .models import build_unet, vae_factor
+    from .models import build_unet, own_height, vae_factor
 
     unet = build_unet(args.model, device="meta")
     factor = vae_factor(args.model)
     # Default: the model's own size (SD-XL 1024, SD 1.5 512, tiny 256, tiny-shapes 64, tiny-shapes-xl 128 px).
-    args.height = args.height or unet.config.sample_size * factor  # 0 never gets here: positive_int
+    args.height = args.height or own_height(unet.config, factor)  # 0 never gets here: positive_int
     args.width = args.width or args.height
     config = pruning_config(args)
     keep = args.keep_ratio
@@ -112,10 +112,10 @@ def image_size(height: int | None, width: int | None, unet_config: dict, vae_con
     """(height, width, VAE factor) of a sampling run: the model's own size by default (width:
     the height), checked against the U-Net's size multiple and the memory the run needs."""
     from .memory import check_fits, sampling_bytes
-    from .models import check_image_size
+    from .models import check_image_size, own_height
 
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 8
-    height = height or unet_config["sample_size"] * factor
+    height = height or own_height(unet_config, factor)
     width = width or height
     check_image_size(height, width, unet_config, factor)
     check_fits(sampling_bytes(unet_config, vae_config, images, 2 * images, height, width, factor, pruned), device,
@@ -130,7 +130,7 @@ def cmd_generate(args) -> int:
     from .flops import count_phases
     from .memory import prunes
     from . import triton_map
-    from .models import build_unet, load_pipeline, pipeline_configs
+    from .models import build_unet, load_pipeline, pipeline_configs, refuse_non_finite
     from .ops import attention_path
     from .runner import apply
     from .visualize import mask_sheet
@@ -170,7 +170,8 @@ def cmd_generate(args) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     with runner.capture_kept_tokens() as kept, attention_path(args.attention_map):
         image = pipe(args.prompt, num_inference_steps=args.steps, height=height, width=width,
-                     guidance_scale=args.guidance, generator=generator).images[0]
+                     guidance_scale=args.guidance, generator=generator,
+                     callback_on_step_end=refuse_non_finite).images[0]
 
     cost = count_phases(build_unet(dict(pipe.unet.config), device="meta"), schedule, config, height, width,
                         vae_factor=vae_factor)
@@ -234,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--height", type=positive_int, default=None,
                           help="image height in pixels (default: the model's own size)")
     generate.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: --height)")
-    generate.add_argument("--guidance", type=finite_float, default=5.0,
-                          help="classifier-free guidance scale (1 or less: no guidance)")
+    generate.add_argument("--guidance", type=guidance_scale, default=5.0,
+                          help="classifier-free guidance scale, 0 to 100 (1 or less: no guidance)")
     generate.add_argument("--seed", type=seed_int, default=0, help="seed of the initial noise")
     generate.add_argument("--out", default="out", help="folder for image.png and masks.png")
     generate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -261,9 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns at import about optional image backends this tool never uses.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    from .export.extras import UnavailableError
+    from .export.extras import UnavailableError, set_aside_broken_torchvision
+
+    set_aside_broken_torchvision()  # only `evaluate`'s metrics need it, and say so
 
     try:
+        if getattr(args, "out", None) is not None:
+            from .evaluate.shards import check_launch
+
+            check_launch()
         return args.func(args)
     except (ValueError, OSError, UnavailableError) as error:
         # OSError: an output path that is a file, a folder we may not write, a full disk.

@@ -17,6 +17,12 @@ FILLS = ("score", "distinct")
 
 MAX_CELL = 16  # a patch of 16 x 16 tokens: past that the kept tokens are no longer spread out
 MAX_ITERATIONS = 100  # G-WPR's ranking settles within a few rounds; more is a typo, not a setting
+# Classifier-free guidance: the paper's scales are 5 to 8 and hardly anyone goes past 30; far
+# beyond, the guided noise overflows and sampling makes a black or flat image.
+MAX_GUIDANCE = 100.0
+# Sampling steps: the schedulers are trained on 1000 timesteps, and every step costs a U-Net call;
+# 10**12 steps would first need terabytes for the timestep table.
+MAX_STEPS = 1000
 
 
 def _check_choice(field: str, value, allowed) -> None:

@@ -90,9 +90,34 @@ def write_atomically(path: str | Path, data: bytes | Callable[[str], object]) ->
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
         publish(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        if error.filename in (None, tmp):  # a full disk or a file-size limit: say which file it was
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def make_folder(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; the folders made, outermost first (for
+    ``remove_folders`` to take back where what was to go in them could not be written)."""
+    made = []
+    for parent in [*reversed(Path(folder).parents), Path(folder)]:
+        if not parent.exists():
+            parent.mkdir()
+            made.append(parent)
+    return made
+
+
+def remove_folders(made: list[Path]) -> None:
+    """Remove the folders ``make_folder`` made, innermost first, where they are still empty."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:  # something else went in meanwhile: it stays
+            return
 
 
 def publish(tmp: str | Path, path: Path) -> None:

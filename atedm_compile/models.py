@@ -130,22 +130,51 @@ TINY_SHAPES_XL = WEIGHTS / "tiny-shapes-xl"
 def model_folder(model: str | Path) -> Path | None:
     """The folder of a trained model: ``weights/<name>`` for a shipped model's name
     (``TRAINED_MODELS``), the path itself for a folder laid out like one (``config.json``
-    with the component configs, ``model.safetensors``); None for anything else."""
+    with the component configs, ``model.safetensors``); None for anything else. ValueError naming
+    the file where such a folder's ``config.json`` is broken."""
     if str(model) in TRAINED_MODELS:
         return WEIGHTS / str(model)
     folder = Path(model)
     if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
         return None
-    try:
-        config = read_config(folder)
-    except (OSError, ValueError):
-        return None
-    return folder if isinstance(config, dict) and {"unet", "vae"} <= config.keys() else None
+    config = read_config(folder)
+    if not {"unet", "vae"} <= config.keys():
+        return None  # another library's model (transformers lays its models out alike)
+    path = folder / "config.json"
+    for part in ("unet", "vae"):
+        if not isinstance(config[part], dict):
+            raise ValueError(f"{path}: {part} is {type(config[part]).__name__}, not the object of its config")
+    _check_configs(config["unet"], config["vae"], path, path)
+    own_height(config["unet"], 1, path)  # a trained model's folder says its size
+    return folder
+
+
+def _check_configs(unet: dict, vae: dict, unet_path: Path, vae_path: Path) -> None:
+    """ValueError naming the file where the U-Net or VAE config lacks what sampling reads first."""
+    for part, config, path, needed in (("unet", unet, unet_path, ("down_block_types", "block_out_channels")),
+                                       ("vae", vae, vae_path, ("block_out_channels",))):
+        missing = [key for key in needed if not isinstance(config.get(key), list) or not config[key]]
+        if missing:
+            raise ValueError(f"{path}: the {part} config has no {', '.join(missing)} (a list)")
 
 
 def read_config(directory: str | Path = TINY_SHAPES) -> dict:
-    """The component configs of a shipped model (``config.json``)."""
-    return json.loads((Path(directory) / "config.json").read_text())
+    """The component configs of a shipped model (``config.json``); ValueError naming the file
+    where it is no JSON object."""
+    return read_json_object(Path(directory) / "config.json")
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; ValueError naming the file where it holds anything else."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: byte {error.start} is {error.object[error.start]:#04x}") from None
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds {json.dumps(data)[:40]}, not a JSON object")
+    return data
 
 
 def folder_vae_factor(config: dict) -> int:
@@ -197,6 +226,19 @@ def unet_input_shapes(unet_config, batch: int, latent_height: int, latent_width:
         shapes["text_embeds"] = (batch, text_width)
         shapes["time_ids"] = (batch, TIME_IDS)
     return shapes
+
+
+def own_height(unet_config, vae_factor: int, path: Path | None = None) -> int:
+    """The image height a model is made for (``sample_size`` latent cells); ValueError (naming
+    the config's ``path`` where given) where its config does not say."""
+    size = unet_config.get("sample_size") if isinstance(unet_config, dict) else getattr(unet_config, "sample_size", None)
+    if isinstance(size, (list, tuple)) and size:
+        size = size[0]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        where = f"{path}: the unet config" if path else "the U-Net config"
+        said = "has no sample_size" if size is None else f"has sample_size {size!r}, not a positive integer"
+        raise ValueError(f"{where} {said} (the model's own image size){'' if path else ': give --height'}")
+    return size * vae_factor
 
 
 def check_image_size(height: int, width: int, unet_config, vae_factor: int) -> None:
@@ -383,9 +425,10 @@ def tiny_sd15_pipeline(seed: int = 0):
     return pipe
 
 
-def build_pipeline(config: dict, weights: dict[str, torch.Tensor] | None = None):
+def build_pipeline(config: dict, weights: dict[str, torch.Tensor] | None = None, source: str | Path | None = None):
     """A ``StableDiffusionXLPipeline`` from a model folder's config, with ``weights`` (the
-    prefixed state dict of ``model.safetensors``) loaded, or randomly initialised without."""
+    prefixed state dict of ``model.safetensors``, ``source`` in errors) loaded, or randomly
+    initialised without."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -399,8 +442,8 @@ def build_pipeline(config: dict, weights: dict[str, torch.Tensor] | None = None)
     if weights is not None:
         for name, module in parts.items():
             prefix = name + "."
-            state = {k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)}
-            module.load_state_dict(state, strict=True)
+            load_weights(module, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
+                         f"{source}: the {name}" if source else f"the {name}")
     pipe = StableDiffusionXLPipeline(
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
@@ -414,14 +457,38 @@ def build_pipeline(config: dict, weights: dict[str, torch.Tensor] | None = None)
 
 def load_unet(directory: str | Path = TINY_SHAPES):
     """The U-Net of a trained model folder alone (float32), without its VAE and text encoders."""
-    from safetensors import safe_open
-
     directory = Path(directory)
     unet = build_unet(read_config(directory)["unet"])
-    with safe_open(str(directory / "model.safetensors"), framework="pt") as weights:
-        state = {k[len("unet."):]: weights.get_tensor(k).float() for k in weights.keys() if k.startswith("unet.")}
-    unet.load_state_dict(state, strict=True)
+    state = _read_weights(directory, "unet.")
+    load_weights(unet, {k[len("unet."):]: v for k, v in state.items()}, f"{directory / 'model.safetensors'}: the unet")
     return unet
+
+
+def _read_weights(directory: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a model folder's ``model.safetensors`` whose names start with ``prefix``."""
+    from safetensors import SafetensorError, safe_open
+
+    path = directory / "model.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return {name: weights.get_tensor(name) for name in weights.keys() if name.startswith(prefix)}
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a whole safetensors file: {error}") from None
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``module.load_state_dict(state)`` (as float32), or one ValueError saying how ``what`` (the
+    weights) and the module built from the config differ."""
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        said = [f"{len(shapes)} of other shapes (first {shapes[0]}: {list(state[shapes[0]].shape)} in the weights, "
+                f"{list(own[shapes[0]].shape)} by the config)"] if shapes else []
+        said += [f"{len(missing)} missing (first {missing[0]})"] if missing else []
+        said += [f"{len(unexpected)} not in the config (first {unexpected[0]})"] if unexpected else []
+        raise ValueError(f"{what} weights do not fit the config: tensors {'; '.join(said)}")
+    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
 def load_trained_pipeline(directory: str | Path = TINY_SHAPES, device: str | torch.device = "cpu"):
@@ -439,11 +506,11 @@ def load_trained_pipeline(directory: str | Path = TINY_SHAPES, device: str | tor
         >>> image.size
         (64, 64)
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
-    pipe = build_pipeline(read_config(directory), load_file(directory / "model.safetensors"))
+    pipe = build_pipeline(read_config(directory), _read_weights(directory), directory / "model.safetensors")
     return pipe.to(device)
+
+
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """The pipeline for ``model`` on ``device`` in ``dtype``: a shipped trained model
     (``TRAINED_MODELS``: ``"tiny-shapes"``, ``"tiny-shapes-xl"``, trained on synthetic shapes) or the
@@ -462,6 +529,8 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | 
                              f"needs a pipeline: tiny, {', '.join(TRAINED_MODELS)}, a pipeline folder or a hub id")
         if Path(model).exists() and not Path(model).is_dir():
             raise ValueError(f"model {model!r} is a file; give a diffusers pipeline folder (with model_index.json)")
+        if (Path(model) / "model_index.json").is_file():
+            _check_model_index(Path(model) / "model_index.json")
         with quiet_loading():
             from diffusers import DiffusionPipeline
 
@@ -481,23 +550,46 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | 
     return pipe
 
 
+def _check_model_index(path: Path) -> None:
+    """ValueError naming ``path`` where it names a class diffusers or transformers lacks (diffusers
+    itself fails with an AttributeError deep in its loader)."""
+    import importlib
+
+    index = read_json_object(path)
+    classes = [("pipeline", "diffusers", index.get("_class_name"))]
+    classes += [(part, *spec) for part, spec in index.items() if not part.startswith("_") and isinstance(spec, list)
+                and len(spec) == 2 and spec[0] in ("diffusers", "transformers")]
+    for part, library, name in classes:
+        module = importlib.import_module(library)
+        if not isinstance(name, str) or not hasattr(module, name):
+            raise ValueError(f"{path} names the {part} class {name!r}, which {library} {module.__version__} does not "
+                             f"have")
+
+
+def refuse_non_finite(pipe, step: int, timestep, tensors: dict) -> dict:
+    """A pipeline's ``callback_on_step_end``: ValueError as soon as the latents hold inf or NaN,
+    so that no black or flat image is written as if it were one."""
+    if not torch.isfinite(tensors["latents"]).all():
+        raise ValueError(f"sampling step {step + 1} made latents that are not finite (inf or NaN): no image written; "
+                         f"a smaller guidance scale, or float32 instead of float16, avoids the overflow")
+    return tensors
+
+
 def pipeline_configs(model: str) -> tuple[dict, dict] | None:
     """(U-Net config, VAE config) of the pipeline ``load_pipeline(model)`` gives, read without
     loading any weights; None where only loading can tell (a hub id)."""
-    import json
-    from pathlib import Path
-
-
     folder = model_folder(model)
     if folder is not None:
         config = read_config(folder)
         return dict(config["unet"]), dict(config["vae"])
     if model == "tiny":
         return dict(TINY_SDXL_UNET), dict(TINY_VAE)
-    try:
-        return tuple(json.loads((Path(model) / part / "config.json").read_text()) for part in ("unet", "vae"))
-    except (OSError, ValueError):
+    paths = [Path(model) / part / "config.json" for part in ("unet", "vae")]
+    if not all(path.is_file() for path in paths):
         return None
+    unet, vae = (read_json_object(path) for path in paths)
+    _check_configs(unet, vae, *paths)
+    return unet, vae
 
 
 @contextlib.contextmanager

@@ -127,7 +127,7 @@ def test_help_describes_every_option_with_its_default_and_examples():
             shown = command._get_formatter()._expand_help(action) if action.help != "==SUPPRESS==" else ""
             assert shown.count("(default:") <= 1, f"{name} {action.option_strings}: {shown!r}"
     generate = commands["generate"].format_help()
-    assert "sampling steps (default: 50)" in generate and "(default: tiny-shapes)" in generate
+    assert "sampling steps, 1 to 1000 (default: 50)" in generate and "(default: tiny-shapes)" in generate
     assert "(default: None)" not in generate
     assert "(default: out/image.png)" in commands["run"].format_help()
 

@@ -4,12 +4,13 @@ leftovers of dead processes.
 """
 
 import json
+import time
 
 import pytest
 from export_build import CONFIG
 
 import atedm_compile as ac
-from atedm_compile.export import BuildPlan, ManifestError, build, load
+from atedm_compile.export import BuildConfig, BuildPlan, ManifestError, build, load
 from atedm_compile.export.manifest import MANIFEST, WEIGHTS
 from atedm_compile.export.onnxruntime import CPU_CACHE
 
@@ -165,6 +166,50 @@ def test_a_second_build_into_the_same_directory_waits_for_the_first(copy_of):
         lock.release()
     thread.join(60)
     assert done.is_set() and any("manifest: done" in m for m in messages)
+    load(copy_of)
+
+
+OTHER_MODEL = BuildConfig(model="tiny-shapes", schedule="uniform", num_steps=1)  # one phase, "pruned"
+
+
+def test_a_build_of_another_model_removes_every_artefact_of_the_old_one(copy_of):
+    # The old model's phase graphs (and ONNX Runtime's optimised copies) stayed, and check passed.
+    cache = copy_of / CPU_CACHE / "0123456789abcdef0123"
+    cache.mkdir(parents=True)
+    (cache / WEIGHTS).write_bytes(b"\0" * 1000)
+    messages = []
+    with BuildPlan(OTHER_MODEL, copy_of, messages.append):
+        pass
+    assert any("build settings changed" in m for m in messages)
+    assert not any((copy_of / name).exists() for name in ("prune-less.onnx", "pruned.onnx", WEIGHTS, CPU_CACHE))
+
+
+def test_a_build_of_another_model_that_waited_for_one_does_not_replace_it(copy_of):
+    # Two builds of other models into one folder both exited 0: the second undid the first.
+    import threading
+
+    from filelock import FileLock
+
+    from atedm_compile.export.build import LOCK
+
+    before = {p.name: p.read_bytes() for p in copy_of.iterdir() if p.is_file() and p.name != LOCK}
+    lock = FileLock(copy_of / LOCK)
+    lock.acquire()  # the first build, still running
+    errors, messages = [], []
+    thread = threading.Thread(target=lambda: errors.append(pytest.raises(ValueError, build, OTHER_MODEL, copy_of,
+                                                                         log=messages.append)))
+    thread.start()
+    try:
+        for _ in range(600):  # until the second build waits for the lock
+            if any("locked by another build: waiting" in m for m in messages):
+                break
+            time.sleep(0.1)
+    finally:
+        lock.release()
+    thread.join(60)
+    assert "another build, of other settings (model 'tiny'), finished there while this one waited; refusing to " \
+           "replace it" in str(errors[0].value)
+    assert {p.name: p.read_bytes() for p in copy_of.iterdir() if p.is_file() and p.name != LOCK} == before
     load(copy_of)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Caption:
     text: str
-    image_id: int | None = None  # COCO only
+    image_id: int | str | None = None  # COCO only
     file_name: str | None = None  # COCO only: the image the caption describes
 
 
@@ -45,6 +45,7 @@ def read_captions(path: str | Path) -> list[Caption]:
         line = raw[:error.start].count(b"\n") + 1
         raise ValueError(f"captions file {str(path)!r} is not UTF-8 text: line {line} holds byte "
                          f"0x{raw[error.start]:02x}") from None
+    text = text.removeprefix("\ufeff")  # the byte-order mark some editors put first is no part of caption 0
     if path.suffix.lower() == ".json":
         captions = _coco_captions(path, text)
     else:
@@ -64,10 +65,22 @@ def _coco_captions(path: Path, text: str) -> list[Caption]:
             isinstance(a, dict) and {"image_id", "caption"} <= a.keys() for a in annotations):
         raise ValueError(f"captions file {str(path)!r} is JSON but not COCO captions: expected "
                          f"'annotations' entries with 'image_id' and 'caption'")
-    files = {image["id"]: image.get("file_name") for image in data.get("images", []) if "id" in image}
-    first: dict[int, tuple[int, str]] = {}  # image id -> (annotation id, caption)
+    for position, annotation in enumerate(annotations):
+        for key in ("image_id", "id"):
+            if key in annotation and (not isinstance(annotation[key], (int, str)) or isinstance(annotation[key], bool)):
+                raise ValueError(f"captions file {str(path)!r}: annotation {position} has {key} "
+                                 f"{annotation[key]!r}, neither an integer nor a string")
+    images = [image for image in data.get("images", []) if isinstance(image, dict) and "id" in image]
+    files = {image["id"]: image.get("file_name") for image in images if isinstance(image["id"], (int, str))}
+    first: dict[int | str, tuple[int | str, str]] = {}  # image id -> (annotation id, caption)
     for position, annotation in enumerate(annotations):
         candidate = (annotation.get("id", position), annotation["caption"])
-        if annotation["image_id"] not in first or candidate[0] < first[annotation["image_id"]][0]:
-            first[annotation["image_id"]] = candidate
-    return [Caption(_clean(first[image_id][1]), image_id, files.get(image_id)) for image_id in sorted(first)]
+        image_id = annotation["image_id"]
+        if image_id not in first or _order(candidate[0]) < _order(first[image_id][0]):
+            first[image_id] = candidate
+    return [Caption(_clean(first[image_id][1]), image_id, files.get(image_id)) for image_id in sorted(first, key=_order)]
+
+
+def _order(identifier: int | str) -> tuple[bool, int | str]:
+    # COCO's ids are integers; a file that mixes in strings sorts them after the integers.
+    return isinstance(identifier, str), identifier

@@ -16,7 +16,8 @@ EXAMPLES = """examples:
 
 def add_evaluate_command(sub) -> None:
     """Add ``evaluate`` to the ``atedm-compile`` subparsers."""
-    from ..arguments import HelpFormatter, finite_float, positive_float, positive_int, seed_int
+    from ..arguments import HelpFormatter, guidance_scale, positive_float, positive_int, seed_int, step_count
+    from ..config import MAX_STEPS
 
     evaluate = sub.add_parser(
         "evaluate", help="FID and CLIP score of each method at matched FLOPs budgets (runs under torchrun too)",
@@ -39,10 +40,10 @@ def add_evaluate_command(sub) -> None:
                                "counted in, are at most AT-EDM's")
     evaluate.add_argument("--keep-ratios", nargs="+", type=positive_float, default=[], metavar="KEEP",
                           help="budgets given as AT-EDM's keep ratio instead")
-    evaluate.add_argument("--guidance", nargs="+", type=finite_float, default=[7.0], metavar="CFG",
-                          help="guidance scales")
+    evaluate.add_argument("--guidance", nargs="+", type=guidance_scale, default=[7.0], metavar="CFG",
+                          help="guidance scales, each in (0, 100]")
     evaluate.add_argument("--images", type=positive_int, default=None, help="the first N captions")
-    evaluate.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
+    evaluate.add_argument("--steps", type=step_count, default=50, help=f"sampling steps, 1 to {MAX_STEPS}")
     evaluate.add_argument("--seed", type=seed_int, default=0, help="caption i is sampled from seed + i")
     evaluate.add_argument("--batch", type=positive_int, default=4, help="images generated together")
     evaluate.add_argument("--height", type=positive_int, default=None, help="default: the model's own size")

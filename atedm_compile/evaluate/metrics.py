@@ -3,7 +3,7 @@
 The paper's metrics (PAPER.md section 3, supp. A.4): FID by clean-fid ("clean" mode: PIL bicubic
 resize to 299 px, the TorchScript Inception of StyleGAN2-ADA), the CLIP score by OpenCLIP ViT-g-14
 (cosine of the image and caption embeddings; the paper reports e.g. 0.3284). Both libraries are
-imported lazily (``pip install 'atedm-compile[eval]'``), and their weights are read from the
+imported lazily (``pip install -c constraints/eval.txt -e '.[eval]'``), and their weights are read from the
 user's caches only: nothing is downloaded here, and a missing piece is named in the error.
 
 ``Metrics`` is the seam: ``evaluate`` takes any object with the same three members, so other
@@ -30,7 +30,7 @@ CLIP_MODEL = "ViT-g-14"
 # The paper names ViT-g-14 but not its checkpoint; this one (the later, longer-trained LAION-2B
 # run) is our choice.
 CLIP_PRETRAINED = "laion2b_s34b_b88k"
-EVAL_EXTRA = "pip install 'atedm-compile[eval]'"
+EVAL_EXTRA = "pip install -c constraints/eval.txt -e '.[eval]'"
 
 
 class MissingMetricDependency(RuntimeError):
@@ -193,11 +193,16 @@ def paper_metrics(device: str | torch.device = "cpu", inception: str | Path | No
 
     Raises ``MissingMetricDependency`` naming every library and weights file that is missing.
     """
+    from ..export.extras import set_aside_broken_torchvision
+
     device = torch.device(device)
     missing = []
     libraries = {"clean-fid": "cleanfid", "open_clip_torch": "open_clip"}
-    absent = [package for package, module in libraries.items() if not _importable(module)]
-    if absent:
+    torchvision = set_aside_broken_torchvision()
+    absent = [package for package, module in libraries.items() if torchvision or not _importable(module)]
+    if torchvision:
+        missing.append(f"a torchvision built for this torch: {torchvision}; {EVAL_EXTRA} installs a matching pair")
+    elif absent:
         missing.append(f"the package(s) {', '.join(absent)}: {EVAL_EXTRA} (they need torchvision built for your torch)")
     weights = inception_weights(inception)
     if weights is None:

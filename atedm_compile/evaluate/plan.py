@@ -85,6 +85,10 @@ def plan_budgets(unet, methods, budgets=(), keep_ratios=(), steps: int = 50, hei
         if budget is not None:
             if budget <= 0:
                 raise ValueError(f"budget {budget} TMACs must be positive (the full model costs {full.full_tmacs:.4g})")
+            if budget >= full.full_tmacs:
+                # Solved, it would be keep 1.0: the "pruned" rows would be the full model's.
+                raise ValueError(f"budget {budget:g} TMACs is not below the full model's {full.full_tmacs:.4g} TMACs "
+                                 f"per U-Net call at {width}x{height} px: nothing to prune; give budgets below it")
             keep, pruned = solve_keep_ratio(unet, budget, "uniform", 1, PruningConfig(), tolerance=tolerance, **size)
             pruned_tmacs = pruned.average_tmacs
         else:

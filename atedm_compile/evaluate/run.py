@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import check_keep_ratio
+from ..arguments import check_output
+from ..config import MAX_GUIDANCE, MAX_STEPS, check_keep_ratio
 from ..devices import DTYPES
 from ..files import write_atomically
 from ..memory import check_fits, sampling_bytes
@@ -97,13 +98,15 @@ class EvaluateConfig:
             check_keep_ratio(keep, "keep ratio")
         if any(b <= 0 for b in self.budgets):
             raise ValueError(f"budgets {list(self.budgets)}: each must be a positive number of TMACs")
-        if not self.guidance or any(g <= 0 for g in self.guidance):
-            raise ValueError(f"guidance {list(self.guidance)}: give one or more scales, each > 0")
+        if not self.guidance or any(not 0 < g <= MAX_GUIDANCE for g in self.guidance):
+            raise ValueError(f"guidance {list(self.guidance)}: give one or more scales, each in (0, {MAX_GUIDANCE:g}]")
         for name, least in (("steps", 1), ("batch", 1), ("images", 2), ("seed", 0)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < least):
                 raise ValueError(f"{name}={value!r} must be an integer >= {least}"
                                  + (" (a covariance needs two images)" if name == "images" else ""))
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"steps={self.steps} is more than the {MAX_STEPS} sampling steps taken")
         if (self.reference is None) == (self.reference_stats is None):
             raise ValueError("FID needs exactly one of --reference DIR (real images, e.g. COCO val2017) and "
                              "--reference-stats FILE.npz (their mu and sigma)")
@@ -111,8 +114,7 @@ class EvaluateConfig:
             raise ValueError(f"--reference {str(self.reference)!r} is not a folder")
         if self.reference_stats is not None and not Path(self.reference_stats).is_file():
             raise ValueError(f"--reference-stats {str(self.reference_stats)!r} is not a file")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"--out {str(self.out)!r} exists and is not a folder")
+        check_output(Path(self.out), folder=True)
         if self.dtype != "auto" and DTYPE_ALIASES.get(self.dtype, self.dtype) not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: choose auto or one of {list(DTYPES)}")
 
@@ -151,18 +153,28 @@ def _runs(config: EvaluateConfig, plan: dict) -> list[Run]:
     return runs
 
 
+def _differs(path: Path, wanted: dict, what: str) -> bool:
+    """ValueError where ``path`` holds JSON other than ``wanted``; True where it is not there yet."""
+    if not path.is_file():
+        return True
+    there = json.loads(path.read_text())
+    differ = sorted(k for k in set(there) | set(wanted) if there.get(k) != wanted.get(k))
+    if differ:
+        was = "; ".join(f"{k} {there.get(k)!r} there, {wanted.get(k)!r} now" for k in differ)
+        raise ValueError(f"{path.parent} holds {what} made with other settings ({was}); "
+                         f"use another --out or the same settings")
+    return False
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+
+
 def _check_same(path: Path, wanted: dict, what: str) -> None:
     """Write ``wanted`` to ``path`` as JSON, or check that what is there says the same."""
-    if path.is_file():
-        there = json.loads(path.read_text())
-        differ = sorted(k for k in set(there) | set(wanted) if there.get(k) != wanted.get(k))
-        if differ:
-            was = "; ".join(f"{k} {there.get(k)!r} there, {wanted.get(k)!r} now" for k in differ)
-            raise ValueError(f"{path.parent} holds {what} made with other settings ({was}); "
-                             f"use another --out or the same settings")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(wanted, indent=1) + "\n"))
+    if _differs(path, wanted, what):
+        _write_json(path, wanted)
 
 
 def _caption_records(captions: list[Caption], seed: int) -> list[dict]:
@@ -170,34 +182,66 @@ def _caption_records(captions: list[Caption], seed: int) -> list[dict]:
             for i, c in enumerate(captions)]
 
 
+def _plan_key(config: EvaluateConfig, unet_config: dict, size: dict) -> dict:
+    # diffusers' private config keys are bookkeeping, and _use_default_values is a list in set
+    # order, which changes with Python's hash seed: left in, every new process solved again.
+    unet = {k: v for k, v in unet_config.items() if not k.startswith("_")}
+    key = {"planner": PLANNER_VERSION, "unet": unet, "methods": list(config.methods), "budgets": list(config.budgets),
+           "keep_ratios": list(config.keep_ratios), "steps": config.steps, **size, "tolerance": config.budget_tolerance}
+    return json.loads(json.dumps(key, default=str))
+
+
+def _check_rows_kept(out: Path, runs: list[str], images: int) -> None:
+    """ValueError where ``results.json`` holds rows (or more images) that this run would drop."""
+    path = out / "results.json"
+    if not path.is_file():
+        return
+    record = json.loads(path.read_text())
+    had = record["settings"]["images"]
+    dropped = [row["run"] for row in record["rows"] if row["run"] not in runs]
+    if dropped or images < had:
+        what = f"the rows {dropped}" if dropped else "its rows"
+        raise ValueError(f"{path} holds {what} of {had} images, which this run ({images} images) would drop; rerun "
+                         f"with every method, budget and guidance scale it holds and --images {had} or more (what "
+                         f"is made is reused), or use another --out")
+
+
 def _prepare(out: Path, settings: dict, captions: list[dict], config: EvaluateConfig, unet_config: dict, size: dict) -> dict:
-    """Rank 0: check and record the settings and captions of ``out``, and make (or reuse) the plan."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Rank 0: check the settings and captions of ``out``, make (or reuse) the plan, then record them.
+
+    Nothing is written before every check has passed, the plan's included (a budget it cannot reach)."""
     if not any((out / "images").glob("*/*.png")):
         # An earlier run stopped before its first image: its records hold nothing to keep.
         for record in [out / "settings.json", out / "captions.json", *(out / "images").glob("*/run.json")]:
             record.unlink(missing_ok=True)
-    _check_same(out / "settings.json", settings, "images")
+    new_settings = _differs(out / "settings.json", settings, "images")
     saved = json.loads((out / "captions.json").read_text()) if (out / "captions.json").is_file() else []
     for old, new in zip(saved, captions):
         if old != new:
             raise ValueError(f"{out} holds images of other captions (caption {new['index']}: {old['caption']!r} there, "
                              f"{new['caption']!r} now); use another --out")
-    if len(captions) > len(saved):
-        write_atomically(out / "captions.json", lambda tmp: Path(tmp).write_text(json.dumps(captions, indent=1) + "\n"))
-    key = {"planner": PLANNER_VERSION, "unet": unet_config, "methods": list(config.methods),
-           "budgets": list(config.budgets),
-           "keep_ratios": list(config.keep_ratios), "steps": config.steps, **size, "tolerance": config.budget_tolerance}
-    key = json.loads(json.dumps(key, default=str))
+    key = _plan_key(config, unet_config, size)
     cached = json.loads((out / "plan.json").read_text()) if (out / "plan.json").is_file() else {}
     if cached.get("key") == key:
-        return cached["plan"]
-    from ..models import build_unet
+        plan = cached["plan"]
+    else:
+        from ..models import build_unet
 
-    print("solving the budgets' keep ratios (FLOPs on the meta device)...", file=sys.stderr)
-    plan = plan_budgets(build_unet(unet_config, device="meta"), config.methods, config.budgets, config.keep_ratios,
-                        config.steps, tolerance=config.budget_tolerance, **size)
-    write_atomically(out / "plan.json", lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "plan": plan}, indent=1)))
+        print("solving the budgets' keep ratios (FLOPs on the meta device)...", file=sys.stderr)
+        plan = plan_budgets(build_unet(unet_config, device="meta"), config.methods, config.budgets, config.keep_ratios,
+                            config.steps, tolerance=config.budget_tolerance, **size)
+    runs = _runs(config, plan)
+    for run in runs:
+        _differs(out / "images" / run.name / "run.json", run.record(), "images")
+    _check_rows_kept(out, [run.name for run in runs], len(captions))
+    if new_settings:
+        _write_json(out / "settings.json", settings)
+    if len(captions) > len(saved):
+        _write_json(out / "captions.json", captions)
+    if cached.get("key") != key:
+        _write_json(out / "plan.json", {"key": key, "plan": plan})
+    for run in runs:
+        _check_same(out / "images" / run.name / "run.json", run.record(), "images")
     return plan
 
 
@@ -236,8 +280,11 @@ def _fid_features(metrics: Metrics, images: np.ndarray) -> np.ndarray:
 
 
 def _generate(pipe, texts: list[str], seeds: list[int], guidance: float, steps: int, height: int, width: int) -> np.ndarray:
+    from ..models import refuse_non_finite
+
     result = pipe(prompt=texts, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                  generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np")
+                  generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np",
+                  callback_on_step_end=refuse_non_finite)
     # diffusers hands back a transposed view: made contiguous, the images are laid out in memory as
     # when read back from their files, so feature networks see the very same input either way.
     return np.ascontiguousarray((np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8))
@@ -334,6 +381,14 @@ def _reference_files(folder: Path) -> list[Path]:
     return files
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def reference_image(path: Path, width: int, height: int) -> np.ndarray:
     """Center-cropped to the generated images' aspect ratio and resized to their size (supp. A.4:
     COCO images center-cropped and resized to 1024 px), PIL bicubic."""
@@ -380,7 +435,8 @@ def _reference_statistics(config: EvaluateConfig, files: list[Path], metrics: Me
     done = {}
     for c in shard.mine(len(chunks)):
         indices = chunks[c]
-        names = [(str(files[i].relative_to(folder)), files[i].stat().st_size) for i in indices]
+        # Keyed by content: another folder's files of the same names and sizes are other images.
+        names = [(str(files[i].relative_to(folder)), _sha256(files[i])) for i in indices]
         key = hashlib.sha256(json.dumps([names, size["width"], size["height"]]).encode()).hexdigest()
         path = out / "features" / "reference" / f"{c:06d}.safetensors"
         found = _read_features(path, indices, metrics.name, key)
@@ -444,7 +500,7 @@ def evaluate(config: EvaluateConfig, metrics: Metrics | Callable[[torch.device],
 def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> dict:
     from tqdm import tqdm
 
-    from ..models import check_image_size, load_pipeline
+    from ..models import check_image_size, load_pipeline, own_height
 
     device = shard.device
     if metrics is None:
@@ -460,7 +516,7 @@ def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> d
     pipe = load_pipeline(config.model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     vae_factor = getattr(pipe, "vae_scale_factor", 8)
-    height = config.height or pipe.unet.config.sample_size * vae_factor
+    height = config.height or own_height(pipe.unet.config, vae_factor)
     width = config.width or height
     check_image_size(height, width, pipe.unet.config, vae_factor)
     vae_config = dict(pipe.vae.config) if getattr(pipe, "vae", None) is not None else None
@@ -474,8 +530,6 @@ def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> d
     plan = shard.from_rank0(lambda: _prepare(out, settings, captions, config, dict(pipe.unet.config),
                                              dict(size, vae_factor=vae_factor)))
     runs = _runs(config, plan)
-    shard.from_rank0(lambda: [_check_same(out / "images" / run.name / "run.json", run.record(), "images")
-                              for run in runs])
 
     chunks = _chunks(len(captions), config.batch)
     reference_files = [] if config.reference is None else _reference_files(Path(config.reference))

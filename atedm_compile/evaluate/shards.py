@@ -1,7 +1,11 @@
 """Splitting the work over processes with ``torch.distributed``, as ``torchrun`` starts them.
 
 Only the environment ``torchrun`` sets is read (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, and the
-rendezvous it set up), so one node or many is the same code. Without it, one process does it all.
+rendezvous it set up), so one node or many is the same code. Without it, one process does it all;
+several processes that SLURM started without it are refused (``check_launch``). Several ranks on
+the CPU run one thread each unless ``OMP_NUM_THREADS`` says otherwise, as under ``torchrun``: the
+sums of a matrix product split over threads round by the thread count, and every launcher must
+give the same images.
 """
 
 from __future__ import annotations
@@ -71,8 +75,24 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ValueError(f"--device {device!r}: {error}") from None
 
 
+def check_launch(environ=os.environ) -> None:
+    """ValueError where SLURM started several tasks of this command without torchrun (no
+    ``RANK`` / ``WORLD_SIZE``): each would do the whole job into the same output."""
+    # srun sets SLURM_STEP_NUM_TASKS for its step; a batch script's own process, one task of a job
+    # of several (SLURM_NTASKS), is no such step.
+    tasks = environ.get("SLURM_STEP_NUM_TASKS", "")
+    if not tasks.isdigit() or int(tasks) < 2 or "RANK" in environ or "WORLD_SIZE" in environ:
+        return
+    raise ValueError(f"SLURM started {tasks} tasks of this command (SLURM_STEP_NUM_TASKS={tasks}) without "
+                     f"torchrun: no RANK or WORLD_SIZE, so each would do the whole job into the same --out. Run one "
+                     f"task per node that starts torchrun (srun --ntasks-per-node 1 torchrun ...), set RANK, "
+                     f"WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from SLURM's variables, or run one task "
+                     f"(srun --ntasks 1); see the README's Clusters")
+
+
 def start(device: str = "auto") -> Shard:
     """Join the process group ``torchrun`` describes (gloo on the CPU, NCCL on GPUs), or run alone."""
+    check_launch()
     device = resolve_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -81,6 +101,9 @@ def start(device: str = "auto") -> Shard:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Shard(0, 1, device)
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1; SLURM's env:// launch sets nothing
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     return Shard(dist.get_rank(), dist.get_world_size(), device, owns_group=True)
 

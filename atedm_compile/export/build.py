@@ -27,6 +27,7 @@ from .manifest import (BACKENDS, EXPORT_KEY, MANIFEST, PHASE_KEY, PRECISIONS, WE
                        ManifestError, PhaseEntry, build_settings, carry_over, dropped_artefacts, export_key, io_specs,
                        read_manifest, reusable, sha256_file, sha256_json, tool_versions)
 from .onnx import DEFAULT_OPSET, EXPORTERS, OPSETS, WeightStore, export_phase, share_weights
+from .onnxruntime import CPU_CACHE
 
 MARKER = ".atedm-export"
 LOCK = ".atedm-export.lock"
@@ -241,6 +242,7 @@ class BuildPlan:
         self.runner = None
         self.lock = None
         self.created = False
+        self.waited = False
         self._claim_directory()
         try:
             self.manifest = self._start_manifest()
@@ -274,6 +276,7 @@ class BuildPlan:
             lock.acquire(timeout=0)
         except Timeout:
             self.log(f"{directory} is locked by another build: waiting for it to finish")
+            self.waited = True
             lock.acquire()
         self.lock = lock
         if foreign():  # made by another program while we waited
@@ -315,6 +318,13 @@ class BuildPlan:
             opset=config.opset, tools=tool_versions(), phases=[], vae_factor=self.vae_factor,
         )
         manifest.tools["settings"] = sha256_json(build_settings(manifest))
+        found = previous
+        if self.waited and found is not None and found.tools.get("settings") != manifest.tools["settings"]:
+            # Two builds of other settings raced into this folder: the one that came second does not
+            # undo the first's finished work behind its back.
+            raise ValueError(f"{self.directory}: another build, of other settings (model {found.model['name']!r}), "
+                             f"finished there while this one waited; refusing to replace it: use another --out, "
+                             f"or run this build again to replace it")
         previous, reason = reusable(previous, manifest, self.directory)
         if reason:
             self.log(reason)
@@ -327,8 +337,11 @@ class BuildPlan:
             key = export_key(manifest, rules, inputs)
             phases.append(carry_over(PhaseEntry(phase.name, phase.start, phase.stop, rules, inputs, outputs, key),
                                      previous))
-        for file in dropped_artefacts(previous, phases):
+        dropped = dropped_artefacts(found, phases)
+        for file in dropped:
             (self.directory / file).unlink(missing_ok=True)
+        if dropped:  # ONNX Runtime's optimised copies of those graphs, each with a copy of the weights
+            shutil.rmtree(self.directory / CPU_CACHE, ignore_errors=True)
         wanted = {self._raw_dir(entry).name for entry in phases}
         for raw in (self.directory / _RAW).glob("*"):
             if raw.is_dir() and not raw.name.startswith(".") and raw.name not in wanted:

@@ -13,8 +13,9 @@ from .onnx import DEFAULT_OPSET, EXPORTERS, OPSETS
 
 def add_export_commands(sub) -> None:
     """Add ``build``, ``run`` and ``check`` to the ``atedm-compile`` subparsers."""
-    from ..arguments import (HelpFormatter, add_pruning_options, finite_float, positive_int, seed_int,
+    from ..arguments import (HelpFormatter, add_pruning_options, guidance_scale, positive_int, seed_int, step_count,
                              utf8_text)
+    from ..config import MAX_STEPS
 
     build = sub.add_parser(
         "build", help="export one ONNX graph (and TensorRT engine) per schedule phase", formatter_class=HelpFormatter,
@@ -54,13 +55,14 @@ def add_export_commands(sub) -> None:
     run.add_argument("directory", help="a directory made by `atedm-compile build`")
     run.add_argument("--prompt", type=utf8_text, default="a small red triangle at the top left on a striped blue "
                                                          "background", help="what to draw")
-    run.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the built count)")
+    run.add_argument("--steps", type=step_count, default=None,
+                     help=f"sampling steps, 1 to {MAX_STEPS} (default: the built count)")
     run.add_argument("--height", type=positive_int, default=None, help="image height (default: the built height)")
     run.add_argument("--width", type=positive_int, default=None, help="image width (default: the built width)")
     run.add_argument("--images", type=positive_int, default=None,
                      help="images per prompt (default: what the built batch fits)")
-    run.add_argument("--guidance", type=finite_float, default=5.0,
-                     help="classifier-free guidance scale (1 or less: no guidance, half the U-Net batch)")
+    run.add_argument("--guidance", type=guidance_scale, default=5.0,
+                     help="classifier-free guidance scale, 0 to 100 (1 or less: no guidance, half the U-Net batch)")
     run.add_argument("--seed", type=seed_int, default=0, help="seed of the initial noise")
     run.add_argument("--backend", default=None, choices=BACKENDS, help="default: the built backend")
     run.add_argument("--providers", nargs="+", default=None,
@@ -119,7 +121,7 @@ def cmd_run(args) -> int:
 
     from ..arguments import check_output, save_png
     from ..memory import check_fits, prunes, sampling_bytes
-    from ..models import UNET_CONFIGS, load_pipeline, pipeline_configs, tiny_sdxl_pipeline
+    from ..models import UNET_CONFIGS, load_pipeline, pipeline_configs, refuse_non_finite, tiny_sdxl_pipeline
     from .build import model_identity
     from .manifest import read_manifest
     from .onnxruntime import resolve_providers
@@ -169,7 +171,7 @@ def cmd_run(args) -> int:
         time.perf_counter() - started["t"]))
     generator = torch.Generator().manual_seed(args.seed)
     made = pipe(args.prompt, num_inference_steps=steps, height=height, width=width, guidance_scale=args.guidance,
-                num_images_per_prompt=images, generator=generator).images
+                num_images_per_prompt=images, generator=generator, callback_on_step_end=refuse_non_finite).images
     print(f"{directory}: {steps} steps at {width}x{height}, backend {args.backend or manifest.backend}")
     for phase, seconds in timings.items():
         calls = [c.step for c in unet.calls if c.phase == phase]

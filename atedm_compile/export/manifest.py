@@ -179,10 +179,16 @@ def read_manifest(directory: Path) -> Manifest:
     if not path.is_file():
         raise ManifestError(f"{path} does not exist: not an atedm-compile build directory (run `atedm-compile build`)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{path} is not UTF-8 text (byte {error.start}): not an atedm-compile export "
+                            f"manifest") from None
     except json.JSONDecodeError as error:
         raise ManifestError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} holds {json.dumps(data)[:40]}, not an atedm-compile export manifest (a JSON "
+                            f"object)")
+    if data.get("format") != FORMAT:
         raise ManifestError(f"{path} is not an atedm-compile export manifest (format {data.get('format')!r})")
     if data.get("format_version") != FORMAT_VERSION:
         raise ManifestError(
@@ -424,12 +430,14 @@ def carry_over(entry: PhaseEntry, previous: Manifest | None) -> PhaseEntry:
 
 
 def dropped_artefacts(previous: Manifest | None, phases: list[PhaseEntry]) -> list[str]:
-    """Files of the previous build's phases that the new schedule no longer has."""
+    """Files of the previous build's phases that none of ``phases`` carries over: those of phases
+    the new schedule no longer has, of phases exported again, and, where the build settings (the
+    model...) changed, every one."""
     if previous is None:
         return []
-    current = {p.name for p in phases}
-    return [artefact.file for old in previous.phases if old.name not in current
-            for artefact in (old.onnx, old.engine) if artefact is not None]
+    kept = {artefact.file for p in phases for artefact in (p.onnx, p.engine) if artefact is not None}
+    return [artefact.file for old in previous.phases for artefact in (old.onnx, old.engine)
+            if artefact is not None and artefact.file not in kept]
 
 
 def tool_versions() -> dict[str, str]:
