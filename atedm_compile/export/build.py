@@ -26,7 +26,8 @@ from .extras import UnavailableError
 from .manifest import (BACKENDS, EXPORT_KEY, MANIFEST, PHASE_KEY, PRECISIONS, WEIGHTS, Artefact, Manifest,
                        ManifestError, PhaseEntry, build_settings, carry_over, dropped_artefacts, export_key, io_specs,
                        read_manifest, reusable, sha256_file, sha256_json, tool_versions)
-from .onnx import DEFAULT_OPSET, EXPORTERS, OPSETS, WeightStore, export_phase, share_weights
+from .onnx import (DEFAULT_OPSET, EXPORTERS, OPSETS, UNFOLDED, UNetSignature, WeightStore, export_graph_on_meta,
+                   export_phase, share_weights, weight_arrays)
 
 MARKER = ".atedm-export"
 LOCK = ".atedm-export.lock"
@@ -190,9 +191,17 @@ def _load_unet(model: str, seed: int, precision: str, device: str):
 
     from ..models import UNET_CONFIGS, build_unet, load_unet, model_folder, quiet_loading
 
+    dtype = torch.float16 if precision == "fp16" else torch.float32
     with quiet_loading():
         if model in UNET_CONFIGS:
-            unet = build_unet(model, seed=seed)
+            # Drawn at the target precision: SD-XL's weights would take 10 GB in float32 before
+            # the cast. An fp16 build's random weights are therefore not an fp32 build's, cast.
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                unet = build_unet(model, seed=seed)
+            finally:
+                torch.set_default_dtype(previous)
         elif model_folder(model) is not None:
             unet = load_unet(model_folder(model)).eval().requires_grad_(False)
         else:
@@ -200,8 +209,19 @@ def _load_unet(model: str, seed: int, precision: str, device: str):
 
             root = Path(model)
             sub = "unet" if (root / "unet" / "config.json").is_file() else None
-            unet = UNet2DConditionModel.from_pretrained(root, subfolder=sub).eval().requires_grad_(False)
-        return unet.to(device, torch.float16 if precision == "fp16" else torch.float32)
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder=sub, torch_dtype=dtype)
+            unet = unet.eval().requires_grad_(False)
+        return unet.to(device, dtype)
+
+
+def _meta_unet(unet_config: dict, precision: str):
+    """The U-Net of ``unet_config`` on the meta device: its graph, none of its memory."""
+    import torch
+
+    from ..models import build_unet, quiet_loading
+
+    with quiet_loading():
+        return build_unet(unet_config, device="meta", dtype=torch.float16 if precision == "fp16" else torch.float32)
 
 
 class BuildPlan:
@@ -238,6 +258,7 @@ class BuildPlan:
                    "cuda" if config.precision == "fp16" and _cuda() else "cpu",
                    f"exporting at {width}x{height} px, batch {config.batch}")
         self.unet = None
+        self.traced = None
         self.runner = None
         self.lock = None
         self.created = False
@@ -380,15 +401,28 @@ class BuildPlan:
         return None
 
     def _load_model(self) -> None:
+        self._real_unet()
+        # The TorchScript exporter traces a copy on the meta device: nothing computed at full size.
+        self.traced = _meta_unet(self.unet_config, self.config.precision) if self._on_meta else self.unet
+
+    @property
+    def _on_meta(self) -> bool:
+        return self.config.exporter == "torchscript"
+
+    def _real_unet(self):
+        """The U-Net with its weights (loaded once): the values of the phase graphs' weights."""
         import torch
 
-        device = "cuda" if self.config.precision == "fp16" and torch.cuda.is_available() else "cpu"
-        self.unet = _load_unet(self.config.model, self.config.seed, self.config.precision, device)
+        if self.unet is None:
+            device = "cuda" if self.config.precision == "fp16" and torch.cuda.is_available() and not self._on_meta \
+                else "cpu"
+            self.unet = _load_unet(self.config.model, self.config.seed, self.config.precision, device)
+        return self.unet
 
     def _apply_passes(self) -> None:
         from ..runner import apply
 
-        self.runner = apply(self.unet, self.schedule, self.config.pruning)
+        self.runner = apply(self.traced, self.schedule, self.config.pruning)
         self.runner.start(self.schedule.num_steps)
 
     def _raw_dir(self, entry: PhaseEntry) -> Path:
@@ -407,7 +441,10 @@ class BuildPlan:
         final.parent.mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(final.name)))
         try:
-            export_phase(self.unet, entry.inputs, tmp / "model.onnx", self.config.exporter, self.config.opset)
+            if self._on_meta:
+                export_graph_on_meta(self.traced, entry.inputs, tmp, self.config.opset)
+            else:
+                export_phase(self.unet, entry.inputs, tmp / "model.onnx", self.config.exporter, self.config.opset)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         except BaseException:
@@ -421,7 +458,17 @@ class BuildPlan:
         import onnx
 
         raw = self._raw_dir(entry)
-        model = share_weights(onnx.load(str(raw / "model.onnx")), self.store)
+        if (raw / UNFOLDED).is_file():  # exported on meta: the weights come from the U-Net, one at a time
+            model = onnx.load(str(raw / "model.onnx"))
+            state = UNetSignature(self._real_unet(), list(entry.inputs)).state_dict()
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with _bar(f"weights: {entry.name}", total) as bar:
+                arrays = weight_arrays(model, onnx.load(str(raw / UNFOLDED)), state, list(entry.inputs),
+                                       progress=bar.update)
+                model = share_weights(model, self.store, arrays=arrays)
+            del state
+        else:
+            model = share_weights(onnx.load(str(raw / "model.onnx")), self.store)
         # The graph says which phase it is: load compares this with the manifest.
         onnx.helper.set_model_props(model, {PHASE_KEY: entry.name, EXPORT_KEY: entry.export_key})
         file = f"{entry.name}.onnx"
@@ -504,9 +551,15 @@ def build(config: BuildConfig, directory: str | Path, log: Callable[[str], None]
         if job.runner is not None:
             from ..runner import remove
 
-            remove(job.unet)
+            remove(job.traced)
         job.close()
     return job.manifest, records
+
+
+def _bar(desc: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
 
 
 def _cuda() -> bool:
