@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..config import DEFAULT_PRUNING, PruningConfig, check_keep_ratio, check_number
 from ..files import remove_leftovers, temp_prefix, write_atomically
-from ..memory import check_fits, prunes, unet_bytes
+from ..memory import memory_limit, prunes, unet_bytes
 from ..models import check_image_size
 from ..schedule import PRESETS, make_schedule
 from .extras import UnavailableError
@@ -253,10 +253,10 @@ class BuildPlan:
         self.height, self.width = height, width
         self.latent = (height // self.vae_factor, width // self.vae_factor)
         self.schedule = make_schedule(config.schedule, config.num_steps, **config.schedule_options())
-        check_fits(unet_bytes(self.unet_config, config.batch, *self.latent, config.precision,
-                              pruned=prunes(self.schedule.phases)),
-                   "cuda" if config.precision == "fp16" and _cuda() else "cpu",
-                   f"exporting at {width}x{height} px, batch {config.batch}")
+        self.meta_unet = _meta_unet(self.unet_config, config.precision)
+        self.memory = build_memory(self.meta_unet, config, unet_bytes(
+            self.unet_config, config.batch, *self.latent, config.precision, pruned=prunes(self.schedule.phases)))
+        check_memory(self.memory, f"building {config.model} at {width}x{height} px in {config.precision}", log)
         self.unet = None
         self.traced = None
         self.runner = None
@@ -403,7 +403,7 @@ class BuildPlan:
     def _load_model(self) -> None:
         self._real_unet()
         # The TorchScript exporter traces a copy on the meta device: nothing computed at full size.
-        self.traced = _meta_unet(self.unet_config, self.config.precision) if self._on_meta else self.unet
+        self.traced = self.meta_unet if self._on_meta else self.unet
 
     @property
     def _on_meta(self) -> bool:
@@ -556,13 +556,39 @@ def build(config: BuildConfig, directory: str | Path, log: Callable[[str], None]
     return job.manifest, records
 
 
+# What the TorchScript exporter holds besides the weights while it traces on meta tensors and the
+# weights are written (two graphs of a phase, their ONNX protos, Python, torch and diffusers):
+# measured on SD-XL base (README, "Building SD-XL"), rounded up.
+EXPORT_OVERHEAD = 2 << 30
+
+
+def build_memory(meta_unet, config: BuildConfig, activations: int) -> dict[str, int]:
+    """The memory a build holds at its peak, by part (bytes): the U-Net's weights at the chosen
+    precision (the values the graphs' weights are written from), twice the largest tensor (one
+    being folded and written), and the exporter. The dynamo exporter runs the U-Net at full size
+    (its activations) and holds the exported program and its ONNX proto besides the model."""
+    weights = sum(p.numel() * p.element_size() for p in meta_unet.parameters())
+    largest = max((p.numel() * p.element_size() for p in meta_unet.parameters()), default=0)
+    parts = {"weights": weights, "folding": 2 * largest, "exporter": EXPORT_OVERHEAD}
+    if config.exporter != "torchscript":
+        parts.update({"activations": activations, "exported copies": 2 * weights})
+    return parts
+
+
+def check_memory(parts: dict[str, int], what: str, log: Callable[[str], None] = print) -> None:
+    """Log what a build needs against the machine's memory; ValueError (one line, the numbers)
+    when it cannot fit, before any work."""
+    limit, source = memory_limit("cpu")
+    needed = sum(parts.values())
+    listing = " + ".join(f"{name} {value / 2**30:.2f}" for name, value in parts.items())
+    if needed > limit:
+        raise ValueError(f"{what} needs about {needed / 2**30:.1f} GiB of memory ({listing} GiB), more than the "
+                         f"{limit / 2**30:.1f} GiB of {source}")
+    log(f"memory: {what} needs about {needed / 2**30:.1f} GiB ({listing} GiB) of the {limit / 2**30:.1f} GiB "
+        f"of {source}")
+
+
 def _bar(desc: str, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
