@@ -556,10 +556,10 @@ def build(config: BuildConfig, directory: str | Path, log: Callable[[str], None]
     return job.manifest, records
 
 
-# What the TorchScript exporter holds besides the weights while it traces on meta tensors and the
-# weights are written (two graphs of a phase, their ONNX protos, Python, torch and diffusers):
-# measured on SD-XL base (README, "Building SD-XL"), rounded up.
-EXPORT_OVERHEAD = 2 << 30
+# What a build holds besides the weights while the TorchScript exporter traces on meta tensors and
+# the weights are written (two graphs of a phase, their ONNX protos, Python, torch and diffusers):
+# 0.75 GiB measured on SD-XL base at 1024 px (benchmarks/export_benchmark.py --sdxl), doubled.
+EXPORT_OVERHEAD = 3 << 29
 
 
 def build_memory(meta_unet, config: BuildConfig, activations: int) -> dict[str, int]:
