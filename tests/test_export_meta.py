@@ -117,3 +117,18 @@ def test_the_memory_estimate_counts_the_weights_at_the_chosen_precision():
     assert fp32["weights"] == 4 * params and fp16["weights"] == 2 * params
     assert fp32["exporter"] == EXPORT_OVERHEAD
     assert "activations" in build_memory(unet, BuildConfig(model="tiny", exporter="dynamo"), 123)
+
+
+@pytest.mark.slow
+def test_verify_compares_each_phase_with_pytorch(tmp_path, monkeypatch):
+    from atedm_compile.export.onnxruntime import OrtEngine
+
+    logged = []
+    config = BuildConfig(model="tiny", schedule="none", num_steps=2, verify=True)
+    build(config, tmp_path / "b", log=logged.append)
+    assert any(line.startswith("verify: full: ONNX Runtime matches PyTorch") for line in logged), logged
+    infer = OrtEngine.infer
+    monkeypatch.setattr(OrtEngine, "infer", lambda self, feed: {k: v + 0.1 * v.abs().max()
+                                                               for k, v in infer(self, feed).items()})
+    with pytest.raises(ValueError, match="differs from PyTorch"):
+        build(config, tmp_path / "b", log=lambda _: None)

@@ -52,6 +52,9 @@ class BuildConfig:
             see benchmarks/export_exporters.py) or ``dynamo``.
         opset: ONNX opset, 14 (the first with scaled dot-product attention) to 20.
         vae_factor: pixels per latent cell (default: the model's own; 8 for the SD families).
+        verify: after the build, run each phase graph in ONNX Runtime against the PyTorch U-Net
+            in that phase on the same random inputs (at full size: a real U-Net call each, and
+            the memory for it, which the pre-check counts).
     """
 
     model: str = "tiny"
@@ -70,6 +73,7 @@ class BuildConfig:
     seed: int = 0
     optimization_level: int = 3
     vae_factor: int | None = None
+    verify: bool = False
 
     def __post_init__(self):
         for name, value, allowed in (("schedule", self.schedule, PRESETS), ("precision", self.precision, PRECISIONS),
@@ -385,6 +389,8 @@ class BuildPlan:
                               partial(self._export, entry)))
             steps.append(Step(f"clean up: {entry.name}", partial(self._cleaned, entry), partial(self._cleanup, entry)))
             steps.append(Step(f"check: {entry.name}", partial(self._checked, entry), partial(self._check, entry)))
+        if self.config.verify:
+            steps += [Step(f"verify: {entry.name}", lambda: None, partial(self._verify, entry)) for entry in entries]
         if self.config.backend == "tensorrt":
             for entry in entries:
                 steps.append(Step(f"engine: {entry.name}", partial(self._engine_built, entry),
@@ -497,6 +503,35 @@ class BuildPlan:
         entry.lint = entry.onnx.sha256
         self._save()
 
+    def _verify(self, entry: PhaseEntry) -> None:
+        import torch
+
+        from ..runner import apply, remove
+        from .onnx import example_inputs
+        from .onnxruntime import OrtEngine, SharedWeights
+
+        unet = self._real_unet()
+        own = self.runner is None or self.traced is not unet  # the exported U-Net was a meta copy
+        runner = apply(unet, self.schedule, self.config.pruning) if own else self.runner
+        try:
+            runner.start(self.schedule.num_steps)
+            runner.use_phase(entry.name)
+            feed = example_inputs(entry.inputs, seed=1, device=next(unet.parameters()).device)
+            with torch.no_grad():
+                expected = UNetSignature(unet, list(entry.inputs))(*feed.values()).float().cpu()
+        finally:
+            if own:
+                remove(unet)
+        shared = SharedWeights(self.directory / WEIGHTS, self.store.index)
+        got = OrtEngine(self.directory / entry.onnx.file, shared, providers=["cpu"]).infer(feed)
+        got = got[next(iter(entry.outputs))].float()
+        error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-12)
+        tolerance = 3e-2 if self.config.precision == "fp16" else 1e-4
+        if not error <= tolerance:
+            raise ValueError(f"{entry.onnx.file}: ONNX Runtime differs from PyTorch by {error:.2e} of the output's "
+                             f"largest value (allowed {tolerance:.0e})")
+        self.log(f"verify: {entry.name}: ONNX Runtime matches PyTorch within {error:.2e} of the largest value")
+
     def _engine_file(self, entry: PhaseEntry, key: str) -> str:
         return f"engines/{entry.name}-{key[:16]}.plan"
 
@@ -566,12 +601,15 @@ def build_memory(meta_unet, config: BuildConfig, activations: int) -> dict[str, 
     """The memory a build holds at its peak, by part (bytes): the U-Net's weights at the chosen
     precision (the values the graphs' weights are written from), twice the largest tensor (one
     being folded and written), and the exporter. The dynamo exporter runs the U-Net at full size
-    (its activations) and holds the exported program and its ONNX proto besides the model."""
+    (its activations) and holds the exported program and its ONNX proto besides the model;
+    ``verify`` adds the mapped weights file and both calls' activations."""
     weights = sum(p.numel() * p.element_size() for p in meta_unet.parameters())
     largest = max((p.numel() * p.element_size() for p in meta_unet.parameters()), default=0)
     parts = {"weights": weights, "folding": 2 * largest, "exporter": EXPORT_OVERHEAD}
     if config.exporter != "torchscript":
         parts.update({"activations": activations, "exported copies": 2 * weights})
+    if config.verify:  # a PyTorch and an ONNX Runtime call, the latter on the weights file mapped
+        parts.update({"verify": weights + 2 * activations})
     return parts
 
 
