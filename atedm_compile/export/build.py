@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..config import DEFAULT_PRUNING, PruningConfig, check_keep_ratio, check_number
 from ..files import remove_leftovers, temp_prefix, write_atomically
-from ..memory import memory_limit, prunes, unet_bytes
+from ..memory import check_fits, memory_limit, prunes, unet_bytes
 from ..models import check_image_size
 from ..schedule import PRESETS, make_schedule
 from .extras import UnavailableError
@@ -257,6 +257,12 @@ class BuildPlan:
         self.height, self.width = height, width
         self.latent = (height // self.vae_factor, width // self.vae_factor)
         self.schedule = make_schedule(config.schedule, config.num_steps, **config.schedule_options())
+        # A graph that no call of this machine's kind could run is refused even though the export
+        # itself no longer runs it (the meta trace computes nothing).
+        check_fits(unet_bytes(self.unet_config, config.batch, *self.latent, config.precision,
+                              pruned=prunes(self.schedule.phases)),
+                   "cuda" if config.precision == "fp16" and _cuda() else "cpu",
+                   f"exporting at {width}x{height} px, batch {config.batch}")
         self.meta_unet = _meta_unet(self.unet_config, config.precision)
         self.memory = build_memory(self.meta_unet, config, unet_bytes(
             self.unet_config, config.batch, *self.latent, config.precision, pruned=prunes(self.schedule.phases)))
@@ -630,3 +636,9 @@ def _bar(desc: str, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
