@@ -1,6 +1,7 @@
 """Measure the step-specialised export on this machine (tiny model, CPU, ONNX Runtime).
 
     python benchmarks/export_benchmark.py --out /tmp/export-bench [--exporters] [--repeats 20]
+    python benchmarks/export_benchmark.py --out /tmp/export-bench --build-sizes tiny half full
 
 Prints: build time (cold, then cached), bytes on disk (all phases vs one phase), resident memory
 after loading all phase sessions vs one and running each once (each in a fresh process; three
@@ -8,6 +9,11 @@ ways of loading, on the tiny model and on one with --wide times its channels, wh
 outweigh ONNX Runtime's fixed cost per graph), ONNX Runtime seconds per U-Net call per phase next
 to the unpruned U-Net and to sessions that optimise at load, and with --exporters the time of
 both torch.onnx.export paths on the pruned phase.
+
+With --build-sizes it only measures builds (fp16, atedm schedule, two phases), each in a fresh
+process: the tiny model, SD-XL base at half its channels and SD-XL base, at 1024 px for both SD-XL
+(random weights): seconds per step, peak resident memory against the weights' size, bytes on
+disk. Each build directory is deleted after it is measured (SD-XL's weighs 5 GB).
 """
 
 from __future__ import annotations
@@ -117,6 +123,50 @@ def _exporter_times(directory: Path) -> dict[str, float]:
     return times
 
 
+_BUILD_PROBE = r"""
+import json, resource, sys, time
+from atedm_compile import models
+from atedm_compile.export import BuildConfig, build
+from atedm_compile.export.build import _meta_unet
+
+models.UNET_CONFIGS["sdxl-half"] = {**models.SDXL_BASE_UNET,
+                                    "block_out_channels": [c // 2 for c in models.SDXL_BASE_UNET["block_out_channels"]]}
+model, size, directory = sys.argv[1], int(sys.argv[2]) or None, sys.argv[3]
+config = BuildConfig(model=model, precision="fp16", height=size, width=size)
+started = time.perf_counter()
+manifest, records = build(config, directory, log=lambda _: None)
+wall = time.perf_counter() - started
+weights = sum(p.numel() * 2 for p in _meta_unet(models.unet_config(model), "fp16").parameters())
+print(json.dumps({"wall": wall, "steps": {r.name: r.seconds for r in records},
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "weights": weights,
+                  "weights_bin": manifest.weights.bytes, "graphs": {p.name: p.onnx.bytes for p in manifest.phases}}))
+"""
+
+BUILD_SIZES = {"tiny": ("tiny", 0), "half": ("sdxl-half", 1024), "full": ("sdxl-base", 1024)}
+
+
+def _build_sizes(out: Path, sizes: list[str]) -> None:
+    import shutil
+
+    print("build, fp16, atedm (2 phases), each in a fresh process; peak = the process's peak resident memory")
+    for size in sizes:
+        model, pixels = BUILD_SIZES[size]
+        directory = out / f"build-{size}"
+        shutil.rmtree(directory, ignore_errors=True)
+        try:
+            result = subprocess.run([sys.executable, "-c", _BUILD_PROBE, model, str(pixels), str(directory)],
+                                    capture_output=True, text=True, check=True)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        numbers = json.loads(result.stdout.strip().splitlines()[-1])
+        steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in numbers["steps"].items())
+        graphs = sum(numbers["graphs"].values())
+        print(f"  {size} ({model}{f' at {pixels} px' if pixels else ''}): {numbers['wall']:.1f} s in all; {steps}")
+        print(f"    peak RSS {numbers['peak'] / 2**30:.2f} GiB = {numbers['peak'] / numbers['weights']:.2f} x the fp16 "
+              f"weights ({numbers['weights'] / 2**30:.2f} GiB); on disk: weights.bin {numbers['weights_bin']} B, "
+              f"graphs {graphs} B ({numbers['graphs']})")
+
+
 def main() -> None:
     import warnings
 
@@ -130,9 +180,14 @@ def main() -> None:
     parser.add_argument("--wide", type=int, default=4,
                         help="also measure memory on the tiny topology with N x the channels (0: skip)")
     parser.add_argument("--exporters", action="store_true", help="also time both torch.onnx.export paths")
+    parser.add_argument("--build-sizes", nargs="+", choices=list(BUILD_SIZES), default=None,
+                        help="only measure fp16 builds of these models (tiny, half-width SD-XL, SD-XL at 1024 px)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.build_sizes:
+        _build_sizes(out, args.build_sizes)
+        return
     quiet = lambda _: None  # noqa: E731
 
     # A fresh directory, so that the first build is a cold one.

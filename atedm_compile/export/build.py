@@ -19,14 +19,15 @@ from typing import Callable
 
 from ..config import DEFAULT_PRUNING, PruningConfig, check_keep_ratio, check_number
 from ..files import remove_leftovers, temp_prefix, write_atomically
-from ..memory import check_fits, prunes, unet_bytes
+from ..memory import check_fits, memory_limit, prunes, unet_bytes
 from ..models import check_image_size
 from ..schedule import PRESETS, make_schedule
 from .extras import UnavailableError
 from .manifest import (BACKENDS, EXPORT_KEY, MANIFEST, PHASE_KEY, PRECISIONS, WEIGHTS, Artefact, Manifest,
                        ManifestError, PhaseEntry, build_settings, carry_over, dropped_artefacts, export_key, io_specs,
                        read_manifest, reusable, sha256_file, sha256_json, tool_versions)
-from .onnx import DEFAULT_OPSET, EXPORTERS, OPSETS, WeightStore, export_phase, share_weights
+from .onnx import (DEFAULT_OPSET, EXPORTERS, OPSETS, UNFOLDED, UNetSignature, WeightStore, export_graph_on_meta,
+                   export_phase, share_weights, weight_arrays)
 from .onnxruntime import CPU_CACHE
 
 MARKER = ".atedm-export"
@@ -52,6 +53,9 @@ class BuildConfig:
             see benchmarks/export_exporters.py) or ``dynamo``.
         opset: ONNX opset, 14 (the first with scaled dot-product attention) to 20.
         vae_factor: pixels per latent cell (default: the model's own; 8 for the SD families).
+        verify: after the build, run each phase graph in ONNX Runtime against the PyTorch U-Net
+            in that phase on the same random inputs (at full size: a real U-Net call each, and
+            the memory for it, which the pre-check counts).
     """
 
     model: str = "tiny"
@@ -70,6 +74,7 @@ class BuildConfig:
     seed: int = 0
     optimization_level: int = 3
     vae_factor: int | None = None
+    verify: bool = False
 
     def __post_init__(self):
         for name, value, allowed in (("schedule", self.schedule, PRESETS), ("precision", self.precision, PRECISIONS),
@@ -191,9 +196,17 @@ def _load_unet(model: str, seed: int, precision: str, device: str):
 
     from ..models import UNET_CONFIGS, build_unet, load_unet, model_folder, quiet_loading
 
+    dtype = torch.float16 if precision == "fp16" else torch.float32
     with quiet_loading():
         if model in UNET_CONFIGS:
-            unet = build_unet(model, seed=seed)
+            # Drawn at the target precision: SD-XL's weights would take 10 GB in float32 before
+            # the cast. An fp16 build's random weights are therefore not an fp32 build's, cast.
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                unet = build_unet(model, seed=seed)
+            finally:
+                torch.set_default_dtype(previous)
         elif model_folder(model) is not None:
             unet = load_unet(model_folder(model)).eval().requires_grad_(False)
         else:
@@ -201,8 +214,19 @@ def _load_unet(model: str, seed: int, precision: str, device: str):
 
             root = Path(model)
             sub = "unet" if (root / "unet" / "config.json").is_file() else None
-            unet = UNet2DConditionModel.from_pretrained(root, subfolder=sub).eval().requires_grad_(False)
-        return unet.to(device, torch.float16 if precision == "fp16" else torch.float32)
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder=sub, torch_dtype=dtype)
+            unet = unet.eval().requires_grad_(False)
+        return unet.to(device, dtype)
+
+
+def _meta_unet(unet_config: dict, precision: str):
+    """The U-Net of ``unet_config`` on the meta device: its graph, none of its memory."""
+    import torch
+
+    from ..models import build_unet, quiet_loading
+
+    with quiet_loading():
+        return build_unet(unet_config, device="meta", dtype=torch.float16 if precision == "fp16" else torch.float32)
 
 
 class BuildPlan:
@@ -234,11 +258,18 @@ class BuildPlan:
         self.height, self.width = height, width
         self.latent = (height // self.vae_factor, width // self.vae_factor)
         self.schedule = make_schedule(config.schedule, config.num_steps, **config.schedule_options())
+        # A graph that no call of this machine's kind could run is refused even though the export
+        # itself no longer runs it (the meta trace computes nothing).
         check_fits(unet_bytes(self.unet_config, config.batch, *self.latent, config.precision,
                               pruned=prunes(self.schedule.phases)),
                    "cuda" if config.precision == "fp16" and _cuda() else "cpu",
                    f"exporting at {width}x{height} px, batch {config.batch}")
+        self.meta_unet = _meta_unet(self.unet_config, config.precision)
+        self.memory = build_memory(self.meta_unet, config, unet_bytes(
+            self.unet_config, config.batch, *self.latent, config.precision, pruned=prunes(self.schedule.phases)))
+        check_memory(self.memory, f"building {config.model} at {width}x{height} px in {config.precision}", log)
         self.unet = None
+        self.traced = None
         self.runner = None
         self.lock = None
         self.created = False
@@ -377,6 +408,8 @@ class BuildPlan:
                               partial(self._export, entry)))
             steps.append(Step(f"clean up: {entry.name}", partial(self._cleaned, entry), partial(self._cleanup, entry)))
             steps.append(Step(f"check: {entry.name}", partial(self._checked, entry), partial(self._check, entry)))
+        if self.config.verify:
+            steps += [Step(f"verify: {entry.name}", lambda: None, partial(self._verify, entry)) for entry in entries]
         if self.config.backend == "tensorrt":
             for entry in entries:
                 steps.append(Step(f"engine: {entry.name}", partial(self._engine_built, entry),
@@ -393,15 +426,28 @@ class BuildPlan:
         return None
 
     def _load_model(self) -> None:
+        self._real_unet()
+        # The TorchScript exporter traces a copy on the meta device: nothing computed at full size.
+        self.traced = self.meta_unet if self._on_meta else self.unet
+
+    @property
+    def _on_meta(self) -> bool:
+        return self.config.exporter == "torchscript"
+
+    def _real_unet(self):
+        """The U-Net with its weights (loaded once): the values of the phase graphs' weights."""
         import torch
 
-        device = "cuda" if self.config.precision == "fp16" and torch.cuda.is_available() else "cpu"
-        self.unet = _load_unet(self.config.model, self.config.seed, self.config.precision, device)
+        if self.unet is None:
+            device = "cuda" if self.config.precision == "fp16" and torch.cuda.is_available() and not self._on_meta \
+                else "cpu"
+            self.unet = _load_unet(self.config.model, self.config.seed, self.config.precision, device)
+        return self.unet
 
     def _apply_passes(self) -> None:
         from ..runner import apply
 
-        self.runner = apply(self.unet, self.schedule, self.config.pruning)
+        self.runner = apply(self.traced, self.schedule, self.config.pruning)
         self.runner.start(self.schedule.num_steps)
 
     def _raw_dir(self, entry: PhaseEntry) -> Path:
@@ -420,7 +466,10 @@ class BuildPlan:
         final.parent.mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(final.name)))
         try:
-            export_phase(self.unet, entry.inputs, tmp / "model.onnx", self.config.exporter, self.config.opset)
+            if self._on_meta:
+                export_graph_on_meta(self.traced, entry.inputs, tmp, self.config.opset)
+            else:
+                export_phase(self.unet, entry.inputs, tmp / "model.onnx", self.config.exporter, self.config.opset)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         except BaseException:
@@ -434,7 +483,17 @@ class BuildPlan:
         import onnx
 
         raw = self._raw_dir(entry)
-        model = share_weights(onnx.load(str(raw / "model.onnx")), self.store)
+        if (raw / UNFOLDED).is_file():  # exported on meta: the weights come from the U-Net, one at a time
+            model = onnx.load(str(raw / "model.onnx"))
+            state = UNetSignature(self._real_unet(), list(entry.inputs)).state_dict()
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with _bar(f"weights: {entry.name}", total) as bar:
+                arrays = weight_arrays(model, onnx.load(str(raw / UNFOLDED)), state, list(entry.inputs),
+                                       progress=bar.update)
+                model = share_weights(model, self.store, arrays=arrays)
+            del state
+        else:
+            model = share_weights(onnx.load(str(raw / "model.onnx")), self.store)
         # The graph says which phase it is: load compares this with the manifest.
         onnx.helper.set_model_props(model, {PHASE_KEY: entry.name, EXPORT_KEY: entry.export_key})
         file = f"{entry.name}.onnx"
@@ -462,6 +521,35 @@ class BuildPlan:
             return
         entry.lint = entry.onnx.sha256
         self._save()
+
+    def _verify(self, entry: PhaseEntry) -> None:
+        import torch
+
+        from ..runner import apply, remove
+        from .onnx import example_inputs
+        from .onnxruntime import OrtEngine, SharedWeights
+
+        unet = self._real_unet()
+        own = self.runner is None or self.traced is not unet  # the exported U-Net was a meta copy
+        runner = apply(unet, self.schedule, self.config.pruning) if own else self.runner
+        try:
+            runner.start(self.schedule.num_steps)
+            runner.use_phase(entry.name)
+            feed = example_inputs(entry.inputs, seed=1, device=next(unet.parameters()).device)
+            with torch.no_grad():
+                expected = UNetSignature(unet, list(entry.inputs))(*feed.values()).float().cpu()
+        finally:
+            if own:
+                remove(unet)
+        shared = SharedWeights(self.directory / WEIGHTS, self.store.index)
+        got = OrtEngine(self.directory / entry.onnx.file, shared, providers=["cpu"]).infer(feed)
+        got = got[next(iter(entry.outputs))].float()
+        error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-12)
+        tolerance = 3e-2 if self.config.precision == "fp16" else 1e-4
+        if not error <= tolerance:
+            raise ValueError(f"{entry.onnx.file}: ONNX Runtime differs from PyTorch by {error:.2e} of the output's "
+                             f"largest value (allowed {tolerance:.0e})")
+        self.log(f"verify: {entry.name}: ONNX Runtime matches PyTorch within {error:.2e} of the largest value")
 
     def _engine_file(self, entry: PhaseEntry, key: str) -> str:
         return f"engines/{entry.name}-{key[:16]}.plan"
@@ -517,9 +605,50 @@ def build(config: BuildConfig, directory: str | Path, log: Callable[[str], None]
         if job.runner is not None:
             from ..runner import remove
 
-            remove(job.unet)
+            remove(job.traced)
         job.close()
     return job.manifest, records
+
+
+# What a build holds besides the weights while the TorchScript exporter traces on meta tensors and
+# the weights are written (two graphs of a phase, their ONNX protos, Python, torch and diffusers):
+# 0.75 GiB measured on SD-XL base at 1024 px (benchmarks/export_benchmark.py --sdxl), doubled.
+EXPORT_OVERHEAD = 3 << 29
+
+
+def build_memory(meta_unet, config: BuildConfig, activations: int) -> dict[str, int]:
+    """The memory a build holds at its peak, by part (bytes): the U-Net's weights at the chosen
+    precision (the values the graphs' weights are written from), twice the largest tensor (one
+    being folded and written), and the exporter. The dynamo exporter runs the U-Net at full size
+    (its activations) and holds the exported program and its ONNX proto besides the model;
+    ``verify`` adds the mapped weights file and both calls' activations."""
+    weights = sum(p.numel() * p.element_size() for p in meta_unet.parameters())
+    largest = max((p.numel() * p.element_size() for p in meta_unet.parameters()), default=0)
+    parts = {"weights": weights, "folding": 2 * largest, "exporter": EXPORT_OVERHEAD}
+    if config.exporter != "torchscript":
+        parts.update({"activations": activations, "exported copies": 2 * weights})
+    if config.verify:  # a PyTorch and an ONNX Runtime call, the latter on the weights file mapped
+        parts.update({"verify": weights + 2 * activations})
+    return parts
+
+
+def check_memory(parts: dict[str, int], what: str, log: Callable[[str], None] = print) -> None:
+    """Log what a build needs against the machine's memory; ValueError (one line, the numbers)
+    when it cannot fit, before any work."""
+    limit, source = memory_limit("cpu")
+    needed = sum(parts.values())
+    listing = " + ".join(f"{name} {value / 2**30:.2f}" for name, value in parts.items())
+    if needed > limit:
+        raise ValueError(f"{what} needs about {needed / 2**30:.1f} GiB of memory ({listing} GiB), more than the "
+                         f"{limit / 2**30:.1f} GiB of {source}")
+    log(f"memory: {what} needs about {needed / 2**30:.1f} GiB ({listing} GiB) of the {limit / 2**30:.1f} GiB "
+        f"of {source}")
+
+
+def _bar(desc: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
 
 
 def _cuda() -> bool:

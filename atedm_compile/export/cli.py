@@ -41,6 +41,9 @@ def add_export_commands(sub) -> None:
     build.add_argument("--seed", type=seed_int, default=0, help="weights seed of a config-name model")
     build.add_argument("--optimization-level", type=int, default=3, choices=range(6), metavar="{0..5}",
                        help="TensorRT builder optimisation level")
+    build.add_argument("--verify", action="store_true",
+                       help="after the build, compare each phase graph in ONNX Runtime with the PyTorch U-Net on "
+                            "random inputs (a full-size U-Net call each: needs the memory and time for it)")
     build.add_argument("--out", required=True, help="output directory (new, empty, or an earlier build's)")
     add_pruning_options(build)
     build.set_defaults(func=cmd_build)
@@ -95,7 +98,7 @@ def cmd_build(args) -> int:
         model=args.model, schedule=args.schedule, num_steps=args.steps, keep_ratio=args.keep_ratio,
         prune_less_blocks=args.prune_less_blocks, pruning=pruning_config(args), height=args.height,
         width=args.width, batch=args.batch, precision=args.precision, backend=args.backend, exporter=args.exporter,
-        opset=args.opset, seed=args.seed, optimization_level=args.optimization_level,
+        opset=args.opset, seed=args.seed, optimization_level=args.optimization_level, verify=args.verify,
     )
     started = time.perf_counter()
     out = Path(args.out)

@@ -10,9 +10,10 @@ every phase session.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import warnings
 import os
+import warnings
 import tempfile
 from pathlib import Path
 
@@ -98,6 +99,89 @@ def export_phase(
     return Path(path)
 
 
+UNFOLDED = "unfolded.onnx"
+
+
+def export_graph_on_meta(unet: torch.nn.Module, inputs: dict[str, TensorSpec], directory: Path,
+                         opset: int = DEFAULT_OPSET) -> None:
+    """Export ``unet``, whose parameters are on the meta device (the caller has selected the phase
+    with ``runner.use_phase``), with the TorchScript exporter without computing anything: two
+    graphs without weights in ``directory``, ``model.onnx`` (the graph ``export_phase`` makes,
+    constant folding included, taking the weights as inputs) and ``unfolded.onnx`` (the graph
+    before constant folding, where ``weight_arrays`` finds how the folded weights are made).
+    """
+    from .metatrace import tracing_on_meta
+
+    args = tuple(example_inputs(inputs, device="meta").values())
+    wrapper = UNetSignature(unet, list(inputs))
+    for name, fold in (("model.onnx", True), (UNFOLDED, False)):
+        with torch.no_grad(), warnings.catch_warnings(), tracing_on_meta():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(wrapper, args, str(Path(directory) / name), opset_version=opset, dynamo=False,
+                              do_constant_folding=fold, export_params=False, input_names=list(inputs),
+                              output_names=[OUTPUT_NAME])
+
+
+def weight_arrays(model, unfolded, state: dict[str, torch.Tensor], user_inputs, progress=None):
+    """(name, array) of every weight that ``model`` (from ``export_graph_on_meta``) takes as a
+    graph input, one at a time: parameters from ``state`` (``UNetSignature``'s state dict, real
+    values), folded weights (a transposed or reshaped parameter, a constant the exporter
+    computed) by running the nodes that make them in ``unfolded`` on the parameters they read.
+    ``user_inputs``: the graph's own inputs (sample...); ``progress``: called with each array's bytes."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    user = set(user_inputs)
+    consumers: dict[str, tuple[str, int]] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            consumers.setdefault(name, (node.name, index))
+    nodes = {node.name: node for node in unfolded.graph.node}
+    producer = {out: node for node in unfolded.graph.node for out in node.output}
+    order = {id(node): i for i, node in enumerate(unfolded.graph.node)}
+    unfolded_inputs = {i.name: i for i in unfolded.graph.input}
+    for value in model.graph.input:
+        name = value.name
+        if name in user:
+            continue
+        if name in state:
+            array = state[name].detach().cpu().numpy()
+        else:
+            where = consumers.get(name)
+            node = nodes.get(where[0]) if where else None
+            if node is None or len(node.input) <= where[1]:
+                raise RuntimeError(f"cannot tell how the exporter made the weight {name!r}: its consumer "
+                                   f"{where} is not in the graph before constant folding")
+            target = node.input[where[1]]
+            chain, reads, stack = {}, {}, [target]
+            while stack:
+                current = stack.pop()
+                if current in unfolded_inputs:
+                    reads[current] = unfolded_inputs[current]
+                elif current in producer and id(producer[current]) not in chain:
+                    chain[id(producer[current])] = producer[current]
+                    stack.extend(i for i in producer[current].input if i)
+                elif current not in producer:
+                    raise RuntimeError(f"weight {name!r}: {current!r} is neither made in the graph nor an input")
+            if any(n in user for n in reads):
+                raise RuntimeError(f"weight {name!r} depends on the graph's inputs {sorted(set(reads) & user)}")
+            graph = helper.make_graph(sorted(chain.values(), key=lambda n: order[id(n)]), "fold",
+                                      list(reads.values()), [helper.make_value_info(target, helper.TypeProto())])
+            folded = helper.make_model(graph, opset_imports=unfolded.opset_import, ir_version=unfolded.ir_version)
+            feed = {n: state[n].detach().cpu().numpy() for n in reads}
+            array = np.asarray(ReferenceEvaluator(folded).run(None, feed)[0])
+            del feed
+        expected = value.type.tensor_type
+        if list(array.shape) != [d.dim_value for d in expected.shape.dim] or \
+                helper.np_dtype_to_tensor_dtype(array.dtype) != expected.elem_type:
+            raise RuntimeError(f"weight {name!r}: made {array.dtype}{list(array.shape)}, the graph expects "
+                               f"{helper.tensor_dtype_to_np_dtype(expected.elem_type)}"
+                               f"{[d.dim_value for d in expected.shape.dim]}")
+        if progress is not None:
+            progress(array.nbytes)
+        yield name, array
+
+
 class WeightStore:
     """Distinct weight tensors, each once, in one file; keyed by the sha256 of dtype, shape and bytes.
 
@@ -115,51 +199,67 @@ class WeightStore:
 
         The new file is written under a temporary name and renamed over the old one.
         """
+        with self.appending() as put:
+            return {key: put(key, name, array) for key, name, array in tensors}
+
+    @contextlib.contextmanager
+    def appending(self):
+        """``put(key, preferred name, array) -> entry``: tensors written one at a time as they are
+        given (the caller need not hold them all), into a copy of the file that replaces it when
+        the block ends; an error leaves the file and the index as they were."""
+        saved = dict(self.index)
         taken = {entry["name"] for entry in self.index.values()}
-        new: list[tuple[str, dict, np.ndarray]] = []
-        offset = self._end()
-        for key, name, array in tensors:
+        state = {"offset": self._end(), "handle": None, "tmp": None}
+
+        def put(key: str, name: str, array: np.ndarray) -> dict:
             if key in self.index:
-                continue
+                return self.index[key]
+            if state["handle"] is None:
+                state["tmp"], state["handle"] = self._start_copy(state["offset"])
             # Tool-made names (onnx::MatMul_123, ONNX Runtime's reorder_token_7) differ between
             # graphs and could name another value in the next phase's graph; a parameter's module
             # path (unet.conv_in.weight) or a content name cannot.
             preferred = name if _is_parameter_path(name) else f"shared::{key[:16]}"
             unique = preferred if preferred not in taken else f"{preferred}__{key[:12]}"
             taken.add(unique)
-            offset += -offset % _ALIGNMENT
+            offset = state["offset"] + -state["offset"] % _ALIGNMENT
             entry = {"name": unique, "offset": offset, "length": int(array.nbytes), "dtype": array.dtype.name,
                      "shape": list(array.shape)}
+            state["handle"].seek(offset)
+            state["handle"].write(memoryview(np.ascontiguousarray(array)).cast("B"))
             self.index[key] = entry
-            new.append((key, entry, array))
-            offset += array.nbytes
-        if new:
-            self._append(new)
-        return {key: self.index[key] for key, _, _ in tensors}
+            state["offset"] = offset + array.nbytes
+            return entry
+
+        try:
+            yield put
+            if state["handle"] is not None:
+                state["handle"].close()
+                publish(state["tmp"], self.path)
+        except BaseException:
+            self.index = saved
+            if state["handle"] is not None:
+                state["handle"].close()
+                Path(state["tmp"]).unlink(missing_ok=True)
+            raise
 
     def _end(self) -> int:
         return max((entry["offset"] + entry["length"] for entry in self.index.values()), default=0)
 
-    def _append(self, new) -> None:
+    def _start_copy(self, kept: int):
+        """A temporary file holding the first ``kept`` bytes of the store, open for writing."""
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=temp_prefix(self.path.name), suffix=".part")
         os.close(fd)
         try:
-            kept = min(self._end_before(new), self.path.stat().st_size if self.path.exists() else 0)
+            kept = min(kept, self.path.stat().st_size if self.path.exists() else 0)
+            handle = open(tmp, "r+b")
             if kept:
-                with open(self.path, "rb") as source, open(tmp, "r+b") as target:
-                    _copy_bytes(source, target, kept)
-            with open(tmp, "r+b") as handle:
-                for _, entry, array in new:
-                    handle.seek(entry["offset"])
-                    handle.write(np.ascontiguousarray(array).tobytes())
-            publish(tmp, self.path)
+                with open(self.path, "rb") as source:
+                    _copy_bytes(source, handle, kept)
+            return tmp, handle
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-    def _end_before(self, new) -> int:
-        added = {key for key, _, _ in new}
-        return max((e["offset"] + e["length"] for k, e in self.index.items() if k not in added), default=0)
 
 
 def _copy_bytes(source, target, count: int, chunk: int = 1 << 24) -> None:
@@ -177,11 +277,11 @@ def _is_parameter_path(name: str) -> bool:
 
 def content_key(array: np.ndarray) -> str:
     digest = hashlib.sha256(f"{array.dtype.str}{tuple(array.shape)}".encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
     return digest.hexdigest()
 
 
-def share_weights(model, store: WeightStore, min_bytes: int = MIN_SHARED_BYTES):
+def share_weights(model, store: WeightStore, min_bytes: int = MIN_SHARED_BYTES, arrays=None):
     """Move every initializer of ``model`` (an ``onnx.ModelProto`` with its data loaded) of at
     least ``min_bytes`` into ``store`` and point the graph at it. Returns the model.
 
@@ -189,33 +289,42 @@ def share_weights(model, store: WeightStore, min_bytes: int = MIN_SHARED_BYTES):
     given tensor by the same name (the runtime shares buffers by name). ``Identity`` nodes that
     only alias an initializer (the TorchScript exporter's way of naming a parameter twice) are
     folded away first.
+
+    ``arrays``: for a graph exported without its weights (they are graph inputs), an iterable of
+    (name, array) pairs that produces them one at a time: each is written, then dropped, so the
+    weights are never held twice; they become the graph's initializers.
     """
     import onnx
     from onnx import numpy_helper
 
     graph = model.graph
-    _fold_initializer_aliases(graph)
-    kept, shared, renames = [], [], {}
-    for tensor in graph.initializer:
-        array = numpy_helper.to_array(tensor)
-        if array.nbytes < min_bytes:
-            kept.append(tensor)
-        else:
-            shared.append((content_key(array), tensor.name, array))
-    entries = store.add(shared)
-    placed = set()
-    for key, name, array in shared:
-        entry = entries[key]
-        renames[name] = entry["name"]
-        if entry["name"] in placed:  # same content twice in this graph: one initializer serves both
-            continue
-        placed.add(entry["name"])
-        external = onnx.TensorProto(name=entry["name"], data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
-                                    dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
-        for field_name, value in (("location", store.path.name), ("offset", entry["offset"]),
-                                  ("length", entry["length"])):
-            external.external_data.add(key=field_name, value=str(value))
-        kept.append(external)
+    if arrays is None:
+        _fold_initializer_aliases(graph)
+        tensors = [(t.name, numpy_helper.to_array(t), t) for t in graph.initializer]
+    else:
+        tensors = ((name, array, None) for name, array in arrays)
+    kept, renames, placed, given = [], {}, set(), set()
+    with store.appending() as put:
+        for name, array, tensor in tensors:
+            given.add(name)
+            if array.nbytes < min_bytes:
+                kept.append(tensor if tensor is not None else numpy_helper.from_array(array, name))
+                continue
+            entry = put(content_key(array), name, array)
+            renames[name] = entry["name"]
+            if entry["name"] in placed:  # same content twice in this graph: one initializer serves both
+                continue
+            placed.add(entry["name"])
+            external = onnx.TensorProto(name=entry["name"], dims=array.shape, data_location=onnx.TensorProto.EXTERNAL,
+                                        data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+            for field_name, value in (("location", store.path.name), ("offset", entry["offset"]),
+                                      ("length", entry["length"])):
+                external.external_data.add(key=field_name, value=str(value))
+            kept.append(external)
+    if arrays is not None:
+        inputs = [i for i in graph.input if i.name not in given]
+        del graph.input[:]
+        graph.input.extend(inputs)
     local = {t.name for t in kept if t.data_location != onnx.TensorProto.EXTERNAL}
     local |= {name for node in graph.node for name in node.output} | {i.name for i in graph.input}
     clashes = sorted(local & placed)
@@ -224,6 +333,8 @@ def share_weights(model, store: WeightStore, min_bytes: int = MIN_SHARED_BYTES):
     del graph.initializer[:]
     graph.initializer.extend(kept)
     _rename_inputs(graph, {old: new for old, new in renames.items() if old != new})
+    if arrays is not None:
+        _fold_initializer_aliases(graph)
     return model
 
 
