@@ -143,7 +143,8 @@ def run_steps(steps: list[Step], log: Callable[[str], None] = print) -> list[Ste
 def model_identity(model: str, seed: int) -> tuple[dict, dict, int]:
     """(identity, U-Net config, VAE factor) of a model, without loading its weights.
 
-    A config name is identified by name and seed (its weights are random from the seed); a
+    A config name is identified by name, seed and how its weights are drawn (random from the seed,
+    at the build's precision); a
     trained model or a directory by the sha256 of its weight files; every one also by the sha256
     of its U-Net config.
     """
@@ -152,7 +153,10 @@ def model_identity(model: str, seed: int) -> tuple[dict, dict, int]:
 
     folder = model_folder(model)
     if model in UNET_CONFIGS:
-        identity, config, factor = {"name": model, "seed": seed}, unet_config(model), vae_factor(model)
+        # "drawn": the random weights are drawn at the build's precision (an fp16 build's are not the
+        # fp32 draw cast down, as before); naming it keeps older builds' phases from being reused.
+        identity = {"name": model, "seed": seed, "drawn": "at-precision"}
+        config, factor = unet_config(model), vae_factor(model)
     elif folder is not None:
         trained = read_config(folder)
         identity = {"name": model if model in TRAINED_MODELS else str(folder.resolve()),
