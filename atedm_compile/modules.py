@@ -3,8 +3,8 @@ kept tokens, and recovery (AT-EDM); token matching, merging and unmerging (the T
 
 They hold their configuration as attributes (readable in ``gm.code`` and ``print(gm)``) and call
 the pure functions of ``ops`` (scorers and recoveries through its ``SCORERS`` / ``RECOVERIES``
-tables, looked up by name at each call). Being modules also lets FLOPs counting attribute the scoring and
-recovery work to them, apart from the U-Net's own work.
+tables, looked up by name at each call). Being modules also lets FLOPs counting attribute the
+scoring and recovery work to them, apart from the U-Net's own work.
 """
 
 from __future__ import annotations

@@ -241,7 +241,8 @@ def test_map_chunks_fit_the_budget():
                  (2, 65536, 65536, 10, torch.float16)]:  # one row over the budget: still one row
         heads, rows = ops.map_chunks(*args)
         batch, tokens, keys, _, dtype = args
-        assert heads * rows * batch * keys * (dtype.itemsize + 4) <= max(attention.MAP_CHUNK_BYTES, batch * keys * 6 + 2)
+        budget = max(attention.MAP_CHUNK_BYTES, batch * keys * 6 + 2)
+        assert heads * rows * batch * keys * (dtype.itemsize + 4) <= budget
 
 
 def test_attention_path_is_forced_and_restored(monkeypatch):

@@ -30,9 +30,9 @@ def insert_token_pruning(
     the [B, N, N] map is freed before the rest of the first layer runs (on a GPU it is the largest
     thing a pruned step holds). The scorer reads what ``ops.SCORERS[config.scorer].reads`` names:
     an exposed attention map, or the hidden states at the pruning point. Adds nodes with roles
-    ``TOKEN_SCORES`` ([B, N]), ``KEPT_INDICES`` ([B, k]) and ``PRUNED`` ([B, k, C]). Returns the graph unchanged when ``keep_ratio`` is 1.0,
-    when the block has a single layer (nothing after the pruning point would gain) or when it is
-    already pruned.
+    ``TOKEN_SCORES`` ([B, N]), ``KEPT_INDICES`` ([B, k]) and ``PRUNED`` ([B, k, C]). Returns the
+    graph unchanged when ``keep_ratio`` is 1.0, when the block has a single layer (nothing after the
+    pruning point would gain) or when it is already pruned.
     """
     keep_ratio = check_keep_ratio(keep_ratio)
     if keep_ratio == 1.0 or node_with_role(gm, KEPT_INDICES) is not None:
