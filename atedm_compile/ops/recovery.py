@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .selection import gather_tokens, scatter_tokens
 
+
 def similarity_to_kept(index: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
     """The columns of a similarity map that belong to kept tokens.
 

@@ -14,6 +14,7 @@ import torch
 
 from .. import roles
 
+
 def _normalise(scores: torch.Tensor) -> torch.Tensor:
     return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
