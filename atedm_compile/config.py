@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .ops import CROSS_ATTENTION_SCORERS, HEAD_REDUCTIONS
+from .ops import HEAD_REDUCTIONS, RECOVERIES, SCORERS
+from .roles import CROSS_ATTENTION_MAP
 
-SCORERS = ("gwpr",) + CROSS_ATTENTION_SCORERS + ("random",)
+# SCORERS and RECOVERIES are the tables of ops.scoring and ops.recovery (name -> function and the
+# graph inputs it reads): a name is allowed once it is there.
 PRUNE_POINTS = ("after-ff", "before-ff")
-RECOVERIES = ("similarity", "delta", "layer-delta", "zeros", "interpolation", "direct-copy")
-SIMILARITY_RECOVERIES = ("similarity", "delta")  # the recoveries that read ``similarity``
 SIMILARITIES = ("attention", "key-cosine")
 FILLS = ("score", "distinct")
 
@@ -105,13 +105,14 @@ class PruningConfig:
         _check_choice("fill", self.fill, FILLS)
         if self.fill == "distinct" and self.cell == 1:
             raise ValueError("fill='distinct' picks tokens unlike the patch winners: it needs cell > 1 (try cell=2)")
-        if self.neighbours > 1 and self.recovery != "delta":
+        if self.neighbours > 1 and not RECOVERIES[self.recovery].neighbours:
+            having = " or ".join(f"recovery={name!r}" for name, r in RECOVERIES.items() if r.neighbours)
             raise ValueError(f"neighbours={self.neighbours} averages the updates of several kept tokens: only "
-                             f"recovery='delta' has them (recovery={self.recovery!r} would ignore it)")
+                             f"{having} has them (recovery={self.recovery!r} would ignore it)")
 
     @property
     def uses_cross_attention(self) -> bool:
-        return self.scorer in CROSS_ATTENTION_SCORERS
+        return SCORERS[self.scorer].reads == CROSS_ATTENTION_MAP
 
 
 # What ``apply``, FLOPs counting, builds and the command line run when given no config: the

@@ -1,9 +1,10 @@
-"""The modules the passes insert: token scoring, selection, matching and recovery (AT-EDM), and token
-matching, merging and unmerging (the ToMe baseline).
+"""The modules the passes insert: token scoring, selection, the match of every token to its nearest
+kept tokens, and recovery (AT-EDM); token matching, merging and unmerging (the ToMe baseline).
 
 They hold their configuration as attributes (readable in ``gm.code`` and ``print(gm)``) and call
-the pure functions of ``ops``. Being modules also lets FLOPs counting attribute the scoring and
-recovery work to them, apart from the U-Net's own work.
+the pure functions of ``ops`` (scorers and recoveries through its ``SCORERS`` / ``RECOVERIES``
+tables, looked up by name at each call). Being modules also lets FLOPs counting attribute the
+scoring and recovery work to them, apart from the U-Net's own work.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import warnings
 import torch
 
 from . import ops, tome
-from .config import SIMILARITY_RECOVERIES, PruningConfig
+from .config import PruningConfig
+from .ops import RECOVERIES, SCORERS, RecoveryInputs
 
 
 class TokenScorer(torch.nn.Module):
     """Scores the tokens of one block: G-WPR on the first layer's self-attention map (or a
     cross-attention scorer on its cross-attention map), or random scores.
 
-    forward(source) -> scores [B, N]: source is the head-combined map [B, N, M] (``gwpr``,
-    ``ca-*``) or, for ``random``, the hidden states [B, N, C] (only their shape and device are read).
+    forward(source) -> scores [B, N]: source is what ``ops.SCORERS[scorer].reads`` names: the
+    head-combined map [B, N, M] (``gwpr``, ``ca-*``) or, for ``random``, the hidden states [B, N, C]
+    (only their shape and device are read).
     The pruning pass puts it right after the map, so that the map (B x N x N float32) is freed
     before the layer's FF runs, unless a recovery still reads it.
     """
@@ -38,11 +41,7 @@ class TokenScorer(torch.nn.Module):
         return f"scorer={self.scorer!r}, iterations={self.iterations}"
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
-        if self.scorer == "gwpr":
-            return ops.gwpr_self_attention(source, self.iterations)
-        if self.scorer == "random":
-            return ops.random_scores(source, self.seed)
-        return ops.gwpr_cross_attention(source, self.iterations, self.scorer, self.eta, self.alpha)
+        return SCORERS[self.scorer].score(source, self)
 
 
 class TokenSelector(torch.nn.Module):
@@ -93,8 +92,9 @@ class TokenSelector(torch.nn.Module):
         return index
 
 
-class TokenMatch(torch.nn.Module):
-    """Matches every token of a pruned block to its most similar kept token(s), for the recovery.
+class NearestKept(torch.nn.Module):
+    """Finds every token's most similar kept token(s) in a pruned block, for the recovery (AT-EDM's
+    match; not ToMe's ``TokenMatching``, which pairs tokens to merge).
 
     forward(index [B, k], similarity [B, N, N] head-combined map or keys [B, N, C''])
             -> (positions [B, N, m] in the kept list, weights [B, N, m] or None for m = 1)
@@ -106,7 +106,7 @@ class TokenMatch(torch.nn.Module):
     def __init__(self, config: PruningConfig):
         super().__init__()
         self.similarity = config.similarity
-        self.neighbours = config.neighbours if config.recovery == "delta" else 1
+        self.neighbours = config.neighbours if RECOVERIES[config.recovery].neighbours else 1
 
     def extra_repr(self) -> str:
         return f"similarity={self.similarity!r}, neighbours={self.neighbours}"
@@ -124,17 +124,20 @@ class TokenRecovery(torch.nn.Module):
 
     forward(kept [B, k, C], index [B, k], before [B, N, C] (the value at the pruning point),
             grid [B, C', H, W] (the block input, for its H and W),
-            match (positions, weights) from ``TokenMatch`` (``similarity`` and ``delta``; else None),
+            match (positions, weights) from ``NearestKept`` (``similarity`` and ``delta``; else None),
             kept_before [B, k, C] (the kept tokens at the pruning point; ``delta`` and ``layer-delta``),
             *states [B, k, C] (the kept tokens after each later layer but the last; ``layer-delta``))
             -> [B, N, C]
+
+    What each recovery reads is in ``ops.RECOVERIES``; it is given them as one ``ops.RecoveryInputs``.
     """
 
     def __init__(self, config: PruningConfig):
         super().__init__()
         self.method = config.recovery
-        self.similarity = config.similarity if config.recovery in SIMILARITY_RECOVERIES else None
-        self.neighbours = config.neighbours if config.recovery == "delta" else None
+        recovery = RECOVERIES[config.recovery]
+        self.similarity = config.similarity if "match" in recovery.reads else None
+        self.neighbours = config.neighbours if recovery.neighbours else None
 
     def extra_repr(self) -> str:
         text = f"method={self.method!r}"
@@ -145,17 +148,8 @@ class TokenRecovery(torch.nn.Module):
         return text
 
     def forward(self, kept, index, before, grid, match=None, kept_before=None, *states):
-        if self.method == "layer-delta":
-            return ops.recover_layer_delta([kept_before, *states, kept], index, before)
-        if self.method == "delta":
-            return ops.recover_delta_nearest(kept, kept_before, index, before, *match)
-        if self.method == "similarity":
-            return ops.copy_nearest(kept, index, match[0])
-        if self.method == "zeros":
-            return ops.recover_zeros(kept, index, before.shape[1])
-        if self.method == "direct-copy":
-            return ops.recover_direct_copy(kept, index, before)
-        return ops.recover_interpolation(kept, index, grid.shape[-2], grid.shape[-1])
+        inputs = RecoveryInputs(kept, index, before, grid, match, kept_before, states)
+        return RECOVERIES[self.method].recover(inputs)
 
 
 # -- ToMe, the baseline: the modules insert_token_merging puts around each merged sub-layer --

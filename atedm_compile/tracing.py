@@ -3,8 +3,8 @@
 A block (``Transformer2DModel``) is traced with its unused arguments fixed to ``None`` and each
 ``BasicTransformerBlock`` as a leaf. The first layer is then opened into its sub-layers (norm1,
 attn1, norm2, attn2, norm3, ff and the residual adds) so that passes can reach its attention and
-the points before and after its feed-forward. Nodes carry ``meta["atedm_role"]``; passes match on
-roles and module paths, never on node names.
+the points before and after its feed-forward. Nodes carry ``meta["atedm_role"]`` (the names in ``roles``); passes match
+on roles and module paths, never on node names.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-ROLE = "atedm_role"
+from . import roles
+from .roles import ROLE
 _UNUSED_ARGS = (
     "timestep",
     "added_cond_kwargs",
@@ -122,13 +123,13 @@ def open_layer(gm: fx.GraphModule, index: int, where: str = "block") -> None:
         return graph.call_module(f"{target}.{name}", args, kwargs)
 
     with graph.inserting_before(node):
-        attn = mark(sub("attn1", sub("norm1", hidden)), "self_attention")
+        attn = mark(sub("attn1", sub("norm1", hidden)), roles.SELF_ATTENTION)
         hidden = graph.call_function(operator.add, (attn, hidden))
         if layer.attn2 is not None:
-            attn = mark(sub("attn2", sub("norm2", hidden), encoder_hidden_states=context), "cross_attention")
+            attn = mark(sub("attn2", sub("norm2", hidden), encoder_hidden_states=context), roles.CROSS_ATTENTION)
             hidden = graph.call_function(operator.add, (attn, hidden))
-        mark(hidden, "before_ff")
-        out = mark(graph.call_function(operator.add, (sub("ff", sub("norm3", hidden)), hidden)), "layer_out")
+        mark(hidden, roles.BEFORE_FF)
+        out = mark(graph.call_function(operator.add, (sub("ff", sub("norm3", hidden)), hidden)), roles.LAYER_OUT)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
 
@@ -147,7 +148,7 @@ def _drop_fixed_arguments(gm: fx.GraphModule) -> None:
             graph.erase_node(node)
     for node in graph.nodes:
         if node.op == "placeholder" and node.target == "hidden_states":
-            node.meta[ROLE] = "block_input"
+            node.meta[ROLE] = roles.BLOCK_INPUT
 
 
 def _third_party_wrappers() -> tuple[type, ...]:
@@ -224,4 +225,4 @@ def last_layer_node(gm: fx.GraphModule) -> fx.Node:
               and n.target.count(".") == 1]
     if layers:
         return layers[-1]
-    return node_with_role(gm, "layer_out")
+    return node_with_role(gm, roles.LAYER_OUT)

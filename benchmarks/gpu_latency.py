@@ -32,7 +32,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 import atedm_compile as ac  # noqa: E402
-from atedm_compile import ops, triton_map  # noqa: E402
+from atedm_compile import triton_map  # noqa: E402
+from atedm_compile.ops import attention  # noqa: E402
 from atedm_compile.config import PruningConfig  # noqa: E402
 from atedm_compile.devices import DTYPES, Stopwatch, resolve_device, resolve_dtype, synchronize  # noqa: E402
 from atedm_compile.flops import count_phases, fit_keep_ratio, unet_inputs  # noqa: E402
@@ -92,7 +93,7 @@ def _peak_memory(device, unet, inputs) -> tuple[float, float] | tuple[None, None
 
 
 def _path(path: str | None):
-    return ops.attention_path(path) if path else contextlib.nullcontext()
+    return attention.attention_path(path) if path else contextlib.nullcontext()
 
 
 def _time_variants(args, device, unet, inputs, runner, variants: dict[str, tuple[str | None, str | None]],
@@ -299,7 +300,7 @@ def parse_args(argv=None):
                                                          "that its MACs are at most the pruned phase's")
     parser.add_argument("--map-chunk-mib", type=float, help=f"largest chunk of the attention map's scores, compute "
                                                             f"dtype and float32 together (default: "
-                                                            f"{ops.MAP_CHUNK_BYTES / 2**20:g} MiB)")
+                                                            f"{attention.MAP_CHUNK_BYTES / 2**20:g} MiB)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device, dtype = args.device, args.dtype
     if args.map_chunk_mib is not None:
-        ops.MAP_CHUNK_BYTES = int(args.map_chunk_mib * 2**20)
+        attention.MAP_CHUNK_BYTES = int(args.map_chunk_mib * 2**20)
     factor = vae_factor(args.model)
     size = build_unet(args.model, device="meta").config.sample_size * factor
     args.height = args.height or size
@@ -354,7 +355,7 @@ def main(argv=None) -> int:
         "model": args.model, "device": where, "dtype": str(dtype), "height": args.height, "width": args.width,
         "batch": args.batch, "calls": args.calls, "tome_keep": tome_keep, "tmacs": tmacs,
         "dsap_average_tmacs": dsap_tmacs, "steps": args.steps, "schedule": schedule.name, "loops": args.loops,
-        "map_chunk_bytes": ops.MAP_CHUNK_BYTES, "modes": {},
+        "map_chunk_bytes": attention.MAP_CHUNK_BYTES, "modes": {},
         "cuda_graphs": args.compile_mode in ("reduce-overhead", "max-autotune") or args.compile_backend == "cudagraphs",
     }
     failed = False

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import atedm_compile as ac  # noqa: E402
-from atedm_compile import ops  # noqa: E402
+from atedm_compile.ops import attention  # noqa: E402
 from atedm_compile.config import DEFAULT_PRUNING, PruningConfig, ToMeConfig  # noqa: E402
 from atedm_compile.devices import DTYPES  # noqa: E402
 from atedm_compile.flops import unet_inputs  # noqa: E402
@@ -54,23 +54,23 @@ def _flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, 
 
 def _triton_map(query, key, value, heads, reduction="mean"):
     # The kernel's one allocation, beside the fused attention's output and statistics: the map.
-    q, k, out, _ = ops._fused_heads(query, key, value, heads, reduction)
+    q, k, out, _ = attention._fused_heads(query, key, value, heads, reduction)
     return out, query.new_empty(q.shape[0], q.shape[2], k.shape[2], dtype=torch.float32)
 
 
 @contextlib.contextmanager
 def gpu_kernels():
     """Attention as on a CUDA GPU in fp16: the flash kernel's output and log-sum-exp, no scores."""
-    saved = (torch.nn.functional.scaled_dot_product_attention, ops.fused_attention_with_lse,
-             ops.attention_with_map_triton)
+    saved = (torch.nn.functional.scaled_dot_product_attention, attention.fused_attention_with_lse,
+             attention.attention_with_map_triton)
     torch.nn.functional.scaled_dot_product_attention = lambda *a, **kw: _flash(*a, **kw)[0]
-    ops.fused_attention_with_lse = lambda q, k, v: _flash(q, k, v)
-    ops.attention_with_map_triton = _triton_map
+    attention.fused_attention_with_lse = lambda q, k, v: _flash(q, k, v)
+    attention.attention_with_map_triton = _triton_map
     try:
         yield
     finally:
-        (torch.nn.functional.scaled_dot_product_attention, ops.fused_attention_with_lse,
-         ops.attention_with_map_triton) = saved
+        (torch.nn.functional.scaled_dot_product_attention, attention.fused_attention_with_lse,
+         attention.attention_with_map_triton) = saved
 
 
 class _Blocks:
@@ -121,7 +121,7 @@ def measure(model: str = "sdxl-base", dtype: torch.dtype = torch.float16, height
         size, where = peak(unet, inputs, blocks)
         rows.append({"variant": variant, "path": path, "budget_mib": budget, "peak": size, "where": where})
 
-    default_budget = ops.MAP_CHUNK_BYTES
+    default_budget = attention.MAP_CHUNK_BYTES
     try:
         with gpu_kernels():
             row("full")
@@ -133,12 +133,12 @@ def measure(model: str = "sdxl-base", dtype: torch.dtype = torch.float16, height
                         runner.use_phase(phase.name)
                         for path in paths:
                             for budget in (budgets_mib if path == "chunked" else [None]):
-                                ops.MAP_CHUNK_BYTES = int(budget * 2**20) if budget else default_budget
-                                with ops.attention_path(path):
+                                attention.MAP_CHUNK_BYTES = int(budget * 2**20) if budget else default_budget
+                                with attention.attention_path(path):
                                     row(f"{phase.name} ({label})", path,
                                         (budget or default_budget / 2**20) if path == "chunked" else None)
                 finally:
-                    ops.MAP_CHUNK_BYTES = default_budget
+                    attention.MAP_CHUNK_BYTES = default_budget
                     ac.remove(unet)
             if tome_keep is not None:
                 runner = ac.apply(unet, ac.make_schedule("uniform", 1, keep_ratio=tome_keep), ToMeConfig())
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tome-keep", type=float, default=0.4536,
                         help="ToMe's keep ratio (gpu_latency.py's, at the pruned phase's MACs on sdxl-base 1024 px)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--map-chunk-mib", type=float, nargs="+", default=[ops.MAP_CHUNK_BYTES / 2**20],
+    parser.add_argument("--map-chunk-mib", type=float, nargs="+", default=[attention.MAP_CHUNK_BYTES / 2**20],
                         help="chunked map budgets to model (default: the package's)")
     args = parser.parse_args(argv)
     try:

@@ -85,7 +85,7 @@ class _SelectByMask(torch.nn.Module):
 
 
 class _SelectTopK(torch.nn.Module):
-    """The same idea the way ops.py does it: a static k, TopK and GatherElements."""
+    """The same idea the way ops does it: a static k, TopK and GatherElements."""
 
     def forward(self, x):
         index = ops.select_top_k(x.sum(-1), ops.keep_count(x.shape[1], 0.5))

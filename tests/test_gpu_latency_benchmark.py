@@ -88,7 +88,7 @@ def test_a_variant_that_fails_is_reported_and_the_others_are_timed(gpu_latency, 
         raise RuntimeError("kernel launch failed")
 
     monkeypatch.setattr(triton_map, "available", lambda device: True)
-    monkeypatch.setattr(ops, "attention_with_map_triton", broken)
+    monkeypatch.setattr(ops.attention, "attention_with_map_triton", broken)
     argv = [*SMOKE, "--modes", "eager", "--variants", "pruned,pruned/triton", "--json", str(tmp_path / "r.json")]
     assert gpu_latency.main(argv) == 1
     results = json.loads((tmp_path / "r.json").read_text())["modes"]["eager"]

@@ -75,7 +75,7 @@ def test_gpu_memory_smoke_run_on_the_tiny_model(gpu_memory, capsys):
     for line in ("pruned (paper)         chunked          1", "pruned (default)       triton",
                  "ToMe (keep 0.4536)", "full "):
         assert line in out, line
-    assert ops.MAP_CHUNK_BYTES == 32 * 2**20  # put back
+    assert ops.attention.MAP_CHUNK_BYTES == 32 * 2**20  # put back
 
 
 def test_gpu_memory_refuses_bad_input(gpu_memory, capsys):

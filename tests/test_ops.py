@@ -2,6 +2,21 @@ import pytest
 import torch
 
 from atedm_compile import ops
+from atedm_compile.ops import attention
+
+
+# The recoveries from a whole similarity (map or keys), which the package splits into the match
+# (``nearest_kept``, made early) and the recovery from it.
+def copy_from_most_similar(kept, index, similarity):
+    return ops.copy_nearest(kept, index, ops.nearest_kept(ops.similarity_to_kept(index, similarity))[0])
+
+
+def copy_from_most_similar_key(kept, index, keys):
+    return ops.copy_nearest(kept, index, ops.nearest_kept(ops.key_cosine_to_kept(index, keys))[0])
+
+
+def recover_delta(kept, kept_before, index, before, to_kept, neighbours=1):
+    return ops.recover_delta_nearest(kept, kept_before, index, before, *ops.nearest_kept(to_kept, neighbours))
 
 
 @pytest.mark.parametrize("tokens,keep,expected", [(4096, 0.37, 1516), (1024, 0.37, 379), (10, 0.25, 3),
@@ -67,14 +82,14 @@ def test_similarity_copy_takes_the_most_similar_kept_token():
                                 [0.0, 0.1, 0.0, 0.9],   # token 1 is kept: keeps its own even so
                                 [0.0, 0.2, 0.0, 0.8],   # token 2 -> 3
                                 [0.0, 0.0, 0.0, 1.0]]])
-    out = ops.copy_from_most_similar(kept, index, similarity)
+    out = copy_from_most_similar(kept, index, similarity)
     assert out.flatten().tolist() == [10.0, 10.0, 20.0, 20.0]
 
 
 def test_key_cosine_copy():
     keys = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])
     kept = torch.tensor([[[5.0], [7.0]]])
-    out = ops.copy_from_most_similar_key(kept, torch.tensor([[0, 2]]), keys)
+    out = copy_from_most_similar_key(kept, torch.tensor([[0, 2]]), keys)
     assert out.flatten().tolist() == [5.0, 5.0, 7.0, 7.0]
 
 
@@ -83,7 +98,7 @@ def test_delta_adds_the_most_similar_kept_tokens_update():
     index = torch.tensor([[1, 3]])
     kept = torch.tensor([[[12.0], [34.0]]])  # final values: updates +10 (token 1) and +30 (token 3)
     to_kept = torch.tensor([[[0.9, 0.1], [0.5, 0.5], [0.2, 0.8], [0.0, 1.0]]])
-    out = ops.recover_delta(kept, ops.gather_tokens(before, index), index, before, to_kept)
+    out = recover_delta(kept, ops.gather_tokens(before, index), index, before, to_kept)
     assert out.flatten().tolist() == [11.0, 12.0, 33.0, 34.0]
 
 
@@ -95,10 +110,10 @@ def test_soft_delta_weighs_updates_by_similarity():
                              [-0.5, -0.5],     # no positive similarity: the plain mean
                              [1.0, 0.0],       # kept tokens keep their final values
                              [0.0, 1.0]]])
-    out = ops.recover_delta(kept, kept_before, index, before, to_kept, neighbours=2)
+    out = recover_delta(kept, kept_before, index, before, to_kept, neighbours=2)
     assert out.flatten().tolist() == pytest.approx([25.0, 20.0, 10.0, 30.0])
     # More neighbours than kept tokens: all of them.
-    assert torch.equal(ops.recover_delta(kept, kept_before, index, before, to_kept, neighbours=5), out)
+    assert torch.equal(recover_delta(kept, kept_before, index, before, to_kept, neighbours=5), out)
 
 
 def test_baseline_recoveries():
@@ -165,7 +180,7 @@ def test_chunked_map_reads_only_the_real_rows_of_a_padded_log_sum_exp(monkeypatc
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
         return out, torch.cat([lse, torch.full_like(lse, float("nan"))], dim=-1)
 
-    monkeypatch.setattr(ops, "fused_attention_with_lse", padded)
+    monkeypatch.setattr(attention, "fused_attention_with_lse", padded)
     out, combined = ops.attention_with_map_chunked(q, k, v, 3, chunk=(1, 4))
     torch.testing.assert_close(combined, expected[1], atol=1e-6, rtol=1e-5)
 
@@ -180,7 +195,7 @@ def test_chunked_map_without_a_kernel_log_sum_exp(monkeypatch):
         calls.append(q.shape)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v), None
 
-    monkeypatch.setattr(ops, "fused_attention_with_lse", sdpa_only)
+    monkeypatch.setattr(attention, "fused_attention_with_lse", sdpa_only)
     out, combined = ops.attention_with_map_chunked(q, k, v, 3, chunk=(2, 17))
     assert calls == [(2, 3, 17, 8)]
     torch.testing.assert_close(combined, expected[1], atol=1e-6, rtol=1e-5)
@@ -217,7 +232,7 @@ def test_map_chunks_fit_the_budget():
     # SD-XL at 1024 px, fp16, batch 2 (32 MiB of scores, fp16 and float32 together): level 2 one
     # head in 7 tiles of 586 rows (the last 580), level 3 2 heads at once, cross-attention (77
     # keys) 5 heads at once.
-    assert ops.MAP_CHUNK_BYTES == 32 * 2**20
+    assert attention.MAP_CHUNK_BYTES == 32 * 2**20
     assert ops.map_chunks(2, 4096, 4096, 10, torch.float16) == (1, 586)
     assert ops.map_chunks(2, 1024, 1024, 20, torch.float16) == (2, 1024)
     assert ops.map_chunks(2, 4096, 77, 10, torch.float16) == (5, 4096)
@@ -226,13 +241,14 @@ def test_map_chunks_fit_the_budget():
                  (2, 65536, 65536, 10, torch.float16)]:  # one row over the budget: still one row
         heads, rows = ops.map_chunks(*args)
         batch, tokens, keys, _, dtype = args
-        assert heads * rows * batch * keys * (dtype.itemsize + 4) <= max(ops.MAP_CHUNK_BYTES, batch * keys * 6 + 2)
+        budget = max(attention.MAP_CHUNK_BYTES, batch * keys * 6 + 2)
+        assert heads * rows * batch * keys * (dtype.itemsize + 4) <= budget
 
 
 def test_attention_path_is_forced_and_restored(monkeypatch):
     q = k = v = torch.randn(1, 6, 8)
     seen = []
-    monkeypatch.setattr(ops, "attention_with_map_chunked", lambda *args: seen.append(args) or (q, q))
+    monkeypatch.setattr(attention, "attention_with_map_chunked", lambda *args: seen.append(args) or (q, q))
     with ops.attention_path("chunked"):
         ops.attention_with_map(q, k, v, 2)
     assert len(seen) == 1

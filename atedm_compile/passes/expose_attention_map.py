@@ -6,10 +6,10 @@ import operator
 
 import torch.fx as fx
 
-from .. import ops
+from .. import ops, roles
 from ..tracing import ROLE, finalize, node_with_role
 
-_WHICH = {"self": ("self_attention", "attn1"), "cross": ("cross_attention", "attn2")}
+_WHICH = {"self": roles.SELF_ATTENTION, "cross": roles.CROSS_ATTENTION}  # the attention call to replace
 
 
 def _check_plain_attention(attn, where: str) -> None:
@@ -29,7 +29,7 @@ def _check_plain_attention(attn, where: str) -> None:
 
 def exposed_map(gm: fx.GraphModule, which: str, how: str) -> fx.Node:
     """The node of the first layer's ``which`` attention map, heads combined by ``how``."""
-    node = node_with_role(gm, f"{which}_attention_map")
+    node = node_with_role(gm, roles.attention_map(which))
     if node is None:
         raise ValueError(f"the {which}-attention map is not exposed: run expose_attention_map(which={which!r}) first")
     if node.meta["head_reduction"] != how:
@@ -44,18 +44,17 @@ def expose_attention_map(gm: fx.GraphModule, which: str = "self", head_reduction
     softmax(Q K^T / sqrt(d)) with heads combined by ``head_reduction`` (``mean`` or ``rms``).
 
     The map comes from the layer's own Q and K, which also make the layer's output, so exposing it
-    costs no second projection or Q K^T. Adds nodes with roles ``{which}_attention_map``
-    ([B, N, M], ``meta["head_reduction"]`` says how) and ``{which}_attention_keys`` ([B, M, h*d]).
+    costs no second projection or Q K^T. Adds nodes with roles ``roles.attention_map(which)``
+    ([B, N, M], ``meta["head_reduction"]`` says how) and ``roles.attention_keys(which)`` ([B, M, h*d]).
     Idempotent: a graph whose map is already exposed the same way is returned unchanged.
     """
     if which not in _WHICH:
         raise ValueError(f"which={which!r} is not one of {list(_WHICH)}")
     if head_reduction not in ops.HEAD_REDUCTIONS:
         raise ValueError(f"head_reduction={head_reduction!r} is not one of {list(ops.HEAD_REDUCTIONS)}")
-    role, _ = _WHICH[which]
-    node = node_with_role(gm, role)
+    node = node_with_role(gm, _WHICH[which])
     if node is None:
-        if node_with_role(gm, f"{which}_attention_map") is None:
+        if node_with_role(gm, roles.attention_map(which)) is None:
             raise ValueError(f"graph has no first-layer {which}-attention to expose")
         exposed_map(gm, which, head_reduction)
         return gm
@@ -73,9 +72,9 @@ def expose_attention_map(gm: fx.GraphModule, which: str = "self", head_reduction
         mixed = graph.call_function(operator.getitem, (both, 0))
         attention_map = graph.call_function(operator.getitem, (both, 1))
         out = graph.call_module(f"{node.target}.to_out.1", (graph.call_module(f"{node.target}.to_out.0", (mixed,)),))
-    attention_map.meta[ROLE] = f"{which}_attention_map"
+    attention_map.meta[ROLE] = roles.attention_map(which)
     attention_map.meta["head_reduction"] = head_reduction
-    key.meta[ROLE] = f"{which}_attention_keys"
+    key.meta[ROLE] = roles.attention_keys(which)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     return finalize(gm)

@@ -7,6 +7,7 @@ import torch.fx as fx
 
 from ..config import SUBLAYERS, ToMeConfig, check_merge_ratio
 from ..modules import TokenMatching, TokenMerge, TokenUnmerge
+from ..roles import BLOCK_INPUT, TOME_MATCHING, TOME_MERGED, TOME_UNMERGED
 from ..tracing import ROLE, finalize, node_with_role, open_layer
 
 def _layer_indices(gm: fx.GraphModule) -> list[int]:
@@ -39,7 +40,7 @@ def insert_token_merging(
         block_name: for messages and the inserted modules' ``repr``.
 
     Adds modules ``tome_match_{i}``, ``tome_merge_{i}``, ``tome_unmerge_{i}`` for layer i and nodes
-    with roles ``tome_matching``, ``tome_merged``, ``tome_unmerged``. Returns the graph unchanged
+    with roles ``TOME_MATCHING``, ``TOME_MERGED``, ``TOME_UNMERGED``. Returns the graph unchanged
     when the ratio is 0 or the block already merges.
 
     Example:
@@ -55,9 +56,9 @@ def insert_token_merging(
     ratio = check_merge_ratio(config.ratio if ratio is None else ratio, config.sx, config.sy)
     if ratio == 0.0 or any(name.startswith("tome_") for name, _ in gm.named_children()):
         return gm
-    grid = node_with_role(gm, "block_input")
+    grid = node_with_role(gm, BLOCK_INPUT)
     if grid is None:
-        raise ValueError("graph has no block input (role 'block_input'): trace it with tracing.trace_block")
+        raise ValueError(f"graph has no block input (role {BLOCK_INPUT!r}): trace it with tracing.trace_block")
     graph = gm.graph
     for index in _layer_indices(gm):
         open_layer(gm, index, block_name or "block")
@@ -70,7 +71,7 @@ def insert_token_merging(
         norm1 = _sublayer_call(gm, f"transformer_blocks.{index}.norm1")
         with graph.inserting_before(norm1):
             matching = graph.call_module(prefix.format("match"), (norm1.args[0], grid))
-        matching.meta[ROLE] = "tome_matching"
+        matching.meta[ROLE] = TOME_MATCHING
         for sublayer in config.sublayers:
             node = _sublayer_call(gm, f"transformer_blocks.{index}.{SUBLAYERS[sublayer]}")
             if node is None:
@@ -81,6 +82,6 @@ def insert_token_merging(
             with graph.inserting_after(node):
                 unmerged = graph.call_module(prefix.format("unmerge"), (node, matching))
             node.replace_all_uses_with(unmerged, delete_user_cb=lambda user: user is not unmerged)
-            merged.meta[ROLE] = "tome_merged"
-            unmerged.meta[ROLE] = "tome_unmerged"
+            merged.meta[ROLE] = TOME_MERGED
+            unmerged.meta[ROLE] = TOME_UNMERGED
     return finalize(gm)
