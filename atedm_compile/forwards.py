@@ -32,6 +32,9 @@ _NOT_SPLIT = ("class_labels", "timestep_cond", "attention_mask", "cross_attentio
 class InstanceForward:
     """Base: becomes ``module.forward`` (an instance attribute) until ``uninstall``."""
 
+    what = "an instance forward"  # for the warning when it cannot come off
+    what_stays = "it stays under that wrapper"
+
     def __init__(self, module: torch.nn.Module):
         self.module = module
         self.replaced = module.__dict__.get("forward")  # an instance forward of someone else's, if any
@@ -60,9 +63,12 @@ class InstanceForward:
         return dict(zip(self.parameter_names, args), **kwargs)
 
     def uninstall(self) -> bool:
-        """Put back what was replaced. False, and nothing changed, when another wrapper was put
-        over this one since."""
+        """Put back what was replaced. False, with a warning, and nothing changed when another
+        wrapper was put over this one since (this one stays under it)."""
         if self.module.__dict__.get("forward") is not self:
+            wrapper = type(self.module.__dict__.get("forward")).__name__
+            warnings.warn(f"AT-EDM: {self.what} was wrapped by {wrapper} after apply; {self.what_stays}",
+                          stacklevel=4)
             return False
         if self.replaced is None:
             del self.module.__dict__["forward"]
@@ -100,14 +106,15 @@ class PhasedForward(InstanceForward):
             return Transformer2DModelOutput(sample=out)
         return (out,)
 
+    @property
+    def what(self) -> str:
+        return f"the forward of block {self.name}"
+
+    what_stays = "AT-EDM is off in it, but its pass-through stays under that wrapper until the wrapper is removed"
+
     def uninstall(self) -> bool:
-        if super().uninstall():
-            return True
         self.active = False
-        warnings.warn(f"AT-EDM: the forward of block {self.name} was wrapped by "
-                      f"{type(self.module.__dict__.get('forward')).__name__} after apply; AT-EDM is off in it, "
-                      f"but its pass-through stays under that wrapper until the wrapper is removed", stacklevel=4)
-        return False
+        return super().uninstall()
 
 
 class BeforeUNetCall:
@@ -141,12 +148,7 @@ class CompiledForward(InstanceForward):
             self._compiled = torch.compile(_own_code(lambda *a, **k: forward(*a, **k)), **self.options)
         return self._compiled(*args, **kwargs)
 
-    def uninstall(self) -> bool:
-        if super().uninstall():
-            return True
-        warnings.warn("AT-EDM: the U-Net's forward was wrapped after compile(); the compiled forward stays "
-                      "under that wrapper", stacklevel=4)
-        return False
+    what = "the U-Net's compiled forward"
 
     def __getstate__(self):
         return {**self.__dict__, "_compiled": None}
@@ -180,12 +182,7 @@ class CachedUNetForward(InstanceForward):
                             arguments.get("added_cond_kwargs"))
         return UNet2DConditionOutput(sample=noise) if arguments.get("return_dict", True) else (noise,)
 
-    def uninstall(self) -> bool:
-        if super().uninstall():
-            return True
-        warnings.warn("AT-EDM: the U-Net's forward was wrapped after apply; the cached-step forward stays "
-                      "under that wrapper", stacklevel=4)
-        return False
+    what = "the U-Net's cached-step forward"
 
 
 def _own_code(function):

@@ -333,6 +333,25 @@ def test_runner_compile_puts_back_the_forward_it_replaced(pipe):
         vars(unet).pop("forward")
 
 
+def test_a_block_wrapped_after_apply_is_passed_through_on_remove(pipe):
+    expected = _sample(pipe)
+    ac.apply(pipe, "uniform", keep_ratio=0.5)
+    block = pipe.unet.get_submodule("down_blocks.1.attentions.0")
+    ours = vars(block)["forward"]
+
+    def wrapper(*args, **kwargs):  # someone else's hook, put on after apply
+        return ours(*args, **kwargs)
+
+    vars(block)["forward"] = wrapper
+    try:
+        with pytest.warns(UserWarning, match="block down1.F was wrapped by function after apply; AT-EDM is off"):
+            ac.remove(pipe)
+        assert vars(block)["forward"] is wrapper
+        assert torch.equal(_sample(pipe), expected)  # its pass-through runs the block as it was
+    finally:
+        del vars(block)["forward"]
+
+
 def test_block_forwards_keep_their_signature(pipe):
     ac.apply(pipe, "atedm")
     for block in ac.attention_blocks(pipe.unet):
