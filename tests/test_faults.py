@@ -306,8 +306,8 @@ def cli_faults(tmp_path_factory):
                               'batch is "two", expected an integer'),
     }
     # A file-size limit of 1 KiB (as a full disk): the image cannot be written, its folder not kept.
-    limited = [f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY)); "
-               f"from atedm_compile.cli import main; sys.exit(main(sys.argv[1:]))"]
+    limited = ["import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY)); "
+               "from atedm_compile.cli import main; sys.exit(main(sys.argv[1:]))"]
     cases["file-size limit"] = (["generate", "--steps", "1"], {"LIMIT": "1"}, "File too large: '")
     started = {}
     for name, (argv, env, message) in cases.items():
