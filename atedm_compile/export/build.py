@@ -25,7 +25,8 @@ from ..schedule import PRESETS, make_schedule
 from .extras import UnavailableError
 from .manifest import (BACKENDS, EXPORT_KEY, MANIFEST, PHASE_KEY, PRECISIONS, WEIGHTS, Artefact, Manifest,
                        ManifestError, PhaseEntry, build_settings, carry_over, dropped_artefacts, export_key,
-                       phase_graphs, read_manifest, reusable, sha256_file, sha256_json, step_io_specs, tool_versions)
+                       phase_graphs, read_manifest, reusable, sha256_file, sha256_json, step_io_specs, tool_versions,
+                       used_inputs)
 from .onnx import (DEFAULT_OPSET, EXPORTERS, OPSETS, UNFOLDED, WeightStore, export_graph_on_meta, export_phase,
                    graph_module, share_weights, weight_arrays)
 from .onnxruntime import CPU_CACHE
@@ -472,9 +473,16 @@ class BuildPlan:
         # split is the graph module's (graph_module), so its own cached-step forward stays out.
         return replace(self.schedule, cache=None)
 
+    def _branch(self) -> int | None:
+        return self.config.cache.branch if self.config.cache is not None else None
+
+    def _all_inputs(self, entry: PhaseEntry) -> dict:
+        """Every input of ``entry``'s graph module, also those its exported graph leaves out."""
+        return step_io_specs(self.unet_config, self.config.batch, *self.latent, self.config.precision, entry.role,
+                             self._branch())[0]
+
     def _graph_module(self, unet, entry: PhaseEntry):
-        return graph_module(unet, list(entry.inputs), entry.role,
-                            self.config.cache.branch if self.config.cache is not None else None)[0]
+        return graph_module(unet, list(self._all_inputs(entry)), entry.role, self._branch())[0]
 
     def _phase_name(self, entry: PhaseEntry) -> str:
         """The schedule phase whose pruning ``entry``'s graph runs (a cached graph: its phase's)."""
@@ -501,12 +509,12 @@ class BuildPlan:
         final = self._raw_dir(entry)
         final.parent.mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(final.name)))
-        branch = self.config.cache.branch if self.config.cache is not None else None
+        inputs, branch = self._all_inputs(entry), self._branch()
         try:
             if self._on_meta:
-                export_graph_on_meta(self.traced, entry.inputs, tmp, self.config.opset, entry.role, branch)
+                export_graph_on_meta(self.traced, inputs, tmp, self.config.opset, entry.role, branch)
             else:
-                export_phase(self.unet, entry.inputs, tmp / "model.onnx", self.config.exporter, self.config.opset,
+                export_phase(self.unet, inputs, tmp / "model.onnx", self.config.exporter, self.config.opset,
                              entry.role, branch)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -526,7 +534,7 @@ class BuildPlan:
             state = self._graph_module(self._real_unet(), entry).state_dict()
             total = sum(t.numel() * t.element_size() for t in state.values())
             with _bar(f"weights: {entry.name}", total) as bar:
-                arrays = weight_arrays(model, onnx.load(str(raw / UNFOLDED)), state, list(entry.inputs),
+                arrays = weight_arrays(model, onnx.load(str(raw / UNFOLDED)), state, list(self._all_inputs(entry)),
                                        progress=bar.update)
                 model = share_weights(model, self.store, arrays=arrays)
             del state
@@ -534,6 +542,8 @@ class BuildPlan:
             model = share_weights(onnx.load(str(raw / "model.onnx")), self.store)
         # The graph says which phase it is: load compares this with the manifest.
         onnx.helper.set_model_props(model, {PHASE_KEY: entry.name, EXPORT_KEY: entry.export_key})
+        if entry.role is not None:  # builds without a cache: every graph takes every input, as before
+            entry.inputs = used_inputs(model, self._all_inputs(entry))
         file = f"{entry.name}.onnx"
         write_atomically(self.directory / file, model.SerializeToString())
         entry.onnx = Artefact.of(self.directory, file)
@@ -573,7 +583,7 @@ class BuildPlan:
         try:
             runner.start(self.schedule.num_steps)
             runner.use_phase(self._phase_name(entry))
-            feed = example_inputs(entry.inputs, seed=1, device=next(unet.parameters()).device)
+            feed = example_inputs(self._all_inputs(entry), seed=1, device=next(unet.parameters()).device)
             with torch.no_grad():
                 expected = self._graph_module(unet, entry)(*feed.values())
         finally:

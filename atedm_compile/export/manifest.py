@@ -85,6 +85,15 @@ def step_io_specs(unet_config: dict, batch: int, latent_height: int, latent_widt
     return {**inputs, FEATURES_NAME: features}, outputs
 
 
+def used_inputs(model, specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
+    """``specs`` without the inputs the ONNX graph ``model`` does not take: the exporter leaves
+    out an input no layer reads (a cached step cut below every cross-attention block reads no
+    ``encoder_hidden_states``), and the manifest lists what the graph takes (a TensorRT profile
+    names exactly those)."""
+    names = {value.name for value in model.graph.input}
+    return {name: spec for name, spec in specs.items() if name in names}
+
+
 def phase_graphs(schedule) -> list[tuple[str, object, str | None]]:
     """(graph name, schedule phase, role) of every graph a build of ``schedule`` holds: one per
     phase without cached steps (role None); with them, per phase a ``full`` graph under the
@@ -395,9 +404,14 @@ def check_meaning(manifest: Manifest, path: Path | str = MANIFEST) -> None:
             fail(f"the model config lacks {error}")
         except ValueError as error:  # a branch this U-Net does not have
             fail(str(error))
+        taken = {name: spec for name, spec in inputs.items() if name in entry.inputs}
+        if entry.role is not None:  # a full or cached step's graph may not read every input (used_inputs)
+            inputs = taken if list(entry.inputs) == list(taken) and "sample" in taken else inputs
         if entry.inputs != inputs or entry.outputs != outputs:
             fail(f"phase {entry.name!r} lists input or output shapes that its batch, size and precision do not give")
-        if entry.export_key != export_key(manifest, entry.rules, entry.inputs, entry.role):
+        expected_inputs = step_io_specs(manifest.model["config"], manifest.batch, *manifest.latent,
+                                        manifest.precision, entry.role, branch)[0]
+        if entry.export_key != export_key(manifest, entry.rules, expected_inputs, entry.role):
             fail(f"the export key of phase {entry.name!r} does not follow from the recorded settings")
     for artefact in [manifest.weights] + [a for e in manifest.phases for a in (e.onnx, e.engine)]:
         if artefact is not None and (Path(artefact.file).is_absolute() or ".." in Path(artefact.file).parts):
@@ -498,6 +512,8 @@ def carry_over(entry: PhaseEntry, previous: Manifest | None) -> PhaseEntry:
     old = next((p for p in previous.phases if p.name == entry.name), None) if previous else None
     if old is not None and old.export_key == entry.export_key:
         entry.onnx, entry.lint, entry.engine, entry.engine_key = old.onnx, old.lint, old.engine, old.engine_key
+        if old.onnx is not None:
+            entry.inputs = old.inputs  # the inputs its graph takes (``used_inputs``)
     return entry
 
 
