@@ -104,6 +104,24 @@ def test_sampling_equals_the_pytorch_runner_with_the_same_cache(cached_build, pi
     assert np.abs(got - _sample(pipe)).max() > 1e-3  # the cached steps and the pruning changed the image
 
 
+def test_fallback_runs_the_pytorch_runner_with_the_cache(cached_build, pipe):
+    runner = ac.apply(pipe, "atedm", cache=CACHE)
+    try:
+        expected = _sample(pipe, steps=6)
+        expected_calls = [(c.step, c.phase + " (pytorch)", c.role) for c in runner.calls]
+    finally:
+        ac.remove(pipe)
+    unet = load(cached_build[0], fallback=pipe.unet, on_mismatch="fallback").attach(pipe)
+    try:
+        with pytest.warns(UserWarning, match="6 sampling steps were asked for"):
+            got = _sample(pipe, steps=6)
+        assert [(c.step, c.phase, c.role) for c in unet.calls] == expected_calls
+    finally:
+        unet.detach(pipe)
+        ac.remove(pipe)  # the fallback runner's, on the pipeline's own U-Net
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_the_first_call_of_a_run_is_full_and_features_are_reset(cached_build):
     from atedm_compile.export.onnx import example_inputs
 
