@@ -175,13 +175,18 @@ def test_rebuild_with_another_interval_reuses_the_graphs(cached_build, tmp_path)
     assert check(directory, compare_tensorrt=False, log=lambda _: None).ok
 
 
-def test_a_manifest_whose_cache_does_not_give_its_graphs_is_refused(cached_build, tmp_path):
+@pytest.mark.parametrize("change, message", [
+    ({"interval": 1}, "'pruned.cached' is not a phase of schedule 'atedm'"),  # no cached steps: no such graph
+    ({"spacing": "non-uniform"}, "center=15 is not allowed for a 4-step run"),
+    ({"branch": 9}, "branch=9 is not allowed"),
+])
+def test_a_manifest_whose_cache_does_not_give_its_graphs_is_refused(cached_build, tmp_path, change, message):
     directory = tmp_path / "copy"
     shutil.copytree(cached_build[0], directory)
     data = json.loads((directory / MANIFEST).read_text())
-    data["schedule"]["cache"]["interval"] = 1  # no cached steps: no pruned.cached graph
+    data["schedule"]["cache"].update(change)
     (directory / MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match="'pruned.cached' is not a phase of schedule 'atedm'"):
+    with pytest.raises(ManifestError, match=message):
         read_manifest(directory)
 
 

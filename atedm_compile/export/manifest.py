@@ -369,9 +369,9 @@ def check_meaning(manifest: Manifest, path: Path | str = MANIFEST) -> None:
     try:
         PruningConfig(**manifest.pruning)
         schedule = manifest_schedule(manifest)
+        graphs = phase_graphs(schedule)  # the cache rule against the step count too
     except (TypeError, ValueError) as error:
         fail(f"its schedule or pruning settings are not valid ({error})")
-    graphs = phase_graphs(schedule)
     expected = {name: (phase, role) for name, phase, role in graphs}
     listed = [p.name for p in manifest.phases]
     for name, phase, role in graphs:
