@@ -12,22 +12,23 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from ..config import DEFAULT_PRUNING, PruningConfig, check_keep_ratio, check_number
+from ..config import DEFAULT_PRUNING, DeepCacheConfig, PruningConfig, check_keep_ratio, check_number
 from ..files import remove_leftovers, temp_prefix, write_atomically
 from ..memory import check_fits, memory_limit, prunes, unet_bytes
 from ..models import check_image_size
 from ..schedule import PRESETS, make_schedule
 from .extras import UnavailableError
 from .manifest import (BACKENDS, EXPORT_KEY, MANIFEST, PHASE_KEY, PRECISIONS, WEIGHTS, Artefact, Manifest,
-                       ManifestError, PhaseEntry, build_settings, carry_over, dropped_artefacts, export_key, io_specs,
-                       read_manifest, reusable, sha256_file, sha256_json, tool_versions)
-from .onnx import (DEFAULT_OPSET, EXPORTERS, OPSETS, UNFOLDED, UNetSignature, WeightStore, export_graph_on_meta,
-                   export_phase, share_weights, weight_arrays)
+                       ManifestError, PhaseEntry, build_settings, carry_over, dropped_artefacts, export_key,
+                       phase_graphs, read_manifest, reusable, sha256_file, sha256_json, step_io_specs, tool_versions,
+                       used_inputs)
+from .onnx import (DEFAULT_OPSET, EXPORTERS, OPSETS, UNFOLDED, WeightStore, export_graph_on_meta, export_phase,
+                   graph_module, share_weights, weight_arrays)
 from .onnxruntime import CPU_CACHE
 
 MARKER = ".atedm-export"
@@ -56,6 +57,10 @@ class BuildConfig:
         verify: after the build, run each phase graph in ONNX Runtime against the PyTorch U-Net
             in that phase on the same random inputs (at full size: a real U-Net call each, and
             the memory for it, which the pre-check counts).
+        cache: DeepCache's cached steps across the phases (``DeepCacheConfig``): each phase then
+            has a full-step graph that also returns the deep features at the cache's branch and,
+            where the rule caches one of its steps, a cached-step graph that takes them
+            (``manifest.phase_graphs``). None: one graph per phase, as without caching.
     """
 
     model: str = "tiny"
@@ -75,6 +80,7 @@ class BuildConfig:
     optimization_level: int = 3
     vae_factor: int | None = None
     verify: bool = False
+    cache: DeepCacheConfig | None = None
 
     def __post_init__(self):
         for name, value, allowed in (("schedule", self.schedule, PRESETS), ("precision", self.precision, PRECISIONS),
@@ -94,8 +100,11 @@ class BuildConfig:
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), 1, 1 << 20, integer=True)
         check_keep_ratio(self.keep_ratio)
-        make_schedule(self.schedule, self.num_steps, keep_ratio=self.keep_ratio,
-                      prune_less_blocks=self.prune_less_blocks)
+        if self.cache is not None and not isinstance(self.cache, DeepCacheConfig):
+            raise ValueError(f"cache={self.cache!r} is not a DeepCacheConfig (or None: no cached steps)")
+        schedule = make_schedule(self.schedule, self.num_steps, keep_ratio=self.keep_ratio,
+                                 prune_less_blocks=self.prune_less_blocks, cache=self.cache)
+        schedule.role_at(0)  # the cache rule against the step count (a non-uniform center inside the run)
 
     def schedule_options(self) -> dict:
         return {"keep_ratio": self.keep_ratio, "prune_less_blocks": self.prune_less_blocks}
@@ -261,7 +270,12 @@ class BuildPlan:
         check_image_size(height, width, self.unet_config, self.vae_factor)
         self.height, self.width = height, width
         self.latent = (height // self.vae_factor, width // self.vae_factor)
-        self.schedule = make_schedule(config.schedule, config.num_steps, **config.schedule_options())
+        if config.cache is not None:
+            from ..caching import branch_position
+
+            branch_position(self.unet_config, config.cache.branch)  # a branch this U-Net has, before any work
+        self.schedule = make_schedule(config.schedule, config.num_steps, **config.schedule_options(),
+                                      cache=config.cache)
         # A graph that no call of this machine's kind could run is refused even though the export
         # itself no longer runs it (the meta trace computes nothing).
         check_fits(unet_bytes(self.unet_config, config.batch, *self.latent, config.precision,
@@ -345,9 +359,12 @@ class BuildPlan:
             except ManifestError as error:
                 self.log(f"previous manifest not reused: {error}")
         config = self.config
+        schedule = {"preset": config.schedule, "num_steps": config.num_steps, "options": config.schedule_options()}
+        if config.cache is not None:  # left out without one: those manifests are written as before
+            schedule["cache"] = asdict(config.cache)
         manifest = Manifest(
             model={**self.identity, "config": dict(self.unet_config)},
-            schedule={"preset": config.schedule, "num_steps": config.num_steps, "options": config.schedule_options()},
+            schedule=schedule,
             pruning=asdict(config.pruning), batch=config.batch, height=self.height, width=self.width,
             latent=self.latent, precision=config.precision, backend=config.backend, exporter=config.exporter,
             opset=config.opset, tools=tool_versions(), phases=[], vae_factor=self.vae_factor,
@@ -366,12 +383,14 @@ class BuildPlan:
         if previous is None:
             (self.directory / WEIGHTS).unlink(missing_ok=True)
         phases = []
-        for phase in self.schedule.phases:
-            inputs, outputs = io_specs(self.unet_config, config.batch, *self.latent, config.precision)
+        branch = config.cache.branch if config.cache is not None else None
+        for name, phase, role in phase_graphs(self.schedule):
+            inputs, outputs = step_io_specs(self.unet_config, config.batch, *self.latent, config.precision, role,
+                                            branch)
             rules = [list(r) for r in phase.rules]
-            key = export_key(manifest, rules, inputs)
-            phases.append(carry_over(PhaseEntry(phase.name, phase.start, phase.stop, rules, inputs, outputs, key),
-                                     previous))
+            key = export_key(manifest, rules, inputs, role)
+            phases.append(carry_over(PhaseEntry(name, phase.start, phase.stop, rules, inputs, outputs, key,
+                                                role=role), previous))
         dropped = dropped_artefacts(found, phases)
         for file in dropped:
             (self.directory / file).unlink(missing_ok=True)
@@ -448,10 +467,31 @@ class BuildPlan:
             self.unet = _load_unet(self.config.model, self.config.seed, self.config.precision, device)
         return self.unet
 
+    @property
+    def _pruning_schedule(self):
+        # The runner only prunes the blocks of the phase being exported; a full or cached step's
+        # split is the graph module's (graph_module), so its own cached-step forward stays out.
+        return replace(self.schedule, cache=None)
+
+    def _branch(self) -> int | None:
+        return self.config.cache.branch if self.config.cache is not None else None
+
+    def _all_inputs(self, entry: PhaseEntry) -> dict:
+        """Every input of ``entry``'s graph module, also those its exported graph leaves out."""
+        return step_io_specs(self.unet_config, self.config.batch, *self.latent, self.config.precision, entry.role,
+                             self._branch())[0]
+
+    def _graph_module(self, unet, entry: PhaseEntry):
+        return graph_module(unet, list(self._all_inputs(entry)), entry.role, self._branch())[0]
+
+    def _phase_name(self, entry: PhaseEntry) -> str:
+        """The schedule phase whose pruning ``entry``'s graph runs (a cached graph: its phase's)."""
+        return self.schedule.phase_at(entry.start).name
+
     def _apply_passes(self) -> None:
         from ..runner import apply
 
-        self.runner = apply(self.traced, self.schedule, self.config.pruning)
+        self.runner = apply(self.traced, self._pruning_schedule, self.config.pruning)
         self.runner.start(self.schedule.num_steps)
 
     def _raw_dir(self, entry: PhaseEntry) -> Path:
@@ -465,15 +505,17 @@ class BuildPlan:
         return None
 
     def _export(self, entry: PhaseEntry) -> None:
-        self.runner.use_phase(entry.name)
+        self.runner.use_phase(self._phase_name(entry))
         final = self._raw_dir(entry)
         final.parent.mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(final.name)))
+        inputs, branch = self._all_inputs(entry), self._branch()
         try:
             if self._on_meta:
-                export_graph_on_meta(self.traced, entry.inputs, tmp, self.config.opset)
+                export_graph_on_meta(self.traced, inputs, tmp, self.config.opset, entry.role, branch)
             else:
-                export_phase(self.unet, entry.inputs, tmp / "model.onnx", self.config.exporter, self.config.opset)
+                export_phase(self.unet, inputs, tmp / "model.onnx", self.config.exporter, self.config.opset,
+                             entry.role, branch)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         except BaseException:
@@ -489,10 +531,10 @@ class BuildPlan:
         raw = self._raw_dir(entry)
         if (raw / UNFOLDED).is_file():  # exported on meta: the weights come from the U-Net, one at a time
             model = onnx.load(str(raw / "model.onnx"))
-            state = UNetSignature(self._real_unet(), list(entry.inputs)).state_dict()
+            state = self._graph_module(self._real_unet(), entry).state_dict()
             total = sum(t.numel() * t.element_size() for t in state.values())
             with _bar(f"weights: {entry.name}", total) as bar:
-                arrays = weight_arrays(model, onnx.load(str(raw / UNFOLDED)), state, list(entry.inputs),
+                arrays = weight_arrays(model, onnx.load(str(raw / UNFOLDED)), state, list(self._all_inputs(entry)),
                                        progress=bar.update)
                 model = share_weights(model, self.store, arrays=arrays)
             del state
@@ -500,6 +542,8 @@ class BuildPlan:
             model = share_weights(onnx.load(str(raw / "model.onnx")), self.store)
         # The graph says which phase it is: load compares this with the manifest.
         onnx.helper.set_model_props(model, {PHASE_KEY: entry.name, EXPORT_KEY: entry.export_key})
+        if entry.role is not None:  # builds without a cache: every graph takes every input, as before
+            entry.inputs = used_inputs(model, self._all_inputs(entry))
         file = f"{entry.name}.onnx"
         write_atomically(self.directory / file, model.SerializeToString())
         entry.onnx = Artefact.of(self.directory, file)
@@ -535,20 +579,23 @@ class BuildPlan:
 
         unet = self._real_unet()
         own = self.runner is None or self.traced is not unet  # the exported U-Net was a meta copy
-        runner = apply(unet, self.schedule, self.config.pruning) if own else self.runner
+        runner = apply(unet, self._pruning_schedule, self.config.pruning) if own else self.runner
         try:
             runner.start(self.schedule.num_steps)
-            runner.use_phase(entry.name)
-            feed = example_inputs(entry.inputs, seed=1, device=next(unet.parameters()).device)
+            runner.use_phase(self._phase_name(entry))
+            feed = example_inputs(self._all_inputs(entry), seed=1, device=next(unet.parameters()).device)
             with torch.no_grad():
-                expected = UNetSignature(unet, list(entry.inputs))(*feed.values()).float().cpu()
+                expected = self._graph_module(unet, entry)(*feed.values())
         finally:
             if own:
                 remove(unet)
+        expected = expected if isinstance(expected, tuple) else (expected,)
         shared = SharedWeights(self.directory / WEIGHTS, self.store.index)
         got = OrtEngine(self.directory / entry.onnx.file, shared, providers=["cpu"]).infer(feed)
-        got = got[next(iter(entry.outputs))].float()
-        error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-12)
+        error = 0.0
+        for name, value in zip(entry.outputs, expected):  # the latent, and a full step's deep features
+            value = value.float().cpu()
+            error = max(error, (got[name].float() - value).abs().max().item() / max(value.abs().max().item(), 1e-12))
         tolerance = 3e-2 if self.config.precision == "fp16" else 1e-4
         if not error <= tolerance:
             raise ValueError(f"{entry.onnx.file}: ONNX Runtime differs from PyTorch by {error:.2e} of the output's "

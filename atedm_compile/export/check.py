@@ -57,7 +57,8 @@ def check(directory: str | Path, compare_tensorrt: bool = True, log: Callable[[s
                                             manifest.precision)
             result.tensorrt = "matches" if same else "differs"
         verdict = "ok" if not result.issues else f"{len(result.issues)} issues"
-        log(f"  {entry.name} (steps {entry.start}-{entry.stop - 1}): ONNX checker ok, lint {verdict}; "
+        role = f"{entry.role} " if entry.role else ""
+        log(f"  {entry.name} ({role}steps {entry.start}-{entry.stop - 1}): ONNX checker ok, lint {verdict}; "
             f"TensorRT vs ONNX Runtime: {result.tensorrt}")
         for issue in result.issues:
             log(f"    {issue}")

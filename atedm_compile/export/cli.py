@@ -46,6 +46,20 @@ def add_export_commands(sub) -> None:
                             "random inputs (a full-size U-Net call each: needs the memory and time for it)")
     build.add_argument("--out", required=True, help="output directory (new, empty, or an earlier build's)")
     add_pruning_options(build)
+    from ..config import CACHE_SPACINGS
+
+    cache = build.add_argument_group(
+        "cached steps", "DeepCache's rule across the phases: each phase gets a full-step graph that also outputs the "
+                        "deep features and a cached-step graph that takes them (default: no cached steps)")
+    cache.add_argument("--cache-interval", type=int, default=None,
+                       help="steps per full step (2: every other step is cached); turns caching on")
+    cache.add_argument("--cache-branch", type=int, default=None,
+                       help="skip branch the cached steps cut at (default 0: only the outermost layers run)")
+    cache.add_argument("--cache-spacing", default=None, choices=CACHE_SPACINGS,
+                       help="where the full steps fall (default uniform)")
+    cache.add_argument("--cache-power", type=float, default=None, help="non-uniform spacing: its exponent, > 1")
+    cache.add_argument("--cache-center", type=int, default=None,
+                       help="non-uniform spacing: the step the full steps crowd around")
     build.set_defaults(func=cmd_build)
 
     run = sub.add_parser(
@@ -99,6 +113,7 @@ def cmd_build(args) -> int:
         prune_less_blocks=args.prune_less_blocks, pruning=pruning_config(args), height=args.height,
         width=args.width, batch=args.batch, precision=args.precision, backend=args.backend, exporter=args.exporter,
         opset=args.opset, seed=args.seed, optimization_level=args.optimization_level, verify=args.verify,
+        cache=_cache_config(args),
     )
     started = time.perf_counter()
     out = Path(args.out)
@@ -112,11 +127,26 @@ def cmd_build(args) -> int:
     print(f"{out}: {len(manifest.phases)} phases, {ran} of {len(records)} steps ran, "
           f"{time.perf_counter() - started:.1f} s")
     for phase in manifest.phases:
-        print(f"  {phase.name}: steps {phase.start}-{phase.stop - 1}, {phase.onnx.file} {phase.onnx.bytes} bytes"
+        role = f" ({phase.role} steps)" if phase.role else ""
+        print(f"  {phase.name}{role}: steps {phase.start}-{phase.stop - 1}, {phase.onnx.file} {phase.onnx.bytes} bytes"
               + (f", {phase.engine.file} {phase.engine.bytes} bytes" if phase.engine else ""))
     if manifest.weights:
         print(f"  shared weights: {manifest.weights.file} {manifest.weights.bytes} bytes")
     return 0
+
+
+def _cache_config(args):
+    """The build's ``DeepCacheConfig`` from ``--cache-*`` (None without ``--cache-interval``)."""
+    from ..config import DeepCacheConfig
+
+    options = {name: getattr(args, f"cache_{name}") for name in ("interval", "branch", "spacing", "power", "center")}
+    given = {name: value for name, value in options.items() if value is not None}
+    if "interval" not in given:
+        if given:
+            raise ValueError(f"{', '.join('--cache-' + name for name in given)} set without --cache-interval, which "
+                             f"turns cached steps on")
+        return None
+    return DeepCacheConfig(**given)
 
 
 def cmd_run(args) -> int:
@@ -170,14 +200,14 @@ def cmd_run(args) -> int:
     timings: dict[str, list[float]] = {}
     started = {}
     unet.register_forward_pre_hook(lambda *_: started.__setitem__("t", time.perf_counter()))
-    unet.register_forward_hook(lambda *_: timings.setdefault(unet.calls[-1].phase, []).append(
+    unet.register_forward_hook(lambda *_: timings.setdefault(_label(unet.calls[-1]), []).append(
         time.perf_counter() - started["t"]))
     generator = torch.Generator().manual_seed(args.seed)
     made = pipe(args.prompt, num_inference_steps=steps, height=height, width=width, guidance_scale=args.guidance,
                 num_images_per_prompt=images, generator=generator, callback_on_step_end=refuse_non_finite).images
     print(f"{directory}: {steps} steps at {width}x{height}, backend {args.backend or manifest.backend}")
     for phase, seconds in timings.items():
-        calls = [c.step for c in unet.calls if c.phase == phase]
+        calls = [c.step for c in unet.calls if _label(c) == phase]
         print(f"  {phase}: steps {min(calls)}-{max(calls)}, {len(calls)} calls, "
               f"{sum(seconds) / len(seconds):.4f} s per call")
     # Every image the batch made: OUT itself for one, OUT's name numbered (image-0.png, ...) for more.
@@ -186,6 +216,10 @@ def cmd_run(args) -> int:
         save_png(image, file)
     print(f"wrote {', '.join(map(str, files))}")
     return 0
+
+
+def _label(call) -> str:
+    return call.phase if call.role == "full" else f"{call.phase} ({call.role})"
 
 
 def cmd_check(args) -> int:

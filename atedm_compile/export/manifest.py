@@ -26,6 +26,10 @@ WEIGHTS = "weights.bin"
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnxruntime", "tensorrt")
 OUTPUT_NAME = "latent"
+# The deep features a full-step graph of a build with cached steps also returns, and a
+# cached-step graph takes (``caching.FEATURES_NAME``).
+FEATURES_NAME = "deep_features"
+CACHED_SUFFIX = ".cached"
 # ONNX metadata_props of each phase graph: which phase it is and the settings it was made from.
 PHASE_KEY = "atedm.phase"
 EXPORT_KEY = "atedm.export_key"
@@ -64,6 +68,57 @@ def io_specs(unet_config: dict, batch: int, latent_height: int, latent_width: in
     return inputs, outputs
 
 
+def step_io_specs(unet_config: dict, batch: int, latent_height: int, latent_width: int, precision: str,
+                  role: str | None, branch: int | None) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """``io_specs`` of a graph in a build with cached steps: a ``full`` graph also returns the deep
+    features at ``branch`` (``caching.features_shape``), a ``cached`` one takes them as its last
+    input. ``role`` None: a build without cached steps (``io_specs`` as it is)."""
+    inputs, outputs = io_specs(unet_config, batch, latent_height, latent_width, precision)
+    if role is None:
+        return inputs, outputs
+    from ..caching import features_shape
+
+    features = TensorSpec(features_shape(unet_config, branch, batch, latent_height, latent_width),
+                          outputs[OUTPUT_NAME].dtype)
+    if role == "full":
+        return inputs, {**outputs, FEATURES_NAME: features}
+    return {**inputs, FEATURES_NAME: features}, outputs
+
+
+def used_inputs(model, specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
+    """``specs`` without the inputs the ONNX graph ``model`` does not take: the exporter leaves
+    out an input no layer reads (a cached step cut below every cross-attention block reads no
+    ``encoder_hidden_states``), and the manifest lists what the graph takes (a TensorRT profile
+    names exactly those)."""
+    names = {value.name for value in model.graph.input}
+    return {name: spec for name, spec in specs.items() if name in names}
+
+
+def phase_graphs(schedule) -> list[tuple[str, object, str | None]]:
+    """(graph name, schedule phase, role) of every graph a build of ``schedule`` holds: one per
+    phase without cached steps (role None); with them, per phase a ``full`` graph under the
+    phase's name (every phase has one: the first call of a run is full, wherever it starts) and,
+    where the cache rule caches one of its steps, a ``cached`` graph named ``<phase>.cached``."""
+    if schedule.cache is None:
+        return [(phase.name, phase, None) for phase in schedule.phases]
+    graphs = []
+    for phase in schedule.phases:
+        graphs.append((phase.name, phase, "full"))
+        if any(schedule.role_at(step) == "cached" for step in phase.steps):
+            graphs.append((phase.name + CACHED_SUFFIX, phase, "cached"))
+    return graphs
+
+
+def manifest_schedule(manifest: Manifest):
+    """The ``Schedule`` a manifest records (preset, steps, options and, where set, the cache)."""
+    from ..config import DeepCacheConfig
+    from ..schedule import make_schedule
+
+    cache = manifest.schedule.get("cache")
+    return make_schedule(manifest.schedule["preset"], manifest.num_steps, **manifest.schedule["options"],
+                         cache=DeepCacheConfig(**cache) if cache is not None else None)
+
+
 @dataclass
 class Artefact:
     file: str
@@ -89,9 +144,14 @@ class PhaseEntry:
     lint: str | None = None  # sha256 of the ONNX file the lint and checker passed on
     engine: Artefact | None = None
     engine_key: str | None = None
+    # "full" or "cached" in a build with cached steps; None (and left out of the JSON, so builds
+    # without a cache are written as before) in one without.
+    role: str | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        if self.role is None:
+            del data["role"]
         data["inputs"] = {k: v.to_dict() for k, v in self.inputs.items()}
         data["outputs"] = {k: v.to_dict() for k, v in self.outputs.items()}
         return data
@@ -142,11 +202,21 @@ class Manifest:
                 return entry
         raise ValueError(f"unknown phase {name!r}; this build has {[p.name for p in self.phases]}")
 
-    def phase_at(self, step: int) -> PhaseEntry:
+    def phase_at(self, step: int, role: str | None = None) -> PhaseEntry:
+        """The graph of ``step``; in a build with cached steps, the one of ``role`` (default: full)."""
         for entry in self.phases:
-            if entry.start <= step < entry.stop:
+            if entry.start <= step < entry.stop and entry.role in (role or "full", None):
                 return entry
-        raise ValueError(f"step {step} is outside the built steps 0..{self.num_steps - 1}")
+        raise ValueError(f"step {step} is outside the built steps 0..{self.num_steps - 1}"
+                         + (f" or has no {role} graph" if role else ""))
+
+    @property
+    def cache(self):
+        """The build's ``DeepCacheConfig`` (None: no cached steps)."""
+        from ..config import DeepCacheConfig
+
+        cache = self.schedule.get("cache")
+        return DeepCacheConfig(**cache) if cache is not None else None
 
     def to_dict(self) -> dict:
         """The manifest as JSON data, sealed: ``seal`` is the sha256 of everything else in it."""
@@ -261,13 +331,18 @@ def _check_types(value, expected, where: str) -> None:
                                 f"rebuild with `atedm-compile build`")
 
 
-def export_key(manifest: Manifest, rules: list, inputs: dict[str, TensorSpec]) -> str:
+def export_key(manifest: Manifest, rules: list, inputs: dict[str, TensorSpec], role: str | None = None) -> str:
     """What one phase graph is made from: the model, precision, exporter, opset and tool versions,
     the phase's rules, the pruning settings and the input specs (not its step range: the same graph
-    serves any). A graph is re-exported when its key changes."""
-    return sha256_json({"format": FORMAT_VERSION, "settings": build_settings(manifest), "rules": rules,
-                        "pruning": manifest.pruning, "inputs": {k: v.to_dict() for k, v in inputs.items()},
-                        "atedm": manifest.tools["atedm-compile"]})
+    serves any). In a build with cached steps, also the graph's role and the cache's branch (not
+    its interval or spacing, which decide only which graph a step runs). A graph is re-exported
+    when its key changes."""
+    content = {"format": FORMAT_VERSION, "settings": build_settings(manifest), "rules": rules,
+               "pruning": manifest.pruning, "inputs": {k: v.to_dict() for k, v in inputs.items()},
+               "atedm": manifest.tools["atedm-compile"]}
+    if role is not None:  # builds without a cache keep the keys they had
+        content["step"] = {"role": role, "branch": manifest.schedule["cache"]["branch"]}
+    return sha256_json(content)
 
 
 def build_settings(manifest: Manifest) -> dict:
@@ -281,7 +356,6 @@ def check_meaning(manifest: Manifest, path: Path | str = MANIFEST) -> None:
     """ManifestError unless the manifest agrees with itself: the phases are those its schedule
     gives, the shapes follow from its batch and size, each export key from its settings."""
     from ..config import PruningConfig
-    from ..schedule import make_schedule
 
     def fail(message: str):
         raise ManifestError(f"{path}: {message}; rebuild with `atedm-compile build`")
@@ -294,20 +368,23 @@ def check_meaning(manifest: Manifest, path: Path | str = MANIFEST) -> None:
         fail("the model config does not match its recorded sha256")
     try:
         PruningConfig(**manifest.pruning)
-        schedule = make_schedule(manifest.schedule["preset"], manifest.num_steps, **manifest.schedule["options"])
+        schedule = manifest_schedule(manifest)
+        graphs = phase_graphs(schedule)  # the cache rule against the step count too
     except (TypeError, ValueError) as error:
         fail(f"its schedule or pruning settings are not valid ({error})")
-    expected = {p.name: p for p in schedule.phases}
+    expected = {name: (phase, role) for name, phase, role in graphs}
     listed = [p.name for p in manifest.phases]
-    for phase in schedule.phases:
-        if phase.name not in listed:
-            fail(f"phase {phase.name!r} (steps {phase.start}-{phase.stop - 1} of schedule {schedule.name!r} for "
+    for name, phase, role in graphs:
+        if name not in listed:
+            fail(f"phase {name!r} (steps {phase.start}-{phase.stop - 1} of schedule {schedule.name!r} for "
                  f"{schedule.num_steps} steps) is missing; the manifest lists {listed}")
     for entry in manifest.phases:
-        phase = expected.get(entry.name)
+        phase, role = expected.get(entry.name, (None, None))
         if phase is None or listed.count(entry.name) > 1:
             fail(f"phase {entry.name!r} is not a phase of schedule {schedule.name!r} for {schedule.num_steps} steps "
                  f"(or is listed twice), whose phases are {list(expected)}")
+        if entry.role != role:
+            fail(f"phase {entry.name!r} has role {entry.role!r}, but the schedule gives it {role!r}")
         if (entry.start, entry.stop) != (phase.start, phase.stop):
             fail(f"phase {entry.name!r} covers steps {entry.start}-{entry.stop - 1}, but schedule {schedule.name!r} "
                  f"for {schedule.num_steps} steps gives it steps {phase.start}-{phase.stop - 1}")
@@ -318,14 +395,23 @@ def check_meaning(manifest: Manifest, path: Path | str = MANIFEST) -> None:
     if manifest.vae_factor < 1 or tuple(manifest.latent) != latent or manifest.batch < 1:
         fail(f"batch {manifest.batch}, size {manifest.height}x{manifest.width} and latent {list(manifest.latent)} "
              f"(VAE factor {manifest.vae_factor}) do not agree")
-    try:
-        inputs, outputs = io_specs(manifest.model["config"], manifest.batch, *manifest.latent, manifest.precision)
-    except (KeyError, TypeError) as error:
-        fail(f"the model config lacks {error}")
+    branch = schedule.cache.branch if schedule.cache is not None else None
     for entry in manifest.phases:
+        try:
+            inputs, outputs = step_io_specs(manifest.model["config"], manifest.batch, *manifest.latent,
+                                            manifest.precision, entry.role, branch)
+        except (KeyError, TypeError) as error:
+            fail(f"the model config lacks {error}")
+        except ValueError as error:  # a branch this U-Net does not have
+            fail(str(error))
+        taken = {name: spec for name, spec in inputs.items() if name in entry.inputs}
+        if entry.role is not None:  # a full or cached step's graph may not read every input (used_inputs)
+            inputs = taken if list(entry.inputs) == list(taken) and "sample" in taken else inputs
         if entry.inputs != inputs or entry.outputs != outputs:
             fail(f"phase {entry.name!r} lists input or output shapes that its batch, size and precision do not give")
-        if entry.export_key != export_key(manifest, entry.rules, entry.inputs):
+        expected_inputs = step_io_specs(manifest.model["config"], manifest.batch, *manifest.latent,
+                                        manifest.precision, entry.role, branch)[0]
+        if entry.export_key != export_key(manifest, entry.rules, expected_inputs, entry.role):
             fail(f"the export key of phase {entry.name!r} does not follow from the recorded settings")
     for artefact in [manifest.weights] + [a for e in manifest.phases for a in (e.onnx, e.engine)]:
         if artefact is not None and (Path(artefact.file).is_absolute() or ".." in Path(artefact.file).parts):
@@ -426,6 +512,8 @@ def carry_over(entry: PhaseEntry, previous: Manifest | None) -> PhaseEntry:
     old = next((p for p in previous.phases if p.name == entry.name), None) if previous else None
     if old is not None and old.export_key == entry.export_key:
         entry.onnx, entry.lint, entry.engine, entry.engine_key = old.onnx, old.lint, old.engine, old.engine_key
+        if old.onnx is not None:
+            entry.inputs = old.inputs  # the inputs its graph takes (``used_inputs``)
     return entry
 
 
@@ -471,6 +559,9 @@ __all__ = [
     "check_meaning",
     "export_key",
     "carry_over",
+    "manifest_schedule",
+    "phase_graphs",
+    "step_io_specs",
     "dropped_artefacts",
     "io_specs",
     "read_manifest",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..files import publish, temp_prefix
-from .manifest import OUTPUT_NAME, TensorSpec
+from .manifest import FEATURES_NAME, OUTPUT_NAME, TensorSpec
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17
@@ -55,6 +55,22 @@ class UNetSignature(torch.nn.Module):
         )[0]
 
 
+def graph_module(unet: torch.nn.Module, input_names: list[str], role: str | None = None,
+                 branch: int | None = None) -> tuple[torch.nn.Module, list[str]]:
+    """(module, output names) of one graph: ``UNetSignature`` -> ``latent`` (role None: a build
+    without cached steps); ``caching.FullStep`` -> ``latent``, ``deep_features`` (``full``);
+    ``caching.CachedStep`` (the inputs end with ``deep_features``) -> ``latent`` (``cached``)."""
+    if role is None:
+        return UNetSignature(unet, input_names), [OUTPUT_NAME]
+    from ..caching import CachedStep, FullStep
+
+    if role == "full":
+        return FullStep(unet, branch, input_names), [OUTPUT_NAME, FEATURES_NAME]
+    if role == "cached":
+        return CachedStep(unet, branch, input_names), [OUTPUT_NAME]
+    raise ValueError(f"role={role!r} is not allowed; choose 'full', 'cached' or None")
+
+
 def example_inputs(specs: dict[str, TensorSpec], seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
     """Random inputs of the given specs (timestep: 999, the first step's, for a scalar spec)."""
     generator = torch.Generator().manual_seed(seed)
@@ -73,9 +89,12 @@ def export_phase(
     path: Path,
     exporter: str = "torchscript",
     opset: int = DEFAULT_OPSET,
+    role: str | None = None,
+    branch: int | None = None,
 ) -> Path:
     """Export ``unet`` as it runs now (the caller has selected the phase with ``runner.use_phase``)
-    to ``path``, with static shapes ``inputs`` and the output ``latent``.
+    to ``path``, with static shapes ``inputs`` and the output ``latent`` (a full or cached step of a
+    build with cached steps: ``role`` and ``branch``, see ``graph_module``).
 
     Weights go into external data next to ``path`` when the model is over 2 GB (both exporters
     do this themselves), so ``path`` should be in a directory of its own.
@@ -84,8 +103,8 @@ def export_phase(
         raise ValueError(f"exporter={exporter!r} is not allowed; choose one of {list(EXPORTERS)}")
     device = next(unet.parameters()).device
     args = tuple(example_inputs(inputs, device=device).values())
-    wrapper = UNetSignature(unet, list(inputs))
-    names = dict(input_names=list(inputs), output_names=[OUTPUT_NAME])
+    wrapper, outputs = graph_module(unet, list(inputs), role, branch)
+    names = dict(input_names=list(inputs), output_names=outputs)
     with torch.no_grad(), warnings.catch_warnings():
         # Static shapes are the point of a step-specialised graph: the tracer's warnings that a
         # size became a constant say nothing new.
@@ -103,23 +122,24 @@ UNFOLDED = "unfolded.onnx"
 
 
 def export_graph_on_meta(unet: torch.nn.Module, inputs: dict[str, TensorSpec], directory: Path,
-                         opset: int = DEFAULT_OPSET) -> None:
+                         opset: int = DEFAULT_OPSET, role: str | None = None, branch: int | None = None) -> None:
     """Export ``unet``, whose parameters are on the meta device (the caller has selected the phase
     with ``runner.use_phase``), with the TorchScript exporter without computing anything: two
     graphs without weights in ``directory``, ``model.onnx`` (the graph ``export_phase`` makes,
     constant folding included, taking the weights as inputs) and ``unfolded.onnx`` (the graph
     before constant folding, where ``weight_arrays`` finds how the folded weights are made).
+    ``role``, ``branch``: a full or cached step of a build with cached steps (``graph_module``).
     """
     from .metatrace import tracing_on_meta
 
     args = tuple(example_inputs(inputs, device="meta").values())
-    wrapper = UNetSignature(unet, list(inputs))
+    wrapper, outputs = graph_module(unet, list(inputs), role, branch)
     for name, fold in (("model.onnx", True), (UNFOLDED, False)):
         with torch.no_grad(), warnings.catch_warnings(), tracing_on_meta():
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(wrapper, args, str(Path(directory) / name), opset_version=opset, dynamo=False,
                               do_constant_folding=fold, export_params=False, input_names=list(inputs),
-                              output_names=[OUTPUT_NAME])
+                              output_names=outputs)
 
 
 def weight_arrays(model, unfolded, state: dict[str, torch.Tensor], user_inputs, progress=None):

@@ -3,7 +3,10 @@
 ``ExportedUNet`` is a ``torch.nn.Module`` with the U-Net's config, called like the U-Net. It
 feeds each call, as a dict of named tensors, to the engine of the phase that owns the current
 step; the step comes from the scheduler of the pipeline calling it (``atedm_compile.steps``), or
-from ``start`` / ``set_step`` outside a pipeline.
+from ``start`` / ``set_step`` outside a pipeline. A build with cached steps has a full and a cached
+graph per phase: the deep features the last full step returned are kept between calls and fed to
+the cached steps' graphs (``caching.CacheState``, reset at every new run, whose first call runs
+full, as the PyTorch runner does).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from types import SimpleNamespace
 
 import torch
 
+from ..caching import CacheState, step_roles
 from ..config import PruningConfig
 from ..runner import apply
 from ..schedule import make_schedule
 from ..steps import PhaseCall, StepTracker
-from .manifest import WEIGHTS, Manifest, read_manifest, verify_artefacts
+from .manifest import FEATURES_NAME, OUTPUT_NAME, WEIGHTS, Manifest, manifest_schedule, read_manifest, verify_artefacts
 
 ON_MISMATCH = ("error", "fallback")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -28,7 +32,8 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 class ExportedUNet(torch.nn.Module):
     """The phase engines of a build directory behind a ``UNet2DConditionModel``-like interface.
 
-    ``calls`` records (step, phase) of every call; a call that fell back to PyTorch is recorded
+    ``calls`` records (step, phase, role) of every call, as the PyTorch runner does (phase: the
+    schedule's phase; role: ``full`` or ``cached``); a call that fell back to PyTorch is recorded
     with phase ``"<phase> (pytorch)"``.
     """
 
@@ -45,6 +50,8 @@ class ExportedUNet(torch.nn.Module):
         self.on_mismatch = on_mismatch
         self.fallback = fallback
         self._tracker = StepTracker()
+        self._cache = manifest.cache
+        self._cache_state = CacheState()
         self._fallback_runner = None
         self._attached: dict | None = None
         from diffusers.configuration_utils import FrozenDict
@@ -95,6 +102,7 @@ class ExportedUNet(torch.nn.Module):
 
     def _begin(self, num_steps: int) -> None:
         self._fallback_runner = None
+        self._cache_state.reset()  # a cached step never reads another run's features
         if num_steps != self.manifest.num_steps:
             self._mismatch(f"{num_steps} sampling steps were asked for, but the phase graphs in {self.directory} "
                            f"were built for {self.manifest.num_steps} steps (phase boundaries "
@@ -130,9 +138,9 @@ class ExportedUNet(torch.nn.Module):
             raise ValueError(message + "; rebuild with matching settings, or load with on_mismatch='fallback'")
         if self._fallback_runner is None:
             warnings.warn(f"{message}: falling back to the PyTorch runner (slower)", stacklevel=3)
-            options = dict(self.manifest.schedule["options"])
-            schedule = make_schedule(self.manifest.schedule["preset"], self.num_steps or self.manifest.num_steps,
-                                     **options)
+            recorded = manifest_schedule(self.manifest)
+            schedule = make_schedule(recorded.name, self.num_steps or self.manifest.num_steps,
+                                     **self.manifest.schedule["options"], cache=recorded.cache)
             self._fallback_runner = apply(self.fallback, schedule, PruningConfig(**self.manifest.pruning))
             self._fallback_runner.start(schedule.num_steps)
 
@@ -155,7 +163,7 @@ class ExportedUNet(torch.nn.Module):
             raise RuntimeError("no sampling run started: attach(pipe) before sampling, or call start(num_steps)")
         feed = {"sample": sample, "encoder_hidden_states": encoder_hidden_states, **(added_cond_kwargs or {})}
         problems = [f"{name} {tuple(feed[name].shape)} (expected {spec.shape})" for name, spec in self._inputs.items()
-                    if name != "timestep" and (name not in feed or tuple(feed[name].shape) != spec.shape)]
+                    if name not in ("timestep", FEATURES_NAME) and (name not in feed or tuple(feed[name].shape) != spec.shape)]
         if problems and self._fallback_runner is None:
             self._mismatch(f"inputs do not match the built shapes: {', '.join(problems)} (build: batch "
                            f"{self.manifest.batch}, {self.manifest.height}x{self.manifest.width} px)")
@@ -163,14 +171,33 @@ class ExportedUNet(torch.nn.Module):
             self._fallback_runner.set_step(self.step)
             out = self.fallback(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                                 added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
-            self.calls.append(PhaseCall(self.step, f"{self._fallback_runner.phase.name} (pytorch)"))
+            self.calls.append(PhaseCall(self.step, f"{self._fallback_runner.phase.name} (pytorch)",
+                                        self._fallback_runner.role))
         else:
-            phase = self.manifest.phase_at(self.step)
+            role = self._role()
+            entry = self.manifest.phase_at(self.step, role if self._cache is not None else None)
             feed["timestep"] = _scalar_timestep(timestep)
-            feed = {name: feed[name].to(self.device, _TORCH_DTYPES[spec.dtype]) for name, spec in phase.inputs.items()}
-            out = self.engines[phase.name].infer(feed)["latent"].to(sample.device, sample.dtype)
-            self.calls.append(PhaseCall(self.step, phase.name))
+            if role == "cached":
+                feed[FEATURES_NAME] = self._cache_state.features
+            feed = {name: feed[name].to(self.device, _TORCH_DTYPES[spec.dtype]) for name, spec in entry.inputs.items()}
+            results = self.engines[entry.name].infer(feed)
+            if FEATURES_NAME in results:  # a full step: the features the next cached steps read
+                self._cache_state.features = results[FEATURES_NAME]
+            out = results[OUTPUT_NAME].to(sample.device, sample.dtype)
+            # The schedule's phase (a cached graph runs its phase's pruning), as the runner records it.
+            self.calls.append(PhaseCall(self.step, self.manifest.phase_at(self.step).name, role))
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+    def _role(self) -> str:
+        """``full`` or ``cached`` for this call: the cache rule's role of the step, full for the
+        first call of a run (no features yet, say img2img starting on a cached step)."""
+        if self._cache is None:
+            return "full"
+        if step_roles(self._cache, self.manifest.num_steps)[self.step] == "cached" \
+                and self._cache_state.features is not None:
+            return "cached"
+        return "full"
 
 
 def _scalar_timestep(timestep) -> torch.Tensor:
