@@ -1,6 +1,6 @@
 """atedm-compile: AT-EDM attention-driven token pruning for diffusers U-Nets, as FX graph passes."""
 
-from .config import DeepCacheConfig, PruningConfig, ToMeConfig
+from .config import DeepCacheConfig, PruningConfig, ToDoConfig, ToMeConfig
 from .runner import Runner, apply, remove, runner_of
 from .schedule import PRESETS, Phase, Schedule, make_schedule
 from .steps import PhaseCall
@@ -17,6 +17,7 @@ __all__ = [
     "PruningConfig",
     "Runner",
     "Schedule",
+    "ToDoConfig",
     "ToMeConfig",
     "apply",
     "attention_blocks",

@@ -226,6 +226,59 @@ class ToMeConfig:
             raise ValueError(f"destination={self.destination!r} is not allowed; choose one of {list(DESTINATIONS)}")
 
 
+# -- ToDo, a peer: keys and values from a downsampled grid ---------------------------------
+
+DOWNSAMPLE_METHODS = ("nearest", "avg")
+MAX_DOWNSAMPLE_FACTOR = 16  # as MAX_CELL: past 16 x 16 tokens per key the map says little
+
+
+@dataclass(frozen=True)
+class ToDoConfig:
+    """ToDo (Smith et al. 2024, "Token Downsampling for Efficient Generation of High-Resolution
+    Images"): the self-attention of every layer of a block takes its keys and values from a
+    downsampled copy of the hidden states entering it; the queries, and so the output, stay at
+    full resolution (nothing to unmerge).
+
+    Args:
+        factor: downsampling factor d of each side of the token grid, >= 1 (2: 4x fewer keys and
+            values, the paper's). The key/value grid of an H x W block is floor(H / d) x floor(W / d).
+        method: ``nearest`` (one token per d x d cell, the top-left one where d divides the sides: the
+            paper's grid subsampling, found as good as averaging) or ``avg`` (the mean over each
+            cell, torch's ``area`` interpolation).
+        levels: how many of the U-Net's highest-resolution feature levels that have attention it
+            applies to, counted from the first with attention (1: only that one, the paper's:
+            level 1 of SD 1.5, level 2 of SD-XL). Blocks of other levels run unchanged.
+
+    In a schedule, a block's keep ratio k is the share of keys and values kept: the block runs at
+    factor 1 / sqrt(k) (k = 0.25: d = 2; k = 1 / 9: d = 3), so budgets and schedules serve ToDo as
+    they serve pruning; ``factor`` is used where the pass is called without one, and
+    ``keep_ratio`` gives the k of ``factor``.
+    """
+
+    factor: float = 2
+    method: str = "nearest"
+    levels: int = 1
+
+    def __post_init__(self):
+        check_number("factor", self.factor, 1, MAX_DOWNSAMPLE_FACTOR)
+        _check_choice("method", self.method, DOWNSAMPLE_METHODS)
+        check_number("levels", self.levels, 1, 64, integer=True)
+
+    @property
+    def keep_ratio(self) -> float:
+        """The share of keys and values kept at ``factor``: the keep ratio a schedule gives for it."""
+        return 1.0 / self.factor**2
+
+    def applies_to(self, level: int, levels_with_attention) -> bool:
+        """Whether a block of feature ``level`` downsamples, given every level that has attention."""
+        return level in sorted(set(levels_with_attention))[: self.levels]
+
+
+def downsample_factor(keep_ratio: float) -> float:
+    """The ToDo factor whose share of keys and values kept is ``keep_ratio``: 1 / sqrt(keep)."""
+    return 1.0 / math.sqrt(check_keep_ratio(keep_ratio))
+
+
 def check_merge_ratio(ratio, sx: int = 2, sy: int = 2) -> float:
     """A merge ratio lies in [0, 1 - 1 / (sx * sy)]: each cell keeps its destination."""
     cap = 1.0 - 1.0 / (sx * sy)

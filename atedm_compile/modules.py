@@ -1,5 +1,6 @@
 """The modules the passes insert: token scoring, selection, the match of every token to its nearest
-kept tokens, and recovery (AT-EDM); token matching, merging and unmerging (the ToMe baseline).
+kept tokens, and recovery (AT-EDM); token matching, merging and unmerging (the ToMe baseline);
+the downsampled keys and values of ToDo.
 
 They hold their configuration as attributes (readable in ``gm.code`` and ``print(gm)``) and call
 the pure functions of ``ops`` (scorers and recoveries through its ``SCORERS`` / ``RECOVERIES``
@@ -12,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from . import ops, tome
 from .config import PruningConfig
@@ -215,3 +217,29 @@ class TokenUnmerge(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, matching: tome.Matching) -> torch.Tensor:
         return tome.unmerge_tokens(x, matching)
+
+
+# -- ToDo: the keys and values of a self-attention from a downsampled token grid --
+
+
+class TokenDownsample(torch.nn.Module):
+    """forward(x [B, N, C], grid [B, C', H, W] (the block input, for H and W; N = H * W))
+    -> [B, h * w, C] with h = floor(H / factor), w = floor(W / factor) (at least 1)"""
+
+    _MODES = {"nearest": "nearest", "avg": "area"}
+
+    def __init__(self, factor: float, method: str, where: str = ""):
+        super().__init__()
+        self.factor = factor
+        self.method = method
+        self.where = where
+
+    def extra_repr(self) -> str:
+        return f"where={self.where!r}, factor={self.factor}, method={self.method!r}"
+
+    def forward(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        height, width = _grid_of(grid, x, self.where)
+        # The 1e-6 keeps 1 / sqrt(1 / 9), a hair above 3, from costing a row: 24 / 3 is 8, not 7.
+        size = tuple(max(1, int(side / self.factor + 1e-6)) for side in (height, width))
+        image = x.transpose(1, 2).unflatten(2, (height, width))
+        return F.interpolate(image, size=size, mode=self._MODES[self.method]).flatten(2).transpose(1, 2)

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from .caching import CacheState
-from .config import DEFAULT_PRUNING, DeepCacheConfig, PruningConfig, ToMeConfig
+from .config import DEFAULT_PRUNING, DeepCacheConfig, PruningConfig, ToDoConfig, ToMeConfig
 from .forwards import BeforeUNetCall, CachedUNetForward, CompiledForward, PhasedForward
 from .modules import TokenSelector
 from .passes import pruning_passes, run_passes
@@ -53,7 +53,7 @@ class Runner:
 
     unet: torch.nn.Module = field(repr=False)
     schedule_spec: Schedule | str
-    config: PruningConfig | ToMeConfig
+    config: PruningConfig | ToMeConfig | ToDoConfig
     preset_options: dict = field(default_factory=dict)
     blocks: list[BlockInfo] = field(init=False)
     schedule: Schedule | None = field(init=False, default=None)
@@ -77,8 +77,8 @@ class Runner:
         self._cache_state = CacheState()
         self._role = "full"
         self._warned: set = set()
-        if not isinstance(self.config, (PruningConfig, ToMeConfig)):
-            raise ValueError(f"config={self.config!r} is not a PruningConfig or a ToMeConfig")
+        if not isinstance(self.config, (PruningConfig, ToMeConfig, ToDoConfig)):
+            raise ValueError(f"config={self.config!r} is not a PruningConfig, a ToMeConfig or a ToDoConfig")
         if isinstance(self.schedule_spec, Schedule):
             self._resolve(self.schedule_spec.num_steps)
         elif not isinstance(self.schedule_spec, str):
@@ -175,8 +175,9 @@ class Runner:
         return dict(self._graphs)
 
     def graph(self, block_name: str, keep_ratio: float) -> fx.GraphModule | None:
-        """The rewritten graph of a block at a keep ratio (None where nothing is pruned)."""
-        if keep_ratio == 1.0:
+        """The rewritten graph of a block at a keep ratio (None where nothing is pruned, or where
+        a ``ToDoConfig`` leaves the block's level alone)."""
+        if keep_ratio == 1.0 or not self._rewrites(block_name):
             return None
         key = (block_name, keep_ratio)
         if key not in self._graphs:
@@ -187,6 +188,12 @@ class Runner:
                                  if node.op == "call_module" and _submodule(block, node.target) is not None]
             self._set_capture(self._capture)
         return self._graphs[key]
+
+    def _rewrites(self, block_name: str) -> bool:
+        if not isinstance(self.config, ToDoConfig):
+            return True
+        level = next(b.level for b in self.blocks if b.name == block_name)
+        return self.config.applies_to(level, [b.level for b in self.blocks])
 
     def _set_capture(self, captured: dict | None) -> None:
         self._capture = captured
@@ -348,7 +355,7 @@ def _unet_of(target) -> torch.nn.Module:
 def apply(
     target,
     schedule: Schedule | str = "atedm",
-    config: PruningConfig | ToMeConfig | None = None,
+    config: PruningConfig | ToMeConfig | ToDoConfig | None = None,
     **preset_options,
 ) -> Runner:
     """Prune the attention blocks of a pipeline's (or a bare U-Net's) U-Net with AT-EDM.
@@ -365,7 +372,8 @@ def apply(
             G-WPR scores, each 3 x 3 patch's best token kept first, the rest the least like those,
             and the ``delta`` recovery by key cosine; ``PruningConfig()`` is the
             paper's setting (similarity copy). A ``ToMeConfig`` runs the ToMe baseline instead,
-            merging ``1 - keep`` of the tokens.
+            merging ``1 - keep`` of the tokens; a ``ToDoConfig`` runs ToDo, keeping ``keep`` of the
+            keys and values of the self-attentions of its levels' blocks.
         **preset_options: passed to ``make_schedule`` with a preset name (``keep_ratio``,
             ``prune_less_fraction``, ``prune_less_blocks``, ``cache=DeepCacheConfig(...)`` for
             DeepCache's cached steps across the phases...).

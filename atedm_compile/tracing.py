@@ -134,6 +134,18 @@ def open_layer(gm: fx.GraphModule, index: int, where: str = "block") -> None:
     graph.erase_node(node)
 
 
+def layer_indices(gm: fx.GraphModule) -> list[int]:
+    """The layers the graph calls (the GraphModule holds only the submodules it calls)."""
+    targets = [n.target.split(".") for n in gm.graph.nodes if n.op == "call_module"]
+    return sorted({int(t[1]) for t in targets if len(t) > 1 and t[0] == "transformer_blocks"})
+
+
+def sublayer_call(gm: fx.GraphModule, target: str) -> fx.Node | None:
+    """The one call of the sub-layer at module path ``target`` (None when the graph has none)."""
+    found = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
+    return found[0] if found else None
+
+
 def _drop_fixed_arguments(gm: fx.GraphModule) -> None:
     # concrete_args leave placeholders and asserts behind; the traced block takes
     # (hidden_states, encoder_hidden_states) only.

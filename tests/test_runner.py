@@ -218,7 +218,7 @@ def test_a_scheduler_swapped_in_after_apply_is_followed(pipe, schedule):
 
 
 def test_bad_config_and_schedule_types_are_refused(pipe):
-    with pytest.raises(ValueError, match="config='gwpr' is not a PruningConfig or a ToMeConfig"):
+    with pytest.raises(ValueError, match="config=.gwpr. is not a PruningConfig, a ToMeConfig or a ToDoConfig"):
         ac.apply(pipe, "atedm", "gwpr")
     with pytest.raises(ValueError, match="schedule=4 is not a preset name or a Schedule"):
         ac.apply(pipe, 4)

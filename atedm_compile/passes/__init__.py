@@ -11,8 +11,9 @@ from typing import Callable
 
 import torch.fx as fx
 
-from ..config import PruningConfig, ToMeConfig
+from ..config import PruningConfig, ToDoConfig, ToMeConfig, downsample_factor
 from .expose_attention_map import expose_attention_map
+from .insert_token_downsampling import insert_token_downsampling
 from .insert_token_pruning import insert_token_pruning
 from .insert_token_merging import insert_token_merging
 from .insert_token_recovery import insert_token_recovery
@@ -21,8 +22,10 @@ Pass = Callable[[fx.GraphModule], fx.GraphModule]
 
 __all__ = [
     "Pass",
+    "ToDoConfig",
     "ToMeConfig",
     "expose_attention_map",
+    "insert_token_downsampling",
     "insert_token_merging",
     "insert_token_pruning",
     "insert_token_recovery",
@@ -32,13 +35,18 @@ __all__ = [
 
 
 def pruning_passes(
-    keep_ratio: float, config: PruningConfig | ToMeConfig = PruningConfig(), block_name: str = ""
+    keep_ratio: float, config: PruningConfig | ToMeConfig | ToDoConfig = PruningConfig(), block_name: str = ""
 ) -> list[Pass]:
     """The ordered passes that prune one block at ``keep_ratio`` as ``config`` says.
 
     With a ``ToMeConfig`` the block merges instead (the ToMe baseline) at merge ratio
-    ``1 - keep_ratio``, so that schedules and budgets serve both methods alike.
+    ``1 - keep_ratio``, so that schedules and budgets serve both methods alike; with a
+    ``ToDoConfig`` its self-attentions keep ``keep_ratio`` of the keys and values (factor
+    ``1 / sqrt(keep_ratio)``).
     """
+    if isinstance(config, ToDoConfig):
+        return [partial(insert_token_downsampling, factor=downsample_factor(keep_ratio), config=config,
+                        block_name=block_name)]
     if isinstance(config, ToMeConfig):
         return [partial(insert_token_merging, ratio=1.0 - keep_ratio, config=config, block_name=block_name)]
     reduction = config.head_reduction

@@ -8,17 +8,7 @@ import torch.fx as fx
 from ..config import SUBLAYERS, ToMeConfig, check_merge_ratio
 from ..modules import TokenMatching, TokenMerge, TokenUnmerge
 from ..roles import BLOCK_INPUT, TOME_MATCHING, TOME_MERGED, TOME_UNMERGED
-from ..tracing import ROLE, finalize, node_with_role, open_layer
-
-def _layer_indices(gm: fx.GraphModule) -> list[int]:
-    """The layers the graph calls (the GraphModule holds only the submodules it calls)."""
-    targets = [n.target.split(".") for n in gm.graph.nodes if n.op == "call_module"]
-    return sorted({int(t[1]) for t in targets if len(t) > 1 and t[0] == "transformer_blocks"})
-
-
-def _sublayer_call(gm: fx.GraphModule, target: str) -> fx.Node | None:
-    found = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
-    return found[0] if found else None
+from ..tracing import ROLE, finalize, layer_indices, node_with_role, open_layer, sublayer_call
 
 
 def insert_token_merging(
@@ -60,7 +50,7 @@ def insert_token_merging(
     if grid is None:
         raise ValueError(f"graph has no block input (role {BLOCK_INPUT!r}): trace it with tracing.trace_block")
     graph = gm.graph
-    for index in _layer_indices(gm):
+    for index in layer_indices(gm):
         open_layer(gm, index, block_name or "block")
         prefix = f"tome_{{}}_{index}"
         seed = None if config.destination == "fixed" else config.seed + index
@@ -68,12 +58,12 @@ def insert_token_merging(
         gm.add_submodule(prefix.format("merge"), TokenMerge())
         gm.add_submodule(prefix.format("unmerge"), TokenUnmerge())
 
-        norm1 = _sublayer_call(gm, f"transformer_blocks.{index}.norm1")
+        norm1 = sublayer_call(gm, f"transformer_blocks.{index}.norm1")
         with graph.inserting_before(norm1):
             matching = graph.call_module(prefix.format("match"), (norm1.args[0], grid))
         matching.meta[ROLE] = TOME_MATCHING
         for sublayer in config.sublayers:
-            node = _sublayer_call(gm, f"transformer_blocks.{index}.{SUBLAYERS[sublayer]}")
+            node = sublayer_call(gm, f"transformer_blocks.{index}.{SUBLAYERS[sublayer]}")
             if node is None:
                 continue
             with graph.inserting_before(node):
