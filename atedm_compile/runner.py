@@ -1,25 +1,14 @@
 """Run a diffusers pipeline (or a bare U-Net) with the phase graphs of a schedule.
 
-``apply`` leaves the U-Net's modules, parameters, state dict and ``forward`` as they are. It adds:
-
-* a forward pre-hook on the U-Net (torch's own hook list, beside accelerate's or anyone's), which
-  finds the step of each call (``steps``: from the scheduler of the pipeline that makes the call)
-  and makes the phase owning that step the one that runs;
-* an instance-level ``forward`` on each attention block: an object (no closure) that calls the
-  block graph of the current phase, or the forward it replaced where that phase leaves the block
-  unpruned.
-
-Both are plain objects that point at the runner, so ``copy.deepcopy`` of an applied U-Net or
-pipeline is an independent applied model and ``pickle`` / ``torch.save`` work. ``remove`` puts
-back exactly what it found: the blocks' previous ``forward`` (or none), the hook list without its
-hook, and a ``forward`` that ``compile`` replaced.
-
-A phase is "graphs plus the state it keeps between steps": the state is reset at the first call
-of every sampling run (``Runner.start`` or a new run of the driving scheduler). With cached steps
-(``apply(..., cache=DeepCacheConfig(...))``) the U-Net also gets an instance ``forward`` that runs
-a full step (keeping its deep features) or a cached one (``caching.cached_step``), whose attention
-blocks are those of the step's phase. The first call of a run is always full (a partial run, an
-img2img at strength 0.3 say, may start on a step the rule caches: it has no features yet).
+``apply`` leaves the U-Net's modules, parameters, state dict and ``forward`` as they are. It adds
+a forward pre-hook on the U-Net that finds each call's step (``steps``: from the scheduler of the
+pipeline making the call) and picks the phase owning it, and on each attention block an instance
+``forward`` that calls the block graph of that phase (``forwards``: plain objects, so a deep copy
+or a pickle of an applied U-Net is an independent applied model). ``remove`` puts back exactly what
+it found. A phase is "graphs plus the state it keeps between steps", reset at the first call of
+every run: with cached steps (``cache=DeepCacheConfig(...)``) the U-Net's ``forward`` runs a full
+step (keeping its deep features) or a cached one, whose blocks are the step's phase; the first call
+of a run is always full (an img2img may start on a step the rule caches).
 """
 
 from __future__ import annotations
