@@ -53,7 +53,8 @@ class EvaluateConfig:
     guidance: CFG scales; images: the first N captions (default all); steps: sampling steps.
     seed: caption i is sampled from seed + i, for every method.
     batch: images per chunk (generated together); part of the settings a rerun must keep.
-    height, width: default the model's own size.
+    height, width: default ``sizes.sampling_size``'s rule: the model's own size; width = height where only
+        the height is given.
     reference: a folder of real images (COCO val2017): center-cropped and resized to the
         generated size (supp. A.4), then clean-fid's own resize; or reference_stats: an ``.npz``
         with ``mu`` and ``sigma`` (clean-fid's statistics format; ``reference.npz`` of an earlier run).
