@@ -42,13 +42,13 @@ def _print_table(headers: list[str], rows: list[list]) -> None:
 
 def cmd_flops(args) -> int:
     from .flops import count_phases, solve_keep_ratio
-    from .models import build_unet, own_height, vae_factor
+    from .models import build_unet, vae_factor
+    from .sizes import sampling_size
 
     unet = build_unet(args.model, device="meta")
-    factor = vae_factor(args.model)
     # Default: the model's own size (SD-XL 1024, SD 1.5 512, tiny 256, tiny-shapes 64, tiny-shapes-xl 128 px).
-    args.height = args.height or own_height(unet.config, factor)  # 0 never gets here: positive_int
-    args.width = args.width or args.height
+    args.height, args.width, factor = sampling_size(unet.config, args.height, args.width,
+                                                    vae_factor=vae_factor(args.model))
     config = pruning_config(args)
     keep = args.keep_ratio
     try:
@@ -107,22 +107,6 @@ def cmd_flops(args) -> int:
     return 0
 
 
-def image_size(height: int | None, width: int | None, unet_config: dict, vae_config: dict | None, images: int,
-               pruned: bool, device: str = "cpu") -> tuple[int, int, int]:
-    """(height, width, VAE factor) of a sampling run: the model's own size by default (width:
-    the height), checked against the U-Net's size multiple and the memory the run needs."""
-    from .memory import check_fits, sampling_bytes
-    from .models import check_image_size, own_height
-
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 8
-    height = height or own_height(unet_config, factor)
-    width = width or height
-    check_image_size(height, width, unet_config, factor)
-    check_fits(sampling_bytes(unet_config, vae_config, images, 2 * images, height, width, factor, pruned), device,
-               f"sampling {images} image{'s' * (images > 1)} of {width}x{height} px")
-    return height, width, factor
-
-
 def cmd_generate(args) -> int:
     import torch
 
@@ -133,6 +117,7 @@ def cmd_generate(args) -> int:
     from .models import build_unet, load_pipeline, pipeline_configs, refuse_non_finite
     from .ops import attention_path
     from .runner import apply
+    from .sizes import preflight
     from .visualize import mask_sheet
 
     out = Path(args.out)
@@ -145,11 +130,11 @@ def cmd_generate(args) -> int:
     config = pruning_config(args)
     configs = pipeline_configs(args.model)  # None for a hub id: known only once loaded
     if configs is not None:
-        image_size(args.height, args.width, *configs, images=1, pruned=prunes(schedule.phases))
+        preflight(*configs, args.height, args.width, images=1, pruned=prunes(schedule.phases))
     pipe = load_pipeline(args.model, DTYPES[args.dtype], device)
     pipe.set_progress_bar_config(disable=False, desc="sampling")
-    height, width, vae_factor = image_size(args.height, args.width, dict(pipe.unet.config), dict(pipe.vae.config),
-                                           images=1, pruned=prunes(schedule.phases))
+    height, width, vae_factor = preflight(dict(pipe.unet.config), dict(pipe.vae.config), args.height, args.width,
+                                          images=1, pruned=prunes(schedule.phases))
     runner = apply(pipe, schedule, config)
 
     timings: list[tuple[str, float]] = []

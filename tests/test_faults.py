@@ -73,8 +73,8 @@ def test_bad_arguments_are_one_line_before_anything_runs(argv, message, capsys):
     (["generate", "--height", "100000", "--width", "100000"],
      "sampling 1 image of 100000x100000 px needs at least 346.9 PiB of memory, more than the"),
     (["generate", "--height", "72"], "image size 72x72 px is not a positive multiple of 16"),
-    (["build", "--height", "100000"], "exporting at 256x100000 px, batch 2 needs at least"),
-    (["build", "--model", "tiny-shapes", "--height", "60"], "image size 64x60 px is not a positive multiple of 16"),
+    (["build", "--height", "100000"], "exporting at 100000x100000 px, batch 2 needs at least"),
+    (["build", "--model", "tiny-shapes", "--height", "60"], "image size 60x60 px is not a positive multiple of 16"),
     (["flops", "--model", "tiny", "--keep-ratio", "2"], "keep_ratio=2.0 is outside (0, 1]"),
 ])
 def test_bad_values_are_refused_before_a_model_loads(argv, message, capsys, tmp_path, monkeypatch):

@@ -30,7 +30,6 @@ from ..arguments import check_output
 from ..config import MAX_GUIDANCE, MAX_STEPS, check_keep_ratio
 from ..devices import DTYPES
 from ..files import write_atomically
-from ..memory import check_fits, sampling_bytes
 from . import report, shards
 from .captions import Caption, read_captions
 from .metrics import Metrics, frechet_distance, paper_metrics, statistics
@@ -54,7 +53,8 @@ class EvaluateConfig:
     guidance: CFG scales; images: the first N captions (default all); steps: sampling steps.
     seed: caption i is sampled from seed + i, for every method.
     batch: images per chunk (generated together); part of the settings a rerun must keep.
-    height, width: default the model's own size.
+    height, width: default ``sizes.sampling_size``'s rule: the model's own size; width = height where only
+        the height is given.
     reference: a folder of real images (COCO val2017): center-cropped and resized to the
         generated size (supp. A.4), then clean-fid's own resize; or reference_stats: an ``.npz``
         with ``mu`` and ``sigma`` (clean-fid's statistics format; ``reference.npz`` of an earlier run).
@@ -500,7 +500,8 @@ def evaluate(config: EvaluateConfig, metrics: Metrics | Callable[[torch.device],
 def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> dict:
     from tqdm import tqdm
 
-    from ..models import check_image_size, load_pipeline, own_height
+    from ..models import load_pipeline
+    from ..sizes import preflight
 
     device = shard.device
     if metrics is None:
@@ -515,14 +516,11 @@ def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> d
              else torch.float16 if device.type == "cuda" else torch.float32)
     pipe = load_pipeline(config.model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
-    vae_factor = getattr(pipe, "vae_scale_factor", 8)
-    height = config.height or own_height(pipe.unet.config, vae_factor)
-    width = config.width or height
-    check_image_size(height, width, pipe.unet.config, vae_factor)
     vae_config = dict(pipe.vae.config) if getattr(pipe, "vae", None) is not None else None
-    check_fits(sampling_bytes(dict(pipe.unet.config), vae_config, config.batch, 2 * config.batch, height, width,
-                              vae_factor, precision="fp32" if dtype == torch.float32 else "fp16"),
-               str(device), f"sampling {config.batch} image{'s' * (config.batch > 1)} of {width}x{height} px")
+    height, width, vae_factor = preflight(
+        dict(pipe.unet.config), vae_config, config.height, config.width, config.batch,
+        vae_factor=getattr(pipe, "vae_scale_factor", 8), precision="fp32" if dtype == torch.float32 else "fp16",
+        device=str(device))
     size = {"height": height, "width": width}
     out = Path(config.out)
     settings = {"model": config.model, "steps": config.steps, "seed": config.seed, "batch": config.batch, **size,

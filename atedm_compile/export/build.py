@@ -20,7 +20,7 @@ from typing import Callable
 from ..config import DEFAULT_PRUNING, DeepCacheConfig, PruningConfig, check_keep_ratio, check_number
 from ..files import remove_leftovers, temp_prefix, write_atomically
 from ..memory import check_fits, memory_limit, prunes, unet_bytes
-from ..models import check_image_size
+from ..sizes import sampling_size
 from ..schedule import PRESETS, make_schedule
 from .extras import UnavailableError
 from .manifest import (BACKENDS, EXPORT_KEY, MANIFEST, PHASE_KEY, PRECISIONS, WEIGHTS, Artefact, Manifest,
@@ -46,7 +46,8 @@ class BuildConfig:
             diffusers pipeline / U-Net directory.
         schedule, num_steps, keep_ratio, prune_less_blocks: the DSAP schedule (``make_schedule``).
         pruning: scoring and recovery settings (default: what ``apply`` runs, ``config.DEFAULT_PRUNING``).
-        height, width: image size in pixels (default: the model's ``sample_size`` x 8).
+        height, width: image size in pixels (default: ``sizes.sampling_size``'s rule, the one every
+            command samples at: the model's own size; width = height where only the height is given).
         batch: the U-Net's batch: 2 per image with classifier-free guidance.
         precision: ``fp32`` or ``fp16`` (fp16 graphs are for GPUs).
         backend: ``onnxruntime`` (ONNX graphs) or ``tensorrt`` (plus one engine per phase).
@@ -264,10 +265,8 @@ class BuildPlan:
             if reason:
                 raise UnavailableError(reason)
         self.identity, self.unet_config, factor = model_identity(config.model, config.seed)
-        self.vae_factor = config.vae_factor or factor
-        height = config.height or self.unet_config["sample_size"] * self.vae_factor
-        width = config.width or self.unet_config["sample_size"] * self.vae_factor
-        check_image_size(height, width, self.unet_config, self.vae_factor)
+        height, width, self.vae_factor = sampling_size(self.unet_config, config.height, config.width,
+                                                       vae_factor=config.vae_factor or factor)
         self.height, self.width = height, width
         self.latent = (height // self.vae_factor, width // self.vae_factor)
         if config.cache is not None:

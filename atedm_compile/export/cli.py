@@ -29,7 +29,8 @@ def add_export_commands(sub) -> None:
                             "(tiny-shapes, tiny-shapes-xl) or its folder, or a local diffusers pipeline / U-Net directory")
     build.add_argument("--height", type=positive_int, default=None,
                        help="image height in pixels (default: the model's)")
-    build.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: the model's)")
+    build.add_argument("--width", type=positive_int, default=None,
+                       help="image width in pixels (default: --height where given, else the model's)")
     build.add_argument("--batch", type=positive_int, default=2, help="U-Net batch: 2 per image with guidance")
     build.add_argument("--precision", default="fp32", choices=PRECISIONS, help="weights and activations")
     build.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
@@ -75,7 +76,8 @@ def add_export_commands(sub) -> None:
     run.add_argument("--steps", type=step_count, default=None,
                      help=f"sampling steps, 1 to {MAX_STEPS} (default: the built count)")
     run.add_argument("--height", type=positive_int, default=None, help="image height (default: the built height)")
-    run.add_argument("--width", type=positive_int, default=None, help="image width (default: the built width)")
+    run.add_argument("--width", type=positive_int, default=None,
+                     help="image width (default: --height where given, else the built width)")
     run.add_argument("--images", type=positive_int, default=None,
                      help="images per prompt (default: what the built batch fits)")
     run.add_argument("--guidance", type=guidance_scale, default=5.0,
@@ -153,8 +155,9 @@ def cmd_run(args) -> int:
     import torch
 
     from ..arguments import check_output, save_png
-    from ..memory import check_fits, prunes, sampling_bytes
+    from ..memory import prunes
     from ..models import UNET_CONFIGS, load_pipeline, pipeline_configs, refuse_non_finite, tiny_sdxl_pipeline
+    from ..sizes import check_sampling_memory, sampling_size
     from .build import model_identity
     from .manifest import read_manifest
     from .onnxruntime import resolve_providers
@@ -173,7 +176,8 @@ def cmd_run(args) -> int:
     guided = args.guidance > 1.0
     images = args.images or max(1, manifest.batch // (2 if guided else 1))
     steps = manifest.num_steps if args.steps is None else args.steps
-    height, width = args.height or manifest.height, args.width or manifest.width
+    height, width, _ = sampling_size(manifest.model["config"], args.height, args.width,
+                                     vae_factor=manifest.vae_factor, own=(manifest.height, manifest.width))
     unet_batch = images * (2 if guided else 1)
     given = {"U-Net batch": (manifest.batch, unet_batch), "steps": (manifest.num_steps, steps),
              "size": (f"{manifest.width}x{manifest.height} px", f"{width}x{height} px")}
@@ -183,10 +187,9 @@ def cmd_run(args) -> int:
         raise ValueError(f"the request does not match the build in {directory} ({listing}; the U-Net batch is "
                          f"images x 2 with guidance > 1); rebuild, or pass --fallback-pytorch")
     configs = pipeline_configs(name)
-    check_fits(sampling_bytes(manifest.model["config"], configs[1] if configs else None, images, unet_batch, height,
-                              width, manifest.vae_factor, prunes(manifest.phases), manifest.precision),
-               "cuda" if (args.backend or manifest.backend) == "tensorrt" else "cpu",
-               f"sampling {images} image{'s' * (images > 1)} of {width}x{height} px")
+    check_sampling_memory(manifest.model["config"], configs[1] if configs else None, height, width,
+                          manifest.vae_factor, images, unet_batch, prunes(manifest.phases), manifest.precision,
+                          "cuda" if (args.backend or manifest.backend) == "tensorrt" else "cpu")
     resolve_providers(args.providers)  # a provider this onnxruntime lacks: say so before loading anything
     identity = {k: v for k, v in manifest.model.items() if k != "config"}
     if model_identity(name, manifest.model.get("seed", 0))[0] != identity:
