@@ -18,6 +18,7 @@ deeper up stage (after its upsampler), or of the mid block.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,8 @@ def _crowded_around(num_steps: int, count: int, center: int, power: float) -> tu
                      f"with power <= the one given: lower the interval or the center")
 
 
+# The runner asks at every U-Net call (Schedule.role_at): the rule is solved once per (config, N).
+@functools.lru_cache(maxsize=64)
 def step_roles(cache: DeepCacheConfig, num_steps: int) -> tuple[str, ...]:
     """``"full"`` or ``"cached"`` for each step of an ``num_steps``-step run.
 
