@@ -81,12 +81,13 @@ class TokenSelector(torch.nn.Module):
             if grid is None:
                 raise ValueError(f"{self.block_name}: cell={self.cell} needs the block input for its token grid")
             height, width = _grid_of(grid, scores, self.block_name)
+            cell = ops.patch_side(k, height, width, self.cell)
             if self.reads_hidden:
                 if hidden is None:
                     raise ValueError(f"{self.block_name}: fill='distinct' needs the hidden states at the pruning point")
-                index = ops.select_distinct_per_cell(scores, hidden, k, height, width, self.cell)
+                index = ops.select_distinct_per_cell(scores, hidden, k, height, width, cell)
             else:
-                index = ops.select_top_k_per_cell(scores, k, height, width, self.cell)
+                index = ops.select_top_k_per_cell(scores, k, height, width, cell)
         else:
             index = ops.select_top_k(scores, k)
         if self.capture is not None:

@@ -33,11 +33,13 @@ def gwpr(attn, iterations):
 
 def select(scores, k, height, width, cell=1, fill="score", hidden=None):
     """The kept tokens of one image: with cell > 1 the best token of every cell x cell patch
-    (found by looping over the patches), best first, then the rest by a full sort of their scores
+    (found by looping over the patches; the patches grown until there are at most k), best first, then the rest by a full sort of their scores
     (``fill="score"``) or of their highest cosine to a winner, lowest first (``"distinct"``)."""
     order = [int(i) for i in torch.sort(scores, descending=True).indices]
     if cell == 1:
         return torch.tensor(order[:k])
+    while cell < max(height, width) and -(-height // cell) * -(-width // cell) > k:
+        cell += 1  # more patches than kept tokens: larger patches, until each keeps one
     winners = set()
     for top in range(0, height, cell):
         for left in range(0, width, cell):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -90,11 +92,18 @@ def test_cells_match_reference(level2_block, block_inputs, cell, keep, fill):
     if fill == "distinct" and keep > 0.25:  # the fill changes which tokens are kept
         _, by_score = pruned_block(level2_block, *block_inputs, keep_ratio=keep, cell=cell)
         assert not torch.equal(captured[""].sort().values, by_score.sort().values)
+    side = block_inputs[0].shape[-1]
     if keep == 0.37 and cell == 2:  # more kept than patches: every patch keeps one
-        side = block_inputs[0].shape[-1]
         for index in captured[""]:
             patches = {(int(i) // side // 2, int(i) % side // 2) for i in index}
             assert len(patches) == (side // 2) ** 2
+    if keep == 0.2:  # fewer kept than 2 x 2 patches: the patches grow until every one keeps a token
+        k = captured[""].shape[1]
+        grown = next(c for c in range(cell, side + 1) if math.ceil(side / c) ** 2 <= k)
+        assert grown > cell
+        for index in captured[""]:
+            patches = {(int(i) // side // grown, int(i) % side // grown) for i in index}
+            assert len(patches) == math.ceil(side / grown) ** 2
 
 
 @pytest.mark.parametrize("where", ["level2", "four layers"])

@@ -48,6 +48,7 @@ from .selection import (
     cell_winners,
     gather_tokens,
     keep_count,
+    patch_side,
     scatter_tokens,
     select_distinct_per_cell,
     select_top_k,
@@ -61,6 +62,6 @@ __all__ = [
     "fused_attention_with_lse", "gather_tokens", "gwpr_cross_attention", "gwpr_self_attention", "keep_count",
     "key_cosine_to_kept", "map_chunks", "nearest_kept", "random_scores", "recover_delta_nearest",
     "recover_direct_copy", "recover_interpolation", "recover_layer_delta", "recover_zeros", "reduce_heads",
-    "scatter_tokens", "select_distinct_per_cell", "select_top_k", "select_top_k_per_cell", "similarity_to_kept",
+    "patch_side", "scatter_tokens", "select_distinct_per_cell", "select_top_k", "select_top_k_per_cell", "similarity_to_kept",
     "split_heads",
 ]

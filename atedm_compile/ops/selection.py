@@ -17,6 +17,20 @@ def keep_count(num_tokens: int, keep_ratio: float) -> int:
     return max(1, min(num_tokens, int(math.floor(keep_ratio * num_tokens + 0.5))))
 
 
+def patch_side(k: int, height: int, width: int, cell: int) -> int:
+    """The side of the patches that a choice of k tokens on a ``height`` x ``width`` grid uses:
+    ``cell``, grown one token at a time until there are at most k patches.
+
+    With more patches than kept tokens only the winners of the best-scoring patches would be kept,
+    and whole regions of the grid would keep nothing (G-WPR's winners crowd together): at SD-XL's
+    2.9 budget (keep 0.063) a 16 x 16 grid keeps 16 tokens, and 3 x 3 patches would number 36.
+    Grown to 4 x 4 there are 16, one kept per patch. Where there are at most k patches, ``cell``."""
+    side = cell
+    while side < max(height, width) and -(-height // side) * -(-width // side) > k:
+        side += 1
+    return side
+
+
 def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores per image, in descending order. scores: [B, N] -> [B, k]."""
     return torch.topk(scores, k, dim=-1, largest=True, sorted=True).indices
