@@ -19,7 +19,7 @@ from .caching import cached_forward, features_shape, full_forward, full_steps
 from .config import DEFAULT_PRUNING, DeepCacheConfig, PruningConfig, ToMeConfig
 from .models import check_image_size, unet_input_shapes
 from .ops import keep_count
-from .modules import (NearestKept, TokenDownsample, TokenMatching, TokenMerge, TokenRecovery, TokenScorer,
+from .modules import (KeptMerge, NearestKept, TokenDownsample, TokenMatching, TokenMerge, TokenRecovery, TokenScorer,
                       TokenSelector, TokenUnmerge)
 from .runner import apply, remove, runner_of
 from .schedule import Schedule, make_schedule
@@ -40,8 +40,8 @@ def unet_inputs(unet, batch: int, latent_height: int, latent_width: int, device=
 
 # The work a method adds to the model's own: AT-EDM's scoring and recovery, ToMe's matching,
 # merging and unmerging, ToDo's downsampling. Counted apart as "scoring".
-OVERHEAD_MODULES = (TokenScorer, TokenSelector, NearestKept, TokenRecovery, TokenMatching, TokenMerge, TokenUnmerge,
-                    TokenDownsample)
+OVERHEAD_MODULES = (TokenScorer, TokenSelector, NearestKept, KeptMerge, TokenRecovery, TokenMatching, TokenMerge,
+                    TokenUnmerge, TokenDownsample)
 
 
 def _count(fn) -> tuple[int, dict[str, int]]:

@@ -122,6 +122,18 @@ class NearestKept(torch.nn.Module):
         return ops.nearest_kept(to_kept, self.neighbours)
 
 
+class KeptMerge(torch.nn.Module):
+    """Puts every kept token's cluster mean in its place for the later layers (the ``merge-delta``
+    recovery): the mean of the tokens whose most similar kept token it is.
+
+    forward(kept [B, k, C], before [B, N, C] every token at the pruning point, match (positions,
+            weights) from ``NearestKept``) -> [B, k, C]
+    """
+
+    def forward(self, kept: torch.Tensor, before: torch.Tensor, match) -> torch.Tensor:
+        return ops.merge_into_kept(before, match[0], kept.shape[1])
+
+
 class TokenRecovery(torch.nn.Module):
     """Brings a pruned block back to its full token count before ``proj_out``.
 

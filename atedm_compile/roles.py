@@ -28,6 +28,7 @@ PRUNED = "pruned"  # the kept tokens at the pruning point [B, k, C]; args[0]: ev
 
 # Set by insert_token_recovery.
 KEPT_MATCH = "kept_match"  # every token's most similar kept token(s): (positions, weights)
+KEPT_MERGED = "kept_merged"  # the kept tokens' cluster means [B, k, C], in their place (merge-delta)
 RECOVERED = "recovered"  # the block's tokens after its last layer, all N again [B, N, C]
 
 # Set by insert_token_merging (ToMe).

@@ -73,6 +73,14 @@ def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity"
     scores = gwpr(attn, iterations)
     index = torch.stack([select(scores[b], k, height, width, cell, fill, h[b]) for b in range(batch)])
     kept = torch.stack([h[b, index[b]] for b in range(batch)])
+    if recovery == "merge-delta":  # each kept token's place taken by its cluster's mean
+        nearest = [[int(torch.argmax(torch.stack([torch.dot(keys[b, i], keys[b, j]) / (keys[b, i].norm() * keys[b, j].norm())
+                                                  for j in index[b]]))) for i in range(tokens)] for b in range(batch)]
+        for b in range(batch):
+            for j in range(k):
+                members = [i for i in range(tokens) if nearest[b][i] == j]
+                kept[b, j] = torch.stack([h[b, i] for i in members]).mean(0) if members else 0
+        means = kept.clone()
     states = [kept]
     for layer in block.transformer_blocks[1:]:
         kept = layer(kept, encoder_hidden_states=text)
@@ -103,6 +111,10 @@ def pruned_block(block, x, text, keep_ratio, iterations=5, recovery="similarity"
                 full[b, i] = value
             elif recovery == "direct-copy":
                 full[b, i] = h[b, i]
-        full[b, index[b]] = kept[b]
+            elif recovery == "merge-delta":
+                j = nearest[b][i]
+                full[b, i] = h[b, i] + kept[b, j] - means[b, j]
+        if recovery != "merge-delta":  # the kept tokens' own final values (merged: they ran on means)
+            full[b, index[b]] = kept[b]
     out = block.proj_out(full).reshape(batch, height, width, -1).permute(0, 3, 1, 2)
     return out + x, index

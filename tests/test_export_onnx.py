@@ -172,7 +172,7 @@ def test_a_scheduler_swapped_in_after_attach_is_followed(built, pipe, reference,
 
 
 @pytest.mark.parametrize("options", [dict(neighbours=3), dict(cell=2), dict(cell=2, fill="distinct"),
-                                     dict(recovery="layer-delta")])
+                                     dict(recovery="layer-delta"), dict(recovery="merge-delta", cell=3, fill="distinct")])
 def test_delta_recovery_phase_exports_and_passes_check(tmp_path, options):
     from atedm_compile.config import PruningConfig
     from atedm_compile.export import check

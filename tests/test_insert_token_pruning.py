@@ -129,6 +129,45 @@ def test_layer_delta_recovery_matches_reference(level2_block, block_inputs, wher
     assert (once - out).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("where", ["level2", "four layers"])
+def test_merge_delta_recovery_matches_reference(level2_block, block_inputs, where):
+    if where == "level2":
+        block, inputs = level2_block, block_inputs
+    else:  # three later layers run on the cluster means
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        torch.manual_seed(0)
+        block = Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=4,
+                                   cross_attention_dim=64, norm_num_groups=8, use_linear_projection=True).eval().requires_grad_(False)
+        inputs = (torch.randn(1, 32, 8, 8), torch.randn(1, 77, 64))
+    config = PruningConfig(recovery="merge-delta", similarity="key-cosine", cell=3, fill="distinct")
+    expected, expected_index = pruned_block(block, *inputs, keep_ratio=0.2, recovery="merge-delta",
+                                            similarity="key-cosine", cell=3, fill="distinct")
+    gm = _pruned(block, 0.2, config)
+    merged = node_with_role(gm, "kept_merged")
+    assert merged.args[0] is node_with_role(gm, "pruned")
+    assert node_with_role(gm, "recovered").args[-1] is merged  # the update is final minus the means
+    captured = {}
+    gm.get_submodule("atedm_selector").capture = captured
+    with torch.no_grad():
+        (out,) = gm(*inputs)
+    assert torch.equal(captured[""].sort().values, expected_index.sort().values)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    # Not delta under another name: the later layers ran on the means.
+    (delta,) = _pruned(block, 0.2, DEFAULT_PRUNING)(*inputs)
+    assert (delta - out).abs().max() > 1e-3
+
+
+def test_merge_delta_keeping_everything_is_the_block(level2_block, block_inputs):
+    config = PruningConfig(recovery="merge-delta", similarity="key-cosine", cell=3, fill="distinct")
+    gm = _pruned(level2_block, 0.999, config)  # k = N: rewritten, every token kept and its own cluster
+    assert node_with_role(gm, "kept_merged") is not None
+    with torch.no_grad():
+        (out,) = gm(*block_inputs)
+        expected = level2_block(*block_inputs[:1], encoder_hidden_states=block_inputs[1]).sample
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
 def test_layer_delta_before_ff_starts_from_the_first_layers_output(level2_block, block_inputs):
     gm = _pruned(level2_block, 0.37, PruningConfig(recovery="layer-delta", prune_point="before-ff"))
     recovery = node_with_role(gm, "recovered")

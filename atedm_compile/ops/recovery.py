@@ -89,6 +89,38 @@ def recover_delta_nearest(
     return scatter_tokens(before + moved, index, kept)
 
 
+def merge_into_kept(before: torch.Tensor, positions: torch.Tensor, count: int) -> torch.Tensor:
+    """Every kept token's cluster mean: the mean, at the pruning point, of the tokens whose most
+    similar kept token it is (itself among them, a kept token being its own most similar).
+
+    before: [B, N, C], positions: [B, N, m] (``nearest_kept``; the first, most similar, is used),
+    count: k -> [B, k, C]. A kept token that no token chose (itself matched elsewhere: a tie)
+    averages nothing and is zero. A one-hot [B, N, k] product, not a scatter with add reduction,
+    which TensorRT rejects (``export.lint``): B N k C MACs, counted with the method's own work."""
+    slots = torch.arange(count, device=before.device)
+    members = (positions[..., :1] == slots).to(before.dtype)  # [B, N, k]
+    total = torch.bmm(members.transpose(1, 2), before)
+    return total / members.sum(dim=1).clamp_min(1).unsqueeze(-1)
+
+
+def recover_merged_delta(kept: torch.Tensor, merged: torch.Tensor, before: torch.Tensor, positions: torch.Tensor,
+                         weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Merged delta recovery: the later layers ran on the cluster means (``merge_into_kept``) in the
+    kept tokens' place; every token, kept ones too, keeps its own value from the pruning point and
+    adds the update its most similar kept token's cluster got (ToMe's unmerge, in residual form):
+
+        x_i = x_i(prune) + sum_j w_ij (x_j(final) - mean_j(prune))
+
+    kept: [B, k, C] final values, merged: [B, k, C] the means they started from, before: [B, N, C],
+    positions and weights: [B, N, m] -> [B, N, C]."""
+    update = kept - merged
+    if weights is None:
+        return before + gather_tokens(update, positions[..., 0])
+    batch, tokens, neighbours = positions.shape
+    updates = gather_tokens(update, positions.flatten(1)).view(batch, tokens, neighbours, -1)
+    return before + torch.matmul(weights.unsqueeze(-2), updates).squeeze(-2)
+
+
 def recover_layer_delta(states: list[torch.Tensor], index: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     """Layer-by-layer delta recovery: a pruned token starts from its own value at the pruning point
     and, at every later layer, adds the update that layer gave the kept token then most similar to
@@ -164,16 +196,22 @@ class Recovery:
         also makes it read ``PruningConfig.similarity``).
     neighbours: whether ``PruningConfig.neighbours`` applies (its match holds the m most similar
         kept tokens, not one).
+    merges: the later layers run on the kept tokens' cluster means (``merge_into_kept``), not on
+        the kept tokens themselves; ``kept_before`` is then those means (needs the match).
     """
 
     recover: Callable[[RecoveryInputs], torch.Tensor]
     reads: tuple[str, ...] = ()
     neighbours: bool = False
+    merges: bool = False
 
     def __post_init__(self):
         unknown = [name for name in self.reads if name not in OPTIONAL_INPUTS]
         if unknown:
             raise ValueError(f"a recovery reads some of {list(OPTIONAL_INPUTS)}, not {unknown}")
+        if self.merges and not {"match", "kept_before"} <= set(self.reads):
+            raise ValueError("a merging recovery reads the match and the merged kept tokens: reads must name "
+                             "'match' and 'kept_before'")
         if self.neighbours and "match" not in self.reads:
             raise ValueError("a recovery with neighbours reads the match: add 'match' to reads")
 
@@ -184,6 +222,10 @@ def _copy(inputs: RecoveryInputs) -> torch.Tensor:
 
 def _delta(inputs: RecoveryInputs) -> torch.Tensor:
     return recover_delta_nearest(inputs.kept, inputs.kept_before, inputs.index, inputs.before, *inputs.match)
+
+
+def _merged_delta(inputs: RecoveryInputs) -> torch.Tensor:
+    return recover_merged_delta(inputs.kept, inputs.kept_before, inputs.before, *inputs.match)
 
 
 def _layer_delta(inputs: RecoveryInputs) -> torch.Tensor:
@@ -206,6 +248,7 @@ def _direct_copy(inputs: RecoveryInputs) -> torch.Tensor:
 RECOVERIES: dict[str, Recovery] = {
     "similarity": Recovery(_copy, ("match",)),
     "delta": Recovery(_delta, ("match", "kept_before"), neighbours=True),
+    "merge-delta": Recovery(_merged_delta, ("match", "kept_before"), neighbours=True, merges=True),
     "layer-delta": Recovery(_layer_delta, ("kept_before", "states")),
     "zeros": Recovery(_zeros),
     "interpolation": Recovery(_interpolation),

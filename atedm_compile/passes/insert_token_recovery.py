@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..config import PruningConfig
-from ..modules import NearestKept, TokenRecovery
+from ..modules import KeptMerge, NearestKept, TokenRecovery
 from ..ops import RECOVERIES
-from ..roles import (BEFORE_FF, BLOCK_INPUT, KEPT_INDICES, KEPT_MATCH, LAYER_OUT, PRUNED, RECOVERED, ROLE,
+from ..roles import (BEFORE_FF, BLOCK_INPUT, KEPT_INDICES, KEPT_MATCH, KEPT_MERGED, LAYER_OUT, PRUNED, RECOVERED, ROLE,
                      SELF_ATTENTION_KEYS)
 from ..tracing import finalize, last_layer_node, node_with_role
 from .expose_attention_map import exposed_map
 
 MATCH = "atedm_match"
+MERGE = "atedm_merge"
 RECOVERY = "atedm_recovery"
 
 
@@ -62,11 +63,20 @@ def insert_token_recovery(gm: fx.GraphModule, config: PruningConfig = PruningCon
         with gm.graph.inserting_after(index):
             match = gm.graph.call_module(MATCH, (index, similarity))
         match.meta[ROLE] = KEPT_MATCH
+    kept_before = node_with_role(gm, PRUNED)
+    if RECOVERIES[config.recovery].merges:
+        # The later layers run on the kept tokens' cluster means; their update is final minus these.
+        gm.add_submodule(MERGE, KeptMerge())
+        with gm.graph.inserting_after(kept_before):
+            merged = gm.graph.call_module(MERGE, (kept_before, before, match))
+        merged.meta[ROLE] = KEPT_MERGED
+        kept_before.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
+        kept_before = merged
     last = last_layer_node(gm)
     args = (last, index, before, grid, match)
     if "kept_before" in reads or "states" in reads:  # positional: the states come after it
         # The kept tokens' values at the pruning point: their update is final minus these.
-        args += (node_with_role(gm, PRUNED),)
+        args += (kept_before,)
     if "states" in reads:
         args += tuple(_states_between(gm, last))
     gm.add_submodule(RECOVERY, TokenRecovery(config))
