@@ -7,7 +7,7 @@ Example:
     >>> unet = load("out/tiny")  # doctest: +SKIP
 """
 
-from .build import BuildConfig, BuildPlan, Step, StepRecord, build
+from .build import BuildConfig, BuildPlan, BuildStage, StageRecord, build
 from .check import check
 from .lint import LintIssue, lint_file, lint_model
 from .manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest, verify_artefacts
@@ -17,12 +17,12 @@ __all__ = [
     "FORMAT_VERSION",
     "BuildConfig",
     "BuildPlan",
+    "BuildStage",
     "ExportedUNet",
     "LintIssue",
     "Manifest",
     "ManifestError",
-    "Step",
-    "StepRecord",
+    "StageRecord",
     "build",
     "check",
     "lint_file",

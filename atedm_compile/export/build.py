@@ -1,9 +1,9 @@
 """Build a directory of step-specialised artefacts: one ONNX graph (and TensorRT engine) per phase.
 
-The build is a linear list of named steps (load model -> trace + passes -> export ONNX -> clean
-up -> check -> engine -> manifest). Each step says whether it ran or why it was skipped; a step
+The build is a linear list of named stages (load model -> trace + passes -> export ONNX -> clean
+up -> check -> engine -> manifest). Each stage says whether it ran or why it was skipped; a stage
 is skipped when its output exists and was made from the same inputs (a content key recorded in
-the manifest, which is rewritten after every step, so an interrupted build resumes).
+the manifest, which is rewritten after every stage, so an interrupted build resumes).
 """
 
 from __future__ import annotations
@@ -112,8 +112,9 @@ class BuildConfig:
 
 
 @dataclass
-class Step:
-    """One named build step: ``skip()`` returns why it can be skipped (or None), ``run()`` does it."""
+class BuildStage:
+    """One named stage of a build (not a sampling step): ``skip()`` returns why it can be skipped (or None),
+    ``run()`` does it."""
 
     name: str
     skip: Callable[[], str | None]
@@ -121,32 +122,32 @@ class Step:
 
 
 @dataclass
-class StepRecord:
+class StageRecord:
     name: str
     ran: bool
     detail: str
     seconds: float
 
 
-def run_steps(steps: list[Step], log: Callable[[str], None] = print) -> list[StepRecord]:
-    """Run the steps in order; each says whether it ran (and how long it took) or why not."""
+def run_stages(stages: list[BuildStage], log: Callable[[str], None] = print) -> list[StageRecord]:
+    """Run the stages in order; each says whether it ran (and how long it took) or why not."""
     from tqdm import tqdm
 
     records = []
-    bar = tqdm(steps, desc="build", unit="step", leave=False)
+    bar = tqdm(stages, desc="build", unit="stage", leave=False)
     emit = bar.write if log is print else log  # print would tear the bar
-    for i, step in enumerate(bar, 1):
-        bar.set_postfix_str(step.name)
-        reason = step.skip()
+    for i, stage in enumerate(bar, 1):
+        bar.set_postfix_str(stage.name)
+        reason = stage.skip()
         if reason:
-            records.append(StepRecord(step.name, False, reason, 0.0))
-            emit(f"[{i}/{len(steps)}] {step.name}: skipped ({reason})")
+            records.append(StageRecord(stage.name, False, reason, 0.0))
+            emit(f"[{i}/{len(stages)}] {stage.name}: skipped ({reason})")
             continue
         started = time.perf_counter()
-        step.run()
+        stage.run()
         seconds = time.perf_counter() - started
-        records.append(StepRecord(step.name, True, "done", seconds))
-        emit(f"[{i}/{len(steps)}] {step.name}: done in {seconds:.1f} s")
+        records.append(StageRecord(stage.name, True, "done", seconds))
+        emit(f"[{i}/{len(stages)}] {stage.name}: done in {seconds:.1f} s")
     return records
 
 
@@ -244,13 +245,13 @@ def _meta_unet(unet_config: dict, precision: str):
 
 
 class BuildPlan:
-    """The named steps that bring ``directory`` up to date for ``config`` (``steps()``), with the
+    """The named stages that bring ``directory`` up to date for ``config`` (``stages()``), with the
     directory's lock held from here until ``close`` (or the end of a ``with`` block). ``build``
-    runs them; each step's ``skip()`` says, without doing anything, why it would be skipped.
+    runs them; each stage's ``skip()`` says, without doing anything, why it would be skipped.
 
     Example:
         >>> with BuildPlan(BuildConfig(model="tiny", num_steps=4), "out/tiny") as plan:  # doctest: +SKIP
-        ...     [step.name for step in plan.steps()][:3]
+        ...     [stage.name for stage in plan.stages()][:3]
         ['load model', 'trace + passes', 'export ONNX: prune-less']
     """
 
@@ -416,30 +417,30 @@ class BuildPlan:
         path = self.directory / entry.onnx.file
         return path.is_file() and sha256_file(path) == entry.onnx.sha256
 
-    # -- steps ------------------------------------------------------------------------------
+    # -- stages -----------------------------------------------------------------------------
 
-    def steps(self) -> list[Step]:
+    def stages(self) -> list[BuildStage]:
         entries = self.manifest.phases
 
-        steps = [
-            Step("load model", self._nothing_to_export, self._load_model),
-            Step("trace + passes", self._nothing_to_export, self._apply_passes),
+        stages = [
+            BuildStage("load model", self._nothing_to_export, self._load_model),
+            BuildStage("trace + passes", self._nothing_to_export, self._apply_passes),
         ]
         for entry in entries:
-            steps.append(Step(f"export ONNX: {entry.name}", partial(self._exported, entry),
+            stages.append(BuildStage(f"export ONNX: {entry.name}", partial(self._exported, entry),
                               partial(self._export, entry)))
-            steps.append(Step(f"clean up: {entry.name}", partial(self._cleaned, entry), partial(self._cleanup, entry)))
-            steps.append(Step(f"check: {entry.name}", partial(self._checked, entry), partial(self._check, entry)))
+            stages.append(BuildStage(f"clean up: {entry.name}", partial(self._cleaned, entry), partial(self._cleanup, entry)))
+            stages.append(BuildStage(f"check: {entry.name}", partial(self._checked, entry), partial(self._check, entry)))
         if self.config.verify:
-            steps += [Step(f"verify: {entry.name}", lambda: None, partial(self._verify, entry)) for entry in entries]
+            stages += [BuildStage(f"verify: {entry.name}", lambda: None, partial(self._verify, entry)) for entry in entries]
         if self.config.backend == "tensorrt":
             for entry in entries:
-                steps.append(Step(f"engine: {entry.name}", partial(self._engine_built, entry),
+                stages.append(BuildStage(f"engine: {entry.name}", partial(self._engine_built, entry),
                                   partial(self._engine, entry)))
-        steps.append(Step("manifest", lambda: None, self._finish))
-        return steps
+        stages.append(BuildStage("manifest", lambda: None, self._finish))
+        return stages
 
-    # Each step is a pair of plain methods: why it can be skipped (None: it must run), and the work.
+    # Each stage is a pair of plain methods: why it can be skipped (None: it must run), and the work.
 
     def _nothing_to_export(self) -> str | None:
         entries = self.manifest.phases
@@ -632,11 +633,11 @@ class BuildPlan:
 
 
 def build(config: BuildConfig, directory: str | Path, log: Callable[[str], None] = print) -> tuple[Manifest,
-                                                                                                 list[StepRecord]]:
+                                                                                                 list[StageRecord]]:
     """Build (or bring up to date) ``directory`` for ``config``: ``manifest.json``, one ONNX graph per
     phase sharing ``weights.bin``, and for the tensorrt backend one engine per phase.
 
-    Returns the manifest and what every step did. Refuses a non-empty directory it did not make.
+    Returns the manifest and what every stage did. Refuses a non-empty directory it did not make.
 
     Example:
         >>> from atedm_compile.export import BuildConfig, build
@@ -646,7 +647,7 @@ def build(config: BuildConfig, directory: str | Path, log: Callable[[str], None]
     """
     job = BuildPlan(config, Path(directory), log)
     try:
-        records = run_steps(job.steps(), log)
+        records = run_stages(job.stages(), log)
     except BaseException:
         if job.created and not (job.directory / MANIFEST).exists():
             shutil.rmtree(job.directory, ignore_errors=True)  # nothing worth resuming: leave nothing

@@ -126,7 +126,7 @@ def cmd_build(args) -> int:
             raise KeyboardInterrupt(f"{out} holds a partial build; the same command resumes it") from None
         raise
     ran = sum(r.ran for r in records)
-    print(f"{out}: {len(manifest.phases)} phases, {ran} of {len(records)} steps ran, "
+    print(f"{out}: {len(manifest.phases)} phases, {ran} of {len(records)} build stages ran, "
           f"{time.perf_counter() - started:.1f} s")
     for phase in manifest.phases:
         role = f" ({phase.role} steps)" if phase.role else ""
