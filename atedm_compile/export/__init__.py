@@ -7,6 +7,8 @@ Example:
     >>> unet = load("out/tiny")  # doctest: +SKIP
 """
 
+from .backend import Backend
+from .backends import BACKENDS, get_backend
 from .build import BuildConfig, BuildPlan, BuildStage, StageRecord, build
 from .check import check
 from .lint import LintIssue, lint_file, lint_model
@@ -14,7 +16,9 @@ from .manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest, ve
 from .runtime import ExportedUNet, load
 
 __all__ = [
+    "BACKENDS",
     "FORMAT_VERSION",
+    "Backend",
     "BuildConfig",
     "BuildPlan",
     "BuildStage",
@@ -25,6 +29,7 @@ __all__ = [
     "StageRecord",
     "build",
     "check",
+    "get_backend",
     "lint_file",
     "lint_model",
     "load",
