@@ -12,6 +12,7 @@ import torch
 from export_build import CONFIG
 
 from atedm_compile.export import BACKENDS, Backend, BuildConfig, ManifestError, build, check, load
+from atedm_compile.export.extras import UnavailableError
 from atedm_compile.export.onnx import example_inputs
 from atedm_compile.export.runtime import plan_run
 from atedm_compile.export.stages import BuildStage
@@ -134,3 +135,9 @@ def test_the_run_plan_takes_the_build_defaults_and_refuses_what_it_does_not_cove
         plan_run(directory, manifest, height=64)
     with pytest.raises(ValueError, match="execution providers"):
         plan_run(directory, manifest, providers=["no-such-provider"])
+
+
+@pytest.mark.skipif(BACKENDS["tensorrt"].missing() is None, reason="TensorRT runs here")
+def test_a_run_on_a_backend_that_cannot_run_here_says_what_is_missing(built):
+    with pytest.raises(UnavailableError, match="tensorrt"):
+        plan_run(built[0], built[1], backend="tensorrt")

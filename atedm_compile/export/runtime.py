@@ -279,7 +279,8 @@ def plan_run(directory: Path, manifest: Manifest, *, steps: int | None = None, h
     """The sampling a run of the build in ``directory`` does, checked before anything is loaded.
 
     Defaults are the build's: its step count and size, and as many images as its batch holds.
-    ValueError where the request does not match the build (unless ``fallback``: the PyTorch
+    UnavailableError where the backend cannot run here. ValueError where the request does not
+    match the build (unless ``fallback``: the PyTorch
     runner then takes those calls), where the run cannot fit in the memory of the device the
     backend runs on (``vae_config``: the pipeline's VAE, counted too where known), or where the
     backend's options (``providers``) cannot be honoured here.
@@ -301,6 +302,9 @@ def plan_run(directory: Path, manifest: Manifest, *, steps: int | None = None, h
         raise ValueError(f"the request does not match the build in {directory} ({listing}; the U-Net batch is "
                          f"images x 2 with guidance > 1); rebuild, or pass --fallback-pytorch")
     chosen = get_backend(backend or manifest.backend)
+    reason = chosen.missing()
+    if reason:
+        raise UnavailableError(reason)
     check_sampling_memory(manifest.model["config"], vae_config, height, width, manifest.vae_factor, images,
                           unet_batch, prunes(manifest.phases), manifest.precision, chosen.device)
     chosen.check_options(providers)  # a provider this onnxruntime lacks: said before loading anything
