@@ -9,12 +9,13 @@ Finished files get the permissions a plain ``open`` would give them (``0o666`` l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -80,15 +81,32 @@ def write_atomically(path: str | Path, data: bytes | Callable[[str], object]) ->
         >>> sorted(p.name for p in folder.iterdir()), (folder / "a.txt").read_bytes()
         (['a.txt', 'b.txt'], b'hello')
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".part")
-    try:
+    with replacing(path) as tmp:
         if callable(data):
-            os.close(fd)
             data(tmp)
         else:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+            Path(tmp).write_bytes(data)
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[str]:
+    """The name of a new temporary file beside ``path``, for a writer that needs the block's time
+    (``write_atomically`` for one that does not): when the block ends the file is renamed onto
+    ``path``; where it raises, the file is removed and ``path`` left as it was.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "a.bin"
+        >>> with replacing(target) as tmp, open(tmp, "wb") as handle:
+        ...     _ = handle.write(b"one"); _ = handle.write(b"two")
+        >>> target.read_bytes()
+        b'onetwo'
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".part")
+    os.close(fd)
+    try:
+        yield tmp
         publish(tmp, path)
     except OSError as error:
         Path(tmp).unlink(missing_ok=True)
@@ -98,6 +116,35 @@ def write_atomically(path: str | Path, data: bytes | Callable[[str], object]) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def folder_atomically(folder: str | Path, keep_existing: bool = False) -> Iterator[Path]:
+    """A new temporary folder beside ``folder`` to fill: when the block ends it becomes ``folder``,
+    replacing any earlier one (``keep_existing``: an existing ``folder`` is kept and this one
+    dropped, as another process made the same); where the block raises, it is removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "graphs"
+        >>> with folder_atomically(target) as tmp:
+        ...     _ = (tmp / "a.onnx").write_bytes(b"graph")
+        >>> [p.name for p in target.iterdir()]
+        ['a.onnx']
+    """
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=temp_prefix(folder.name)))
+    try:
+        yield tmp
+        if not keep_existing:
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (keep_existing and folder.is_dir()):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_folder(folder: Path) -> list[Path]:

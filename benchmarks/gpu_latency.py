@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -36,6 +35,7 @@ from atedm_compile import triton_map  # noqa: E402
 from atedm_compile.ops import attention  # noqa: E402
 from atedm_compile.config import PruningConfig  # noqa: E402
 from atedm_compile.devices import DTYPES, Stopwatch, resolve_device, resolve_dtype, synchronize  # noqa: E402
+from atedm_compile.files import write_atomically  # noqa: E402
 from atedm_compile.flops import count_phases, fit_keep_ratio, unet_inputs  # noqa: E402
 from atedm_compile.models import build_unet, unet_config, vae_factor  # noqa: E402
 from atedm_compile.passes import ToMeConfig  # noqa: E402
@@ -265,14 +265,7 @@ def print_targets(report: dict) -> None:
 
 def _write_json(path: Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(report, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, json.dumps(report, indent=2).encode())
 
 
 def parse_args(argv=None):

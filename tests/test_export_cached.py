@@ -76,7 +76,7 @@ def test_each_phase_has_a_full_graph_and_a_cached_one_where_steps_are_cached(cac
 
 def test_cached_build_passes_check(cached_build, capsys):
     directory = cached_build[0]
-    report = check(directory, compare_tensorrt=False, log=lambda _: None)
+    report = check(directory, compare_engines=False, log=lambda _: None)
     assert report.ok and [p.name for p in report.phases] == ["prune-less", "pruned", "pruned.cached"]
     assert main(["check", str(directory), "--no-tensorrt"]) == 0
     assert "pruned.cached (cached steps 1-3)" in capsys.readouterr().out
@@ -160,7 +160,7 @@ def test_cli_build_with_cached_steps(tmp_path, capsys):
     assert "pruned (full steps)" in printed and "pruned.cached (cached steps)" in printed
     manifest = read_manifest(out)
     assert manifest.schedule["cache"]["interval"] == 2 and manifest.schedule["cache"]["branch"] == 0
-    assert check(out, compare_tensorrt=False, log=lambda _: None).ok
+    assert check(out, compare_engines=False, log=lambda _: None).ok
 
 
 def test_rebuild_with_another_interval_reuses_the_graphs(cached_build, tmp_path):
@@ -172,7 +172,7 @@ def test_rebuild_with_another_interval_reuses_the_graphs(cached_build, tmp_path)
     manifest, records = build(config, directory, log=lambda _: None)
     assert not any(r.ran for r in records if r.name.startswith("export ONNX"))
     assert [p.export_key for p in manifest.phases] == [p.export_key for p in cached_build[1].phases]
-    assert check(directory, compare_tensorrt=False, log=lambda _: None).ok
+    assert check(directory, compare_engines=False, log=lambda _: None).ok
 
 
 @pytest.mark.parametrize("change, message", [

@@ -99,8 +99,8 @@ def test_fp16_config_models_are_drawn_at_fp16():
 def test_a_build_that_cannot_fit_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     import importlib
 
-    build_module = importlib.import_module("atedm_compile.export.build")  # the package's `build` is the function
-    monkeypatch.setattr(build_module, "memory_limit", lambda device="cpu": (2**30, "a 1 GiB test limit"))
+    build_memory = importlib.import_module("atedm_compile.export.build_memory")
+    monkeypatch.setattr(build_memory, "memory_limit", lambda device="cpu": (2**30, "a 1 GiB test limit"))
     out = tmp_path / "out"
     assert main(["build", "--model", "sdxl-base", "--precision", "fp16", "--height", "1024", "--width", "1024",
                  "--out", str(out)]) == 2

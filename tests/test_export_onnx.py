@@ -143,7 +143,7 @@ def test_cli_check_and_run(built, tmp_path, capsys):
 
     assert main(["check", str(built[0])]) == 0
     out = capsys.readouterr().out
-    assert "lint ok" in out and "TensorRT vs ONNX Runtime: skipped" in out and "check passed" in out
+    assert "lint ok" in out and "engine vs ONNX Runtime: skipped" in out and "check passed" in out
     assert main(["run", str(built[0]), "--steps", "5", "--out", str(tmp_path / "x.png")]) == 2
     assert "steps: built 4, given 5" in capsys.readouterr().err
     assert main(["run", str(built[0]), "--out", str(tmp_path / "image.png")]) == 0
@@ -180,7 +180,7 @@ def test_delta_recovery_phase_exports_and_passes_check(tmp_path, options):
     pruning = PruningConfig(**{"recovery": "delta", "similarity": "key-cosine", **options})
     config = BuildConfig(model="tiny", schedule="uniform", num_steps=1, pruning=pruning)
     manifest, _ = build(config, tmp_path / "delta", log=lambda _: None)
-    assert check(tmp_path / "delta", compare_tensorrt=False, log=lambda _: None).ok
+    assert check(tmp_path / "delta", compare_engines=False, log=lambda _: None).ok
     model = onnx.load(str(tmp_path / "delta" / manifest.phases[0].onnx.file), load_external_data=False)
     assert "ScatterElements" in {n.op_type for n in model.graph.node}
     if pruning.cell > 1:

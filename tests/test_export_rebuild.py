@@ -35,7 +35,7 @@ def test_altered_artefact_is_refused(copy_of):
     with pytest.raises(ManifestError, match="prune-less.onnx was altered"):
         load(copy_of)
     with BuildPlan(CONFIG, copy_of, lambda _: None) as plan:
-        assert {s.name: s.skip() is None for s in plan.steps() if s.name.startswith("export ONNX")} == {
+        assert {s.name: s.skip() is None for s in plan.stages() if s.name.startswith("export ONNX")} == {
             "export ONNX: prune-less": True, "export ONNX: pruned": False}
 
 
@@ -63,7 +63,7 @@ def test_other_format_version_is_refused_and_rebuilt(copy_of):
         load(copy_of)
     messages = []
     with BuildPlan(CONFIG, copy_of, messages.append) as plan:
-        exports = [s for s in plan.steps() if s.name.startswith("export ONNX")]
+        exports = [s for s in plan.stages() if s.name.startswith("export ONNX")]
         assert exports and all(s.skip() is None for s in exports)
     assert any("not reused" in m for m in messages)
 
@@ -132,7 +132,7 @@ def test_an_edited_manifest_is_refused_by_load_and_check_and_rebuilt(copy_of, ch
     with BuildPlan(CONFIG, copy_of, messages.append) as plan:
         pass
     assert any(m.startswith("previous manifest not reused") for m in messages)
-    exports = [s for s in plan.steps() if s.name.startswith("export ONNX")]
+    exports = [s for s in plan.stages() if s.name.startswith("export ONNX")]
     assert exports and all(s.skip() is None for s in exports)  # not "up to date": exported again
 
 

@@ -38,7 +38,7 @@ def test_engines_are_built_per_phase_and_cached(trt_build):
 @needs_tensorrt
 def test_tensorrt_matches_onnxruntime(trt_build):
     report = check(trt_build[0], log=lambda _: None)
-    assert [p.tensorrt for p in report.phases] == ["matches"] * len(report.phases)
+    assert [p.engine for p in report.phases] == ["matches"] * len(report.phases)
 
 
 @needs_tensorrt

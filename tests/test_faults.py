@@ -390,7 +390,7 @@ def test_two_builds_into_one_folder_end_as_one_valid_build(tmp_path):
     results = [process.communicate(timeout=600) for process in (first, second)]
     assert first.returncode == second.returncode == 0, [r[1].decode()[-2000:] for r in results]
     logs = b"".join(out + err for out, err in results).decode()
-    assert "locked by another build: waiting" in logs and "1 of 6 steps ran" in logs  # the second found it done
+    assert "locked by another build: waiting" in logs and "1 of 6 build stages ran" in logs  # the second found it done
     from atedm_compile.export import check, read_manifest
     from atedm_compile.models import build_unet
 

@@ -7,24 +7,29 @@ Example:
     >>> unet = load("out/tiny")  # doctest: +SKIP
 """
 
-from .build import BuildConfig, BuildPlan, Step, StepRecord, build
+from .backend import Backend
+from .backends import BACKENDS, get_backend
+from .build import BuildConfig, BuildPlan, BuildStage, StageRecord, build
 from .check import check
 from .lint import LintIssue, lint_file, lint_model
 from .manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest, verify_artefacts
 from .runtime import ExportedUNet, load
 
 __all__ = [
+    "BACKENDS",
     "FORMAT_VERSION",
+    "Backend",
     "BuildConfig",
     "BuildPlan",
+    "BuildStage",
     "ExportedUNet",
     "LintIssue",
     "Manifest",
     "ManifestError",
-    "Step",
-    "StepRecord",
+    "StageRecord",
     "build",
     "check",
+    "get_backend",
     "lint_file",
     "lint_model",
     "load",

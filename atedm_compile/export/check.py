@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .backends import get_backend
 from .lint import LintIssue, lint_file
 from .manifest import read_manifest, verify_artefacts
 
@@ -14,7 +15,7 @@ from .manifest import read_manifest, verify_artefacts
 class PhaseCheck:
     name: str
     issues: list[LintIssue] = field(default_factory=list)
-    tensorrt: str = "not run"  # "matches", "differs", or "skipped: <reason>"
+    engine: str = "not run"  # the backend's own artefact against ONNX Runtime: "matches", "differs", "skipped: <reason>"
 
 
 @dataclass
@@ -24,42 +25,37 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        return all(not p.issues and p.tensorrt != "differs" for p in self.phases)
+        return all(not p.issues and p.engine != "differs" for p in self.phases)
 
 
-def check(directory: str | Path, compare_tensorrt: bool = True, log: Callable[[str], None] = print) -> CheckReport:
+def check(directory: str | Path, compare_engines: bool = True, log: Callable[[str], None] = print) -> CheckReport:
     """Check a build directory: manifest format and artefact hashes (ManifestError if wrong), then per
-    phase the ONNX checker, the TensorRT-compatibility lint and, where TensorRT, polygraphy and a GPU
-    are present and the build has engines, ONNX Runtime vs TensorRT outputs (fp16 tolerances for
-    fp16 builds)."""
+    phase the ONNX checker, the TensorRT-compatibility lint and, where the build's backend made an
+    artefact of its own per phase (a TensorRT engine) and can run here, that artefact against ONNX
+    Runtime (``Backend.compare``; fp16 tolerances for fp16 builds)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     verify_artefacts(directory, manifest)
     log(f"{directory}: manifest version {manifest.format_version}, {len(manifest.phases)} phases, artefact hashes ok")
-    reason = None
-    if compare_tensorrt:
-        from .tensorrt import tensorrt_missing_reason
-
-        reason = tensorrt_missing_reason()
-        if reason is None and manifest.backend != "tensorrt":
-            reason = "the build has no TensorRT engines (built with --backend onnxruntime)"
+    backend = get_backend(manifest.backend)
+    engines = any(backend.artefacts(entry) for entry in manifest.phases)
+    if not compare_engines:
+        reason = "not asked for"
+    elif not engines:
+        reason = f"the build has no engines of its own to compare (built with --backend {manifest.backend})"
+    else:
+        reason = backend.missing()
     phases = []
     for entry in manifest.phases:
         result = PhaseCheck(entry.name, lint_file(directory / entry.onnx.file))
-        if not compare_tensorrt:
-            result.tensorrt = "skipped: not asked for"
-        elif reason:
-            result.tensorrt = f"skipped: {reason}"
+        if reason:
+            result.engine = f"skipped: {reason}"
         else:
-            from .tensorrt import compare_with_onnxruntime
-
-            same = compare_with_onnxruntime(directory / entry.onnx.file, directory / entry.engine.file, entry.inputs,
-                                            manifest.precision)
-            result.tensorrt = "matches" if same else "differs"
+            result.engine = "matches" if backend.compare(directory, entry, manifest.precision) else "differs"
         verdict = "ok" if not result.issues else f"{len(result.issues)} issues"
         role = f"{entry.role} " if entry.role else ""
         log(f"  {entry.name} ({role}steps {entry.start}-{entry.stop - 1}): ONNX checker ok, lint {verdict}; "
-            f"TensorRT vs ONNX Runtime: {result.tensorrt}")
+            f"{backend.title if engines else 'engine'} vs ONNX Runtime: {result.engine}")
         for issue in result.issues:
             log(f"    {issue}")
         phases.append(result)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .backends import BACKENDS, DEFAULT_BACKEND
 from .extras import EXTRAS, require_extra
-from .manifest import BACKENDS, MANIFEST, PRECISIONS
+from .manifest import MANIFEST, PRECISIONS
 from .onnx import DEFAULT_OPSET, EXPORTERS, OPSETS
 
 
@@ -33,7 +34,7 @@ def add_export_commands(sub) -> None:
                        help="image width in pixels (default: --height where given, else the model's)")
     build.add_argument("--batch", type=positive_int, default=2, help="U-Net batch: 2 per image with guidance")
     build.add_argument("--precision", default="fp32", choices=PRECISIONS, help="weights and activations")
-    build.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+    build.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                        help="onnxruntime (ONNX graphs) or tensorrt (plus one engine per phase; needs TensorRT)")
     build.add_argument("--exporter", default="torchscript", choices=EXPORTERS,
                        help="torch.onnx.export path: torchscript (dynamo=False, faster) or dynamo")
@@ -83,7 +84,7 @@ def add_export_commands(sub) -> None:
     run.add_argument("--guidance", type=guidance_scale, default=5.0,
                      help="classifier-free guidance scale, 0 to 100 (1 or less: no guidance, half the U-Net batch)")
     run.add_argument("--seed", type=seed_int, default=0, help="seed of the initial noise")
-    run.add_argument("--backend", default=None, choices=BACKENDS, help="default: the built backend")
+    run.add_argument("--backend", default=None, choices=list(BACKENDS), help="default: the built backend")
     run.add_argument("--providers", nargs="+", default=None,
                      help="ONNX Runtime providers: cpu, cuda, tensorrt or full names (default: cuda where present, "
                           "else cpu)")
@@ -100,7 +101,8 @@ def add_export_commands(sub) -> None:
                     "Runtime. Exit status 0 when all pass, 1 when a check fails, 2 when the build is unusable.",
         epilog="example:\n  atedm-compile check build/tiny-shapes")
     check.add_argument("directory", help="a directory made by `atedm-compile build`")
-    check.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT comparison")
+    check.add_argument("--no-engines", "--no-tensorrt", dest="no_engines", action="store_true",
+                       help="skip comparing the backend's engines (TensorRT's) with ONNX Runtime")
     check.set_defaults(func=cmd_check)
 
 
@@ -126,7 +128,7 @@ def cmd_build(args) -> int:
             raise KeyboardInterrupt(f"{out} holds a partial build; the same command resumes it") from None
         raise
     ran = sum(r.ran for r in records)
-    print(f"{out}: {len(manifest.phases)} phases, {ran} of {len(records)} steps ran, "
+    print(f"{out}: {len(manifest.phases)} phases, {ran} of {len(records)} build stages ran, "
           f"{time.perf_counter() - started:.1f} s")
     for phase in manifest.phases:
         role = f" ({phase.role} steps)" if phase.role else ""
@@ -155,13 +157,10 @@ def cmd_run(args) -> int:
     import torch
 
     from ..arguments import check_output, save_png
-    from ..memory import prunes
     from ..models import UNET_CONFIGS, load_pipeline, pipeline_configs, refuse_non_finite, tiny_sdxl_pipeline
-    from ..sizes import check_sampling_memory, sampling_size
     from .build import model_identity
     from .manifest import read_manifest
-    from .onnxruntime import resolve_providers
-    from .runtime import load
+    from .runtime import load, plan_run
 
     require_extra("onnx", "run")
     directory = Path(args.directory)
@@ -173,31 +172,17 @@ def cmd_run(args) -> int:
         raise ValueError(f"{directory} was built from the bare U-Net config {name!r} (random weights, no text "
                          f"encoders or VAE): `run` needs a full pipeline, so build from 'tiny', a trained model or a "
                          f"pipeline directory")
-    guided = args.guidance > 1.0
-    images = args.images or max(1, manifest.batch // (2 if guided else 1))
-    steps = manifest.num_steps if args.steps is None else args.steps
-    height, width, _ = sampling_size(manifest.model["config"], args.height, args.width,
-                                     vae_factor=manifest.vae_factor, own=(manifest.height, manifest.width))
-    unet_batch = images * (2 if guided else 1)
-    given = {"U-Net batch": (manifest.batch, unet_batch), "steps": (manifest.num_steps, steps),
-             "size": (f"{manifest.width}x{manifest.height} px", f"{width}x{height} px")}
-    wrong = {k: v for k, v in given.items() if v[0] != v[1]}
-    if wrong and not args.fallback_pytorch:
-        listing = ", ".join(f"{k}: built {a}, given {b}" for k, (a, b) in wrong.items())
-        raise ValueError(f"the request does not match the build in {directory} ({listing}; the U-Net batch is "
-                         f"images x 2 with guidance > 1); rebuild, or pass --fallback-pytorch")
     configs = pipeline_configs(name)
-    check_sampling_memory(manifest.model["config"], configs[1] if configs else None, height, width,
-                          manifest.vae_factor, images, unet_batch, prunes(manifest.phases), manifest.precision,
-                          "cuda" if (args.backend or manifest.backend) == "tensorrt" else "cpu")
-    resolve_providers(args.providers)  # a provider this onnxruntime lacks: say so before loading anything
+    request = plan_run(directory, manifest, steps=args.steps, height=args.height, width=args.width,
+                       images=args.images, guidance=args.guidance, backend=args.backend, providers=args.providers,
+                       fallback=args.fallback_pytorch, vae_config=configs[1] if configs else None)
     identity = {k: v for k, v in manifest.model.items() if k != "config"}
     if model_identity(name, manifest.model.get("seed", 0))[0] != identity:
         raise ValueError(f"the model {name!r} has changed since {directory} was built: rebuild it")
     pipe = tiny_sdxl_pipeline(seed=manifest.model.get("seed", 0)) if name == "tiny" else load_pipeline(name)
     pipe.set_progress_bar_config(disable=False, desc="sampling")
     fallback = pipe.unet if args.fallback_pytorch else None
-    unet = load(directory, backend=args.backend, providers=args.providers, fallback=fallback,
+    unet = load(directory, backend=request.backend.name, providers=args.providers, fallback=fallback,
                 on_mismatch="fallback" if fallback is not None else "error")
     unet.attach(pipe)
     timings: dict[str, list[float]] = {}
@@ -206,9 +191,10 @@ def cmd_run(args) -> int:
     unet.register_forward_hook(lambda *_: timings.setdefault(_label(unet.calls[-1]), []).append(
         time.perf_counter() - started["t"]))
     generator = torch.Generator().manual_seed(args.seed)
-    made = pipe(args.prompt, num_inference_steps=steps, height=height, width=width, guidance_scale=args.guidance,
-                num_images_per_prompt=images, generator=generator, callback_on_step_end=refuse_non_finite).images
-    print(f"{directory}: {steps} steps at {width}x{height}, backend {args.backend or manifest.backend}")
+    made = pipe(args.prompt, num_inference_steps=request.steps, height=request.height, width=request.width,
+                guidance_scale=args.guidance, num_images_per_prompt=request.images, generator=generator,
+                callback_on_step_end=refuse_non_finite).images
+    print(f"{directory}: {request.steps} steps at {request.width}x{request.height}, backend {request.backend.name}")
     for phase, seconds in timings.items():
         calls = [c.step for c in unet.calls if _label(c) == phase]
         print(f"  {phase}: steps {min(calls)}-{max(calls)}, {len(calls)} calls, "
@@ -230,7 +216,7 @@ def cmd_check(args) -> int:
 
     require_extra("onnx", "check", modules=("onnx",))
 
-    report = check(args.directory, compare_tensorrt=not args.no_tensorrt)
+    report = check(args.directory, compare_engines=not args.no_engines)
     print("check passed" if report.ok else "check FAILED")
     return 0 if report.ok else 1
 

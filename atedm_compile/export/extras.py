@@ -8,7 +8,8 @@ import importlib.metadata
 import importlib.util
 import sys
 
-EXTRAS = {"onnx": ("onnx", "onnxruntime"), "tensorrt": ("tensorrt", "polygraphy")}
+# What every export command needs; each backend names its own extra and modules (``Backend.extra``).
+EXTRAS = {"onnx": ("onnx", "onnxruntime")}
 
 
 class UnavailableError(RuntimeError):

@@ -18,15 +18,19 @@ feature flags, never in the portable artefacts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .backend import Backend
+from .contract import WEIGHTS
+from .keys import sha256_file, sha256_json
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
@@ -186,8 +190,7 @@ def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=N
     import onnx
     import onnxruntime as ort
 
-    from ..files import remove_leftovers, temp_prefix
-    from .manifest import WEIGHTS, sha256_file, sha256_json
+    from ..files import folder_atomically, remove_leftovers
     from .onnx import MIN_SHARED_BYTES, WeightStore, share_weights
 
     directory = Path(directory)
@@ -208,12 +211,13 @@ def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=N
             if log:
                 log(f"{target} is altered or incomplete: optimising again")
             shutil.rmtree(target, ignore_errors=True)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=temp_prefix(key)))
-        except OSError:
-            continue  # read-only: try the next place
-        try:
+        with contextlib.ExitStack() as stack:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                # Another process that made the same folder first: its copy is kept.
+                tmp = stack.enter_context(folder_atomically(target, keep_existing=True))
+            except OSError:
+                continue  # read-only: try the next place
             if log:
                 log(f"optimising {len(manifest.phases)} phase graphs for this CPU (once): {target}")
             store = WeightStore(tmp / WEIGHTS)
@@ -234,17 +238,10 @@ def optimize_for_cpu(directory: Path, manifest, cache: Path | None = None, log=N
             files = [WEIGHTS] + [f"{phase.name}.onnx" for phase in manifest.phases]
             (tmp / _INDEX).write_text(json.dumps({"tensors": store.index,
                                                   "sha256": {f: sha256_file(tmp / f) for f in files}}))
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process got there first
-                if not (target / _INDEX).is_file():
-                    raise
-            for stale in root.iterdir():  # caches of earlier graphs or other machines' flags
-                if stale.name != target.name and not stale.name.startswith("."):
-                    shutil.rmtree(stale, ignore_errors=True)
-            break
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.iterdir():  # caches of earlier graphs or other machines' flags
+            if stale.name != target.name and not stale.name.startswith("."):
+                shutil.rmtree(stale, ignore_errors=True)
+        break
     else:
         raise OSError(f"nowhere to write the optimised graphs: {[str(r) for r in roots]} are not writable")
     index = json.loads((target / _INDEX).read_text())
@@ -256,10 +253,30 @@ def _intact(target: Path) -> bool:
     """Whether every file of a CPU cache folder still has the sha256 recorded when it was made."""
     import json
 
-    from .manifest import sha256_file
-
     try:
         recorded = json.loads((target / _INDEX).read_text())["sha256"]
         return all(sha256_file(target / name) == digest for name, digest in recorded.items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+class OnnxRuntimeBackend(Backend):
+    """The phase graphs themselves in ONNX Runtime sessions (``OrtEngine``), on the CPU or, with
+    onnxruntime-gpu, CUDA; the sessions share the weights in memory."""
+
+    name = "onnxruntime"
+    title = "ONNX Runtime"
+    extra = "onnx"
+    modules = ("onnx", "onnxruntime")
+    packages = ("onnxruntime", "onnxruntime-gpu")
+
+    def check_options(self, providers: list[str] | None = None) -> None:
+        resolve_providers(providers)
+
+    def load(self, directory: Path, manifest, *, providers: list[str] | None = None, cuda_graphs: bool = False,
+             cpu_cache: bool = True, verify: bool = True, log=None) -> dict[str, OrtEngine]:
+        if cpu_cache and resolve_providers(providers)[0] == PROVIDERS["cpu"]:
+            paths, shared = optimize_for_cpu(directory, manifest, log=log, verify=verify)
+            return {name: OrtEngine(path, shared, providers, optimized=True) for name, path in paths.items()}
+        shared = SharedWeights(directory / WEIGHTS, manifest.weights_index) if manifest.weights else None
+        return {p.name: OrtEngine(directory / p.onnx.file, shared, providers) for p in manifest.phases}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +24,10 @@ from ..config import PruningConfig
 from ..runner import apply
 from ..schedule import make_schedule
 from ..steps import PhaseCall, StepTracker
-from .manifest import FEATURES_NAME, OUTPUT_NAME, WEIGHTS, Manifest, manifest_schedule, read_manifest, verify_artefacts
+from .backend import Backend
+from .backends import get_backend
+from .extras import UnavailableError
+from .manifest import FEATURES_NAME, OUTPUT_NAME, Manifest, manifest_schedule, read_manifest, verify_artefacts
 
 ON_MISMATCH = ("error", "fallback")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -37,7 +41,7 @@ class ExportedUNet(torch.nn.Module):
     with phase ``"<phase> (pytorch)"``.
     """
 
-    def __init__(self, directory: Path, manifest: Manifest, engines: dict, backend: str = "onnxruntime",
+    def __init__(self, directory: Path, manifest: Manifest, engines: dict, device: str = "cpu",
                  fallback: torch.nn.Module | None = None, on_mismatch: str = "error"):
         super().__init__()
         if on_mismatch not in ON_MISMATCH:
@@ -59,7 +63,6 @@ class ExportedUNet(torch.nn.Module):
         self._config = FrozenDict(manifest.model["config"])
         phase = manifest.phases[0]
         self._inputs = phase.inputs
-        device = "cuda" if backend == "tensorrt" else "cpu"
         # An empty buffer gives .device and .dtype the meaning diffusers pipelines expect.
         self.register_buffer("_anchor", torch.empty(0, dtype=_TORCH_DTYPES[phase.inputs["sample"].dtype],
                                                     device=device), persistent=False)
@@ -221,7 +224,8 @@ def load(
 
     Args:
         directory: made by ``build`` / ``atedm-compile build``.
-        backend: ``onnxruntime`` or ``tensorrt``; default: the one it was built for.
+        backend: a name in ``backends.BACKENDS`` (``onnxruntime``, ``tensorrt``); default: the one it was
+            built for. UnavailableError where it cannot run here.
         providers: ONNX Runtime execution providers (``cpu``, ``cuda``, ``tensorrt`` or full names);
             default CUDA when present, else CPU.
         fallback, on_mismatch: with ``on_mismatch="fallback"``, a step count or input shape that does
@@ -243,25 +247,65 @@ def load(
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if verify:
-        verify_artefacts(directory, manifest, engines=(backend or manifest.backend) == "tensorrt")
-    backend = backend or manifest.backend
-    if backend == "onnxruntime":
-        from .onnxruntime import PROVIDERS, OrtEngine, SharedWeights, optimize_for_cpu, resolve_providers
+    chosen = get_backend(backend or manifest.backend)
+    reason = chosen.missing()
+    if reason:
+        raise UnavailableError(reason)
+    chosen.check_options(providers)
+    if verify:  # what the backend runs besides the graphs, where it runs the build's own
+        verify_artefacts(directory, manifest, engines=chosen is get_backend(manifest.backend))
+    engines = chosen.load(directory, manifest, providers=providers, cuda_graphs=cuda_graphs, cpu_cache=cpu_cache,
+                          verify=verify, log=logging.getLogger(__name__).info)
+    return ExportedUNet(directory, manifest, engines, chosen.device, fallback, on_mismatch)
 
-        if cpu_cache and resolve_providers(providers)[0] == PROVIDERS["cpu"]:
-            paths, shared = optimize_for_cpu(directory, manifest, log=logging.getLogger(__name__).info, verify=verify)
-            engines = {name: OrtEngine(path, shared, providers, optimized=True) for name, path in paths.items()}
-        else:
-            shared = SharedWeights(directory / WEIGHTS, manifest.weights_index) if manifest.weights else None
-            engines = {p.name: OrtEngine(directory / p.onnx.file, shared, providers) for p in manifest.phases}
-    elif backend == "tensorrt":
-        if manifest.backend != "tensorrt":
-            raise ValueError(f"{directory} was built for {manifest.backend!r}: it has no TensorRT engines; "
-                             f"rebuild with --backend tensorrt")
-        from .tensorrt import load_engines
 
-        engines = load_engines({p.name: directory / p.engine.file for p in manifest.phases}, cuda_graphs)
-    else:
-        raise ValueError(f"backend={backend!r} is not allowed; choose 'onnxruntime' or 'tensorrt'")
-    return ExportedUNet(directory, manifest, engines, backend, fallback, on_mismatch)
+@dataclass(frozen=True)
+class RunRequest:
+    """What a run of a build samples: the step count, image size and images per prompt (the
+    U-Net batch: 2 per image with guidance), and the backend that runs the phase graphs."""
+
+    steps: int
+    height: int
+    width: int
+    images: int
+    unet_batch: int
+    backend: Backend
+
+
+def plan_run(directory: Path, manifest: Manifest, *, steps: int | None = None, height: int | None = None,
+             width: int | None = None, images: int | None = None, guidance: float = 5.0, backend: str | None = None,
+             providers: list[str] | None = None, fallback: bool = False,
+             vae_config: dict | None = None) -> RunRequest:
+    """The sampling a run of the build in ``directory`` does, checked before anything is loaded.
+
+    Defaults are the build's: its step count and size, and as many images as its batch holds.
+    UnavailableError where the backend cannot run here. ValueError where the request does not
+    match the build (unless ``fallback``: the PyTorch
+    runner then takes those calls), where the run cannot fit in the memory of the device the
+    backend runs on (``vae_config``: the pipeline's VAE, counted too where known), or where the
+    backend's options (``providers``) cannot be honoured here.
+    """
+    from ..memory import prunes
+    from ..sizes import check_sampling_memory, sampling_size
+
+    guided = guidance > 1.0
+    images = images or max(1, manifest.batch // (2 if guided else 1))
+    steps = manifest.num_steps if steps is None else steps
+    height, width, _ = sampling_size(manifest.model["config"], height, width, vae_factor=manifest.vae_factor,
+                                     own=(manifest.height, manifest.width))
+    unet_batch = images * (2 if guided else 1)
+    given = {"U-Net batch": (manifest.batch, unet_batch), "steps": (manifest.num_steps, steps),
+             "size": (f"{manifest.width}x{manifest.height} px", f"{width}x{height} px")}
+    wrong = {k: v for k, v in given.items() if v[0] != v[1]}
+    if wrong and not fallback:
+        listing = ", ".join(f"{k}: built {a}, given {b}" for k, (a, b) in wrong.items())
+        raise ValueError(f"the request does not match the build in {directory} ({listing}; the U-Net batch is "
+                         f"images x 2 with guidance > 1); rebuild, or pass --fallback-pytorch")
+    chosen = get_backend(backend or manifest.backend)
+    reason = chosen.missing()
+    if reason:
+        raise UnavailableError(reason)
+    check_sampling_memory(manifest.model["config"], vae_config, height, width, manifest.vae_factor, images,
+                          unet_batch, prunes(manifest.phases), manifest.precision, chosen.device)
+    chosen.check_options(providers)  # a provider this onnxruntime lacks: said before loading anything
+    return RunRequest(steps, height, width, images, unet_batch, chosen)

@@ -10,15 +10,17 @@ has no fp16 builder flag, so an fp16 build parses the fp16 ONNX as a strongly ty
 
 from __future__ import annotations
 
-import os
-import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..files import publish, temp_prefix
+from ..files import write_atomically
+from .backend import Backend
+from .contract import TensorSpec
 from .extras import UnavailableError, require_extra
-from .manifest import TensorSpec, sha256_json
+from .keys import sha256_file, sha256_json
+from .stages import BuildStage
 
 DEFAULT_OPTIMIZATION_LEVEL = 3
 TIMING_CACHE = "timing.cache"
@@ -26,7 +28,7 @@ TIMING_CACHE = "timing.cache"
 
 def require_tensorrt():
     """Import TensorRT, or raise an UnavailableError (MissingExtraError) that says what is missing."""
-    require_extra("tensorrt", "the tensorrt backend (with a CUDA GPU)")
+    require_extra(TensorRTBackend.extra, "the tensorrt backend (with a CUDA GPU)", TensorRTBackend.modules)
     import tensorrt
 
     if not torch.cuda.is_available():
@@ -75,14 +77,7 @@ def build_engine(onnx_path: Path, engine_path: Path, inputs: dict[str, TensorSpe
     engine = engine_from_network(network, config=config, save_timing_cache=str(timing_cache))
     engine_path = Path(engine_path)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=engine_path.parent, prefix=temp_prefix(engine_path.name), suffix=".part")
-    os.close(fd)
-    try:
-        save_engine(engine, path=tmp)
-        publish(tmp, engine_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(engine_path, lambda tmp: save_engine(engine, path=tmp))
     return engine_path
 
 
@@ -186,3 +181,55 @@ def compare_with_onnxruntime(onnx_path: Path, engine_path: Path, inputs: dict[st
     ]
     results = Comparator.run(runners, data_loader=loader)
     return bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol)))
+
+
+class TensorRTBackend(Backend):
+    """One TensorRT engine per phase graph, built after the graph is checked (a lint issue is
+    then an error: TensorRT would fail on it), run on a CUDA GPU."""
+
+    name = "tensorrt"
+    title = "TensorRT"
+    extra = "tensorrt"
+    modules = ("tensorrt", "polygraphy")
+    packages = ("tensorrt", "polygraphy")
+    device = "cuda"
+    strict_lint = True
+
+    def missing(self) -> str | None:
+        return tensorrt_missing_reason()
+
+    def phase_stages(self, plan, entry) -> list[BuildStage]:
+        return [BuildStage(f"engine: {entry.name}", partial(self._engine_built, plan, entry),
+                           partial(self._build_engine, plan, entry))]
+
+    @staticmethod
+    def _key_and_file(plan, entry) -> tuple[str, str]:
+        key = engine_key(entry.onnx.sha256, entry.inputs, plan.config.precision, plan.config.optimization_level)
+        return key, f"engines/{entry.name}-{key[:16]}.plan"
+
+    def _engine_built(self, plan, entry) -> str | None:
+        key, file = self._key_and_file(plan, entry)
+        path = plan.directory / file
+        if entry.engine_key == key and path.is_file() and entry.engine and sha256_file(path) == entry.engine.sha256:
+            return f"{entry.engine.file} is up to date"
+        return None
+
+    def _build_engine(self, plan, entry) -> None:
+        key, file = self._key_and_file(plan, entry)
+        build_engine(plan.directory / entry.onnx.file, plan.directory / file, entry.inputs, plan.config.precision,
+                     plan.directory / TIMING_CACHE, plan.config.optimization_level)
+        plan.record_engine(entry, file, key)
+
+    def artefacts(self, entry) -> list:
+        return [entry.engine]
+
+    def load(self, directory: Path, manifest, *, providers=None, cuda_graphs: bool = False, cpu_cache: bool = True,
+             verify: bool = True, log=None) -> dict[str, TensorRTEngine]:
+        if any(p.engine is None for p in manifest.phases):
+            raise ValueError(f"{directory} was built for {manifest.backend!r}: it has no TensorRT engines; "
+                             f"rebuild with --backend {self.name}")
+        return load_engines({p.name: directory / p.engine.file for p in manifest.phases}, cuda_graphs)
+
+    def compare(self, directory: Path, entry, precision: str) -> bool:
+        return compare_with_onnxruntime(directory / entry.onnx.file, directory / entry.engine.file, entry.inputs,
+                                        precision)
