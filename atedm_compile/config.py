@@ -60,15 +60,20 @@ class PruningConfig:
         config), ``delta`` (ours: a pruned token keeps its own value from the pruning point and
         adds the update the later layers gave its most similar kept token, x_i = x_i(prune) + x_j(final) - x_j(prune)), ``layer-delta`` (ours: the same
         layer by layer, j matched again at every later layer by the cosine of the values entering
-        it; ``similarity`` and ``neighbours`` do not apply) or the supp. A.6 baselines
+        it; ``similarity`` and ``neighbours`` do not apply), ``merge-delta`` (ours: the later
+        layers run on each kept token's cluster mean, the tokens whose most similar kept token it
+        is, and every token adds its cluster's update, x_i = x_i(prune) + x_j(final) - mean_j(prune))
+        or the supp. A.6 baselines
         ``zeros``, ``interpolation``, ``direct-copy``.
-    similarity: for ``similarity`` and ``delta`` recovery: ``attention`` (the first layer's
+    similarity: for ``similarity``, ``delta`` and ``merge-delta`` recovery: ``attention`` (the first layer's
         head-combined attention map A[i, j], the paper's, read from its figure) or ``key-cosine``.
     neighbours: for ``delta`` recovery: how many of the most similar kept tokens give their update,
         averaged with weights proportional to their similarity. Default 1 (the most similar one).
     cell: side, in tokens, of the patches of the token grid of which each keeps its best-scoring
         token before the remaining kept tokens are taken by score (ours: every pruned token then
-        has a kept token next to it). Default 1: plain top-k by score, the paper's.
+        has a kept token next to it). Where there would be more patches than kept tokens, the
+        patches grow until there are not (``ops.patch_side``). Default 1: plain top-k by score, the
+        paper's.
     fill: with ``cell`` > 1, how the kept tokens beyond one per patch are chosen: ``score`` (the
         highest scores) or ``distinct`` (ours: the tokens least similar to every patch winner, by
         the cosine of their values at the pruning point: those a recovery from the winners would
