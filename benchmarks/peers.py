@@ -115,14 +115,30 @@ def deepcache(interval: int, branch: int = 0) -> Method:
 
         helper = DeepCacheSDHelper(pipe=pipe)
         helper.set_params(cache_interval=interval, cache_branch_id=branch)
-        helper.enable()
-        try:
-            yield
-        finally:
-            helper.disable()
+        with _no_new_forwards(pipe.unet):
+            helper.enable()
+            try:
+                yield
+            finally:
+                helper.disable()
 
     return Method(f"DeepCache i{interval} b{branch}", "DeepCache", {"interval": interval, "branch": branch,
                                                                      "package": "DeepCacheSDHelper"}, enable)
+
+
+@contextlib.contextmanager
+def _no_new_forwards(unet, attributes=("forward",)):
+    """Afterwards, delete the instance attributes (``forward``...) a patcher set on ``unet``'s
+    modules that were not there before: the helper's ``disable`` puts the original methods back
+    as instance attributes, which would then shadow any later patcher's class-level view."""
+    before = {name: set(vars(m)) & set(attributes) for name, m in unet.named_modules()}
+    try:
+        yield
+    finally:
+        for name, module in unet.named_modules():
+            for attr in attributes:
+                if attr in vars(module) and attr not in before.get(name, ()):
+                    delattr(module, attr)
 
 
 # -- diffusers' hooks --------------------------------------------------------------------------
@@ -159,26 +175,21 @@ def _diffusers_hooks(pipe, num_steps: int, install: Callable[[torch.nn.Module, C
     from diffusers.hooks import HookRegistry
 
     unet = pipe.unet
-    before = {name: set(vars(m)) & {"forward", "_diffusers_hook"} for name, m in unet.named_modules()}
+    had_registry = {name for name, m in unet.named_modules() if "_diffusers_hook" in vars(m)}
     tracker = _TimestepTracker(unet, num_steps)
-    handle = unet.register_forward_pre_hook(tracker, with_kwargs=True)
-    try:
-        install(unet, lambda: tracker.timestep)
-        HookRegistry.check_if_exists_or_initialize(unet).invalidate_child_registries_cache()
-        yield
-    finally:
-        handle.remove()
-        modules = dict(unet.named_modules())
-        for name, module in reversed(list(modules.items())):
-            registry = vars(module).get("_diffusers_hook")
-            if registry is None or "_diffusers_hook" in before.get(name, ()):
-                continue
-            for hook in list(registry._hook_order)[::-1]:
-                registry.remove_hook(hook, recurse=False)
-        for name, module in modules.items():
-            for attr in ("_diffusers_hook", "forward"):
-                if attr in vars(module) and attr not in before.get(name, ()):
-                    delattr(module, attr)
+    with _no_new_forwards(unet, ("forward", "_diffusers_hook")):
+        handle = unet.register_forward_pre_hook(tracker, with_kwargs=True)
+        try:
+            install(unet, lambda: tracker.timestep)
+            HookRegistry.check_if_exists_or_initialize(unet).invalidate_child_registries_cache()
+            yield
+        finally:
+            handle.remove()
+            for name, module in reversed(list(unet.named_modules())):
+                registry = vars(module).get("_diffusers_hook")
+                if registry is not None and name not in had_registry:
+                    for hook in list(registry._hook_order)[::-1]:
+                        registry.remove_hook(hook, recurse=False)
 
 
 def pab(spatial: int, cross: int | None = None, timestep_range=(100, 800), num_steps: int = 30) -> Method:
