@@ -12,9 +12,11 @@ diffusers' hooks on a U-Net (diffusers 0.42.1), read from ``diffusers/hooks/*.py
   SD-XL pipeline gives, so ``_TimestepTracker`` reads the timestep off the U-Net's call;
 - FasterCache does not: ``apply_faster_cache`` hooks only attention modules whose names match
   its module-level identifiers (``^transformer_blocks.*attn`` and kin, anchored at the model's
-  top), whatever identifiers the config gives, so on a U-Net only its denoiser hook goes on, and
-  that one splits the CFG halves of inputs named ``hidden_states`` (the U-Net's is ``sample``):
-  run here it left the images bit-identical and the time unchanged;
+  top), whatever identifiers the config gives, so on a U-Net only its denoiser hook goes on (tried
+  with ``transformer_blocks\.\d+\.attn1$``). With its unconditional-half skip off
+  (``is_guidance_distilled=True``) that hook passes through: images bit-identical, time unchanged;
+  with it on, it chunks the 0-dimensional ``timestep`` the SD-XL pipeline passes and fails
+  ("chunk expects at least a 1-dimensional tensor");
 - TaylorSeer applies with ``cache_identifiers`` of our own (its defaults have the same anchoring):
   it forecasts each transformer layer's output from its last computed steps;
 - FirstBlockCache, MagCache and SeaCache do not: they look for a ``ModuleList`` of transformer
@@ -210,8 +212,6 @@ def pab(spatial: int, cross: int | None = None, timestep_range=(100, 800), num_s
     return Method(name, "PAB", settings, lambda pipe: _diffusers_hooks(pipe, num_steps, install))
 
 
-# A U-Net's attention modules: down_blocks.1.attentions.0.transformer_blocks.0.attn1 and the like.
-UNET_SELF_ATTENTION = (r"transformer_blocks\.\d+\.attn1$",)
 # TaylorSeer hooks the transformer layers (``BasicTransformerBlock``, which return a tensor): on a
 # ``Transformer2DModel`` (which returns a 1-tuple) its forecast comes back as the bare tensor, and
 # the caller's ``[0]`` then takes the first image of the batch.
