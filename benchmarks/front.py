@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import math
 import os
@@ -42,15 +43,15 @@ from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from atedm_compile.config import DeepCacheConfig  # noqa: E402
-from atedm_compile.export.manifest import sha256_file, sha256_json  # noqa: E402
-from atedm_compile.files import write_atomically  # noqa: E402
+from atedm_compile.config import DeepCacheConfig
+from atedm_compile.export.manifest import sha256_file, sha256_json
+from atedm_compile.files import write_atomically
 
-from . import peers  # noqa: E402
-from .peers import FULL, Method  # noqa: E402
+from . import peers
+from .peers import FULL, Method
 
 SPEED_UPS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 PSNR_CAP = 100.0
@@ -111,7 +112,7 @@ def interpolate(points, speed_up: float, higher_is_better: bool = True) -> float
     if not points or not min(s for s, _ in points) <= speed_up <= max(s for s, _ in points):
         return None
     front = envelope(points, higher_is_better)
-    for (s0, v0), (s1, v1) in zip(front, front[1:]):
+    for (s0, v0), (s1, v1) in itertools.pairwise(front):
         if s0 <= speed_up <= s1:
             return v0 + (v1 - v0) * (speed_up - s0) / (s1 - s0) if s1 > s0 else max(v0, v1)
     # Below the envelope's slowest point (it is faster and better), or on a single point.
@@ -190,7 +191,7 @@ def write_figure(path: Path, rows: list[dict], title: str) -> None:
     colours = plt.get_cmap("tab10")
     for i, family in enumerate(families):
         points = sorted((r["speed_up"], min(r["psnr"], PSNR_CAP), r["frechet"]) for r in rows if r["family"] == family)
-        style = dict(color=colours(i % 10), marker=MARKERS[i % len(MARKERS)], label=family, markersize=5)
+        style = {"color": colours(i % 10), "marker": MARKERS[i % len(MARKERS)], "label": family, "markersize": 5}
         axes[0].plot([p[0] for p in points], [p[1] for p in points], **style)
         axes[1].plot([p[0] for p in points], [p[2] for p in points], **style)
     full = next((r for r in rows if r["family"] == "full"), None)

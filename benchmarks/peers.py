@@ -1,4 +1,4 @@
-"""The methods ``benchmarks.front`` measures: our own (``atedm_compile.apply``: ToMe, ToDo, AT-EDM
+r"""The methods ``benchmarks.front`` measures: our own (``atedm_compile.apply``: ToMe, ToDo, AT-EDM
 schedules with or without cached steps), the ``DeepCache`` package's helper, and the cache hooks
 of ``diffusers.hooks`` that apply to a ``UNet2DConditionModel``.
 
@@ -13,7 +13,7 @@ diffusers' hooks on a U-Net (diffusers 0.42.1), read from ``diffusers/hooks/*.py
 - FasterCache does not: ``apply_faster_cache`` hooks only attention modules whose names match
   its module-level identifiers (``^transformer_blocks.*attn`` and kin, anchored at the model's
   top), whatever identifiers the config gives, so on a U-Net only its denoiser hook goes on (tried
-  with ``transformer_blocks\.\d+\.attn1$``). With its unconditional-half skip off
+  with ``transformer_blocks.<i>.attn1``). With its unconditional-half skip off
   (``is_guidance_distilled=True``) that hook passes through: images bit-identical, time unchanged;
   with it on, it chunks the 0-dimensional ``timestep`` the SD-XL pipeline passes and fails
   ("chunk expects at least a 1-dimensional tensor");
@@ -200,7 +200,10 @@ def pab(spatial: int, cross: int | None = None, timestep_range=(100, 800), num_s
     while the timestep is inside ``timestep_range``."""
 
     def install(unet, current_timestep):
-        from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+        from diffusers.hooks import (
+            PyramidAttentionBroadcastConfig,
+            apply_pyramid_attention_broadcast,
+        )
 
         apply_pyramid_attention_broadcast(unet, PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=spatial, cross_attention_block_skip_range=cross,

@@ -12,7 +12,6 @@ from atedm_compile.flops import unet_inputs
 from atedm_compile.models import tiny_sdxl_pipeline
 from benchmarks import front, peers
 
-
 # -- envelope and interpolation ---------------------------------------------------------------
 
 def test_envelope_keeps_the_points_nothing_beats():
