@@ -104,12 +104,15 @@ def envelope(points, higher_is_better: bool = True) -> list[tuple[float, float]]
     return front[::-1]
 
 
-def interpolate(points, speed_up: float, higher_is_better: bool = True) -> float | None:
+def interpolate(points, speed_up: float, higher_is_better: bool = True, strict: bool = False) -> float | None:
     """A family's quality at ``speed_up``: on the upper envelope of its own points (a point faster
-    and better serves any slower speed-up), linear between envelope points; None outside the
-    family's measured range of speed-ups."""
+    and better serves any slower speed-up), linear between envelope points; None above the
+    family's fastest point. Below its slowest point the envelope's slowest point serves (it is
+    faster and at least as good); ``strict``: None there too (only the measured range)."""
     points = [(float(s), float(v)) for s, v in points if v is not None and math.isfinite(v)]
-    if not points or not min(s for s, _ in points) <= speed_up <= max(s for s, _ in points):
+    if not points or speed_up > max(s for s, _ in points):
+        return None
+    if strict and speed_up < min(s for s, _ in points):
         return None
     front = envelope(points, higher_is_better)
     for (s0, v0), (s1, v1) in itertools.pairwise(front):
@@ -119,9 +122,10 @@ def interpolate(points, speed_up: float, higher_is_better: bool = True) -> float
     return next(v for s, v in front if s >= speed_up)
 
 
-def leaders(rows: list[dict], speed_ups=SPEED_UPS) -> list[dict]:
-    """Per speed-up, each family's interpolated PSNR and Frechet analogue, the best family by each
-    and its lead over the next (None where fewer than two families reach that speed-up)."""
+def leaders(rows: list[dict], speed_ups=SPEED_UPS, strict: bool = False) -> list[dict]:
+    """Per speed-up, each family's interpolated PSNR and Frechet analogue (``interpolate``), the
+    best family by each and its lead over the next (None where fewer than two families reach that
+    speed-up)."""
     families = sorted({r["family"] for r in rows if r["family"] != "full"})
     out = []
     for speed in speed_ups:
@@ -130,7 +134,7 @@ def leaders(rows: list[dict], speed_ups=SPEED_UPS) -> list[dict]:
             values = {}
             for family in families:
                 points = [(r["speed_up"], r[metric]) for r in rows if r["family"] == family]
-                value = interpolate(points, speed, higher)
+                value = interpolate(points, speed, higher, strict)
                 if value is not None:
                     values[family] = value
             ranked = sorted(values.items(), key=lambda kv: -kv[1] if higher else kv[1])
@@ -305,8 +309,8 @@ def main(argv=None, methods: list[Method] | None = None) -> dict:
     total = sum(min(runs_missing(m), rounds) for m in methods) + rounds
     reused = sum(1 for m in everything if runs_missing(m) == 0)
     print(f"{args.model} ({weights[:12]}), {args.prompts} captions (seed {args.seed}), {args.steps} steps, guidance "
-          f"{args.guidance}, {size} px, one thread; {len(methods)} methods, {reused} of {len(everything)} already "
-          f"measured; {total} sampling runs to do")
+          f"{args.guidance}, {size} px, one thread; {len(methods)} methods, {reused} of {len(everything)} with all "
+          f"their {args.repeats} runs already; {total} sampling runs to do")
     nondeterministic = []
     with tqdm(total=total * args.prompts, desc="captions sampled", unit="img") as progress:
         for _ in range(rounds):
@@ -347,7 +351,8 @@ def main(argv=None, methods: list[Method] | None = None) -> dict:
         print(f"warning: a repeat gave other images than the first run for: {', '.join(nondeterministic)}")
     measured = [r for r in rows if r["family"] != "full"]
     lead = leaders(measured)
-    print("\nBest family per speed-up (each family interpolated on the envelope of its own points):")
+    print("\nBest family per speed-up (each family on the envelope of its own points, linear between them; a "
+          "family's faster and better point serves a slower speed-up; none beyond its fastest point):")
     for entry in lead:
         print("  " + statement(entry))
     title = (f"{args.model}: {args.prompts} captions (seed {args.seed}), {args.steps} steps, guidance {args.guidance}; "
@@ -356,6 +361,7 @@ def main(argv=None, methods: list[Method] | None = None) -> dict:
     record = {"settings": vars(args), "captions": captions, "model_weights_sha256": weights,
               "classifier_accuracy": accuracy, "load_average": {"start": load_before, "end": load_after},
               "note": NOISE_NOTE, "rows": rows, "leaders": lead, "statements": [statement(e) for e in lead],
+              "statements_measured_range_only": [statement(e) for e in leaders(measured, strict=True)],
               "nondeterministic": nondeterministic, "seconds": round(time.time() - started)}
     write_atomically(out / "results.json", json.dumps(record, indent=1).encode())
     print(f"\nwrote {out / 'results.json'} and {out / 'front.png'} ({time.time() - started:.0f} s)")

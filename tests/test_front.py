@@ -22,13 +22,15 @@ def test_envelope_keeps_the_points_nothing_beats():
     assert front.envelope([(1.0, 5.0), (2.0, 4.0), (3.0, 6.0)], higher_is_better=False) == [(2.0, 4.0), (3.0, 6.0)]
 
 
-def test_interpolate_is_linear_on_the_envelope_and_none_outside_the_range():
+def test_interpolate_is_linear_on_the_envelope_and_none_beyond_the_fastest_point():
     points = [(1.0, 30.0), (2.0, 25.0), (1.5, 20.0), (3.0, 26.0), (4.0, 10.0)]
     assert front.interpolate(points, 1.0) == 30.0
     assert front.interpolate(points, 2.0) == pytest.approx(28.0)  # between (1, 30) and (3, 26), not the 25 measured
     assert front.interpolate(points, 3.5) == pytest.approx(18.0)
-    assert front.interpolate(points, 0.99) is None
     assert front.interpolate(points, 4.01) is None
+    assert front.interpolate(points, 0.99) == 30.0  # the slowest point is faster: it serves
+    assert front.interpolate(points, 0.99, strict=True) is None
+    assert front.interpolate(points, 1.0, strict=True) == 30.0
     assert front.interpolate([(2.0, 7.0)], 2.0) == 7.0
     assert front.interpolate([(2.0, 7.0)], 2.1) is None
     assert front.interpolate([], 2.0) is None
@@ -45,7 +47,10 @@ def _rows():
 
 
 def test_leaders_and_statement():
-    at = {entry["speed_up"]: entry for entry in front.leaders(_rows(), (2.0, 3.5, 5.0))}
+    at = {entry["speed_up"]: entry for entry in front.leaders(_rows(), (0.5, 2.0, 3.5, 5.0))}
+    # Below every point: each family's slowest envelope point serves; strictly, nobody is there.
+    assert at[0.5]["psnr"]["values"] == {"A": 40.0, "B": 36.0}
+    assert front.leaders(_rows(), (0.5,), strict=True)[0]["psnr"]["best"] is None
     # At 2x: A interpolates to 35 dB and 3.0 Frechet; B measured 36 dB and 2.0.
     assert at[2.0]["psnr"]["values"] == pytest.approx({"A": 35.0, "B": 36.0})
     assert (at[2.0]["psnr"]["best"], at[2.0]["psnr"]["runner_up"]) == ("B", "A")
