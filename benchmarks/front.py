@@ -178,6 +178,16 @@ def print_table(rows: list[dict]) -> None:
               f"{r['frechet']:>8.2f}  {settings_text(r)}")
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The table for docs: family, method, settings, speed-up, CPU seconds, PSNR, Frechet."""
+    lines = ["| family | method | settings | speed-up | CPU s | PSNR (dB) | Frechet |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        psnr = f"{r['psnr']:.2f}" if r["psnr"] is not None else "-"
+        lines.append(f"| {r['family']} | {r['method']} | {settings_text(r)} | {r['speed_up']:.2f}x | "
+                     f"{r['cpu_seconds']:.1f} | {psnr} | {r['frechet']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 MARKERS = "osD^v<>pP*Xh"
 
 
@@ -364,7 +374,8 @@ def main(argv=None, methods: list[Method] | None = None) -> dict:
               "statements_measured_range_only": [statement(e) for e in leaders(measured, strict=True)],
               "nondeterministic": nondeterministic, "seconds": round(time.time() - started)}
     write_atomically(out / "results.json", json.dumps(record, indent=1).encode())
-    print(f"\nwrote {out / 'results.json'} and {out / 'front.png'} ({time.time() - started:.0f} s)")
+    write_atomically(out / "table.md", markdown_table(rows).encode())
+    print(f"\nwrote {out / 'results.json'}, {out / 'table.md'} and {out / 'front.png'} ({time.time() - started:.0f} s)")
     return record
 
 
