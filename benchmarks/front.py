@@ -46,7 +46,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import torch
 
-from atedm_compile.config import DeepCacheConfig
+from atedm_compile.planner import Plan
 from atedm_compile.export.manifest import sha256_file, sha256_json
 from atedm_compile.files import write_atomically
 
@@ -59,12 +59,23 @@ NOISE_NOTE = ("The machine is shared (2 cores, other jobs running): CPU times ar
               "the fastest of the repeats, but cache and memory contention still move them by a few percent.")
 
 
-def our_methods() -> list[Method]:
-    """Our reference points: the package default (DSAP, ``atedm`` preset) at the paper's keep
-    ratio, alone and with cached steps. The planner's schedules are added beside these."""
-    return [peers.ours("default k0.37", "atedm", None, keep_ratio=0.37),
-            peers.ours("default k0.37 + cache i2", "atedm", None, keep_ratio=0.37, cache=DeepCacheConfig(interval=2)),
-            peers.ours("default k0.37 + cache i3", "atedm", None, keep_ratio=0.37, cache=DeepCacheConfig(interval=3))]
+# The planner's points (``atedm_compile.planner``): caching alone (DeepCache's rule, our code),
+# pruning alone (DSAP) and both, with cheaper pruning where caching already removes most of the
+# work, and level 2 spared on the first half of the steps.
+OUR_PLANS = (
+    Plan(0.37, 0.3), Plan(0.1, 0.3),
+    Plan(interval=2), Plan(interval=3), Plan(interval=4), Plan(interval=5),
+    Plan(0.7, 0.3, interval=2), Plan(0.5, 0.3, interval=2), Plan(0.37, 0.3, interval=2),
+    Plan(0.7, 0.3, interval=3), Plan(0.5, 0.3, interval=3), Plan(0.37, 0.3, interval=3),
+    Plan(0.5, 0.3, 0.5, interval=3), Plan(0.7, 0.3, interval=4), Plan(0.5, 0.3, interval=4),
+    Plan(0.7, 0.3, interval=5),
+)
+
+
+def our_methods(steps: int = 30, plans=OUR_PLANS) -> list[Method]:
+    """Our schedules: each planner point as its schedule for ``steps`` steps, with the package's
+    default pruning (``DEFAULT_PRUNING``)."""
+    return [peers.ours(plan.label, plan.schedule(steps), None) for plan in plans]
 
 
 # -- keys and storage --------------------------------------------------------------------------
@@ -278,7 +289,7 @@ def main(argv=None, methods: list[Method] | None = None) -> dict:
 
     from .quality import classifier_view, feature_classifier
 
-    methods = list(methods) if methods is not None else peers.peer_methods(args.steps) + our_methods()
+    methods = list(methods) if methods is not None else peers.peer_methods(args.steps) + our_methods(args.steps)
     if args.families:
         unknown = sorted(set(args.families) - {m.family for m in methods})
         if unknown:

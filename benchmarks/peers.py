@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 import atedm_compile as ac
-from atedm_compile.config import DeepCacheConfig, ToDoConfig, ToMeConfig
+from atedm_compile.config import DEFAULT_PRUNING, DeepCacheConfig, ToDoConfig, ToMeConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ def ours(name: str, preset: str | ac.Schedule, config=None, keep_ratio: float | 
         options["keep_ratio"] = keep_ratio
     if cache is not None:
         options["cache"] = cache
-    settings = {"preset": preset if isinstance(preset, str) else repr(preset), "config": repr(config) if config is not None else "DEFAULT_PRUNING",
+    settings = {"preset": preset if isinstance(preset, str) else repr(preset), "config": repr(config if config is not None else DEFAULT_PRUNING),
                 **{k: (repr(v) if isinstance(v, DeepCacheConfig) else v) for k, v in options.items()}}
 
     @contextlib.contextmanager
