@@ -46,6 +46,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import torch
 
+from atedm_compile.config import PruningConfig
 from atedm_compile.planner import Plan
 from atedm_compile.export.manifest import sha256_file, sha256_json
 from atedm_compile.files import write_atomically
@@ -72,10 +73,14 @@ OUR_PLANS = (
 )
 
 
-def our_methods(steps: int = 30, plans=OUR_PLANS) -> list[Method]:
-    """Our schedules: each planner point as its schedule for ``steps`` steps, with the package's
-    default pruning (``DEFAULT_PRUNING``)."""
-    return [peers.ours(plan.label, plan.schedule(steps), None) for plan in plans]
+# The pruning of our points: the patch winners, the distinct fill and the delta recovery. At the
+# keep ratios caching leaves to pruning (0.37 and up) it measured above merge-delta (docs/quality.md).
+PLAN_PRUNING = PruningConfig(recovery="delta", similarity="key-cosine", cell=3, fill="distinct")
+
+
+def our_methods(steps: int = 30, plans=OUR_PLANS, config: PruningConfig = PLAN_PRUNING) -> list[Method]:
+    """Our schedules: each planner point as its schedule for ``steps`` steps, pruning by ``config``."""
+    return [peers.ours(plan.label, plan.schedule(steps), config) for plan in plans]
 
 
 # -- keys and storage --------------------------------------------------------------------------
