@@ -80,8 +80,9 @@ from atedm_compile.models import folder_vae_factor as factor_of  # noqa: E402
 
 SDXL_FULL_TMACS = 6.7  # the paper's label of the full model; shares below use our own count
 BUDGETS = (2.9, 3.6, 4.1, 4.5)
-MERGED = PruningConfig(recovery="merge-delta", similarity="key-cosine", cell=3, fill="distinct")
-DELTA = "default: delta, cell 3, distinct"  # DEFAULT_PRUNING, the best variant measured (README, "Quality at matched FLOPs")
+# The default until 2026-12-06 (merge-delta since: docs/quality.md, "The aggressive budget").
+DELTA_DEFAULT = PruningConfig(recovery="delta", similarity="key-cosine", cell=3, fill="distinct")
+DELTA = "default: merge-delta, cell 3, distinct"  # DEFAULT_PRUNING, the best variant measured (docs/quality.md)
 # name -> (schedule preset, config, keep ratio: "budget" = the budget's own unless that costs more
 # than AT-EDM with the method's own work counted in, "solve" = matched MACs)
 METHODS = {
@@ -93,12 +94,12 @@ METHODS = {
     "delta, cell 3, by score": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", cell=3), "budget"),
     DELTA: ("atedm", DEFAULT_PRUNING, "budget"),
     "default, at ToMe's MACs": ("atedm", DEFAULT_PRUNING, "tome"),
-    "default, soft 2, at ToMe's MACs": ("atedm", dataclasses.replace(DEFAULT_PRUNING, neighbours=2), "tome"),
-    "default, soft 4, at ToMe's MACs": ("atedm", dataclasses.replace(DEFAULT_PRUNING, neighbours=4), "tome"),
+    "delta, soft 2, at ToMe's MACs": ("atedm", dataclasses.replace(DELTA_DEFAULT, neighbours=2), "tome"),
+    "delta, soft 4, at ToMe's MACs": ("atedm", dataclasses.replace(DELTA_DEFAULT, neighbours=4), "tome"),
     "layer-delta, distinct, at ToMe's MACs": ("atedm", PruningConfig(recovery="layer-delta", cell=3, fill="distinct"),
                                               "tome"),
-    "merge-delta, cell 3, distinct": ("atedm", MERGED, "budget"),
-    "merge-delta, at ToMe's MACs": ("atedm", MERGED, "tome"),
+    "delta, cell 3, distinct": ("atedm", DELTA_DEFAULT, "budget"),
+    "delta, distinct, at ToMe's MACs": ("atedm", DELTA_DEFAULT, "tome"),
     "delta, cell 2, distinct": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", cell=2, fill="distinct"),
                                 "budget"),
     "layer-delta, cell 3, distinct": ("atedm", PruningConfig(recovery="layer-delta", cell=3, fill="distinct"), "budget"),

@@ -177,19 +177,19 @@ def test_fit_keep_ratio_keeps_a_start_that_fits(tiny_meta):
 
 
 def test_fit_keep_ratio_steps_below_a_start_whose_own_work_costs_more(tiny_meta):
-    from atedm_compile.config import DEFAULT_PRUNING
     from atedm_compile.flops import fit_keep_ratio
 
-    # The default's key cosines cost more than the paper's copy: at AT-EDM's keep ratio it is over
-    # AT-EDM's MACs, a few tokens fewer it is not.
+    # The delta recovery's key cosines (and the distinct fill's) cost more than the paper's copy:
+    # at AT-EDM's keep ratio it is over AT-EDM's MACs, a few tokens fewer it is not.
+    delta = PruningConfig(recovery="delta", similarity="key-cosine", cell=3, fill="distinct")
     limit = _cost(tiny_meta, 0.4, PruningConfig()).average_tmacs_with_scoring * (1 + 1e-9)
-    assert _cost(tiny_meta, 0.4, DEFAULT_PRUNING).average_tmacs_with_scoring > limit
-    keep, report, capped = fit_keep_ratio(tiny_meta, limit, "uniform", 1, DEFAULT_PRUNING, start=0.4, height=256,
+    assert _cost(tiny_meta, 0.4, delta).average_tmacs_with_scoring > limit
+    keep, report, capped = fit_keep_ratio(tiny_meta, limit, "uniform", 1, delta, start=0.4, height=256,
                                           width=256, tolerance=0.05, full_flops=_cost(tiny_meta, 1.0).full_flops)
     assert 0.3 < keep < 0.4 and not capped and report.average_tmacs_with_scoring <= limit
-    assert report.average_tmacs_with_scoring == _cost(tiny_meta, keep, DEFAULT_PRUNING).average_tmacs_with_scoring
+    assert report.average_tmacs_with_scoring == _cost(tiny_meta, keep, delta).average_tmacs_with_scoring
     # The largest that fits, to the tolerance.
-    assert _cost(tiny_meta, keep + 0.05, DEFAULT_PRUNING).average_tmacs_with_scoring > limit
+    assert _cost(tiny_meta, keep + 0.05, delta).average_tmacs_with_scoring > limit
 
 
 def test_fit_keep_ratio_solves_without_a_start_and_caps(tiny_meta):

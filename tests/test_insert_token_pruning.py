@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -154,7 +155,7 @@ def test_merge_delta_recovery_matches_reference(level2_block, block_inputs, wher
     assert torch.equal(captured[""].sort().values, expected_index.sort().values)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     # Not delta under another name: the later layers ran on the means.
-    (delta,) = _pruned(block, 0.2, DEFAULT_PRUNING)(*inputs)
+    (delta,) = _pruned(block, 0.2, dataclasses.replace(config, recovery="delta"))(*inputs)
     assert (delta - out).abs().max() > 1e-3
 
 

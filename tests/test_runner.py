@@ -57,13 +57,13 @@ def test_switch_follows_the_steps_whatever_the_scheduler(pipe, scheduler_class):
     assert [c.phase for c in runner.calls] == [expected.phase_at(i).name for i in steps]
 
 
-def test_default_recovery_is_delta_by_key_cosine_and_the_papers_stays_by_name(pipe):
+def test_default_recovery_is_merge_delta_by_key_cosine_and_the_papers_stays_by_name(pipe):
     from atedm_compile.config import DEFAULT_PRUNING, PruningConfig
     from atedm_compile.modules import TokenRecovery
 
     assert ac.apply(pipe, "uniform").config == DEFAULT_PRUNING
     recoveries = [m for m in ac.runner_of(pipe).graph("down1.F", 0.37).modules() if isinstance(m, TokenRecovery)]
-    assert [(r.method, r.similarity) for r in recoveries] == [("delta", "key-cosine")]
+    assert [(r.method, r.similarity) for r in recoveries] == [("merge-delta", "key-cosine")]
     paper = PruningConfig()
     assert (paper.recovery, paper.similarity, paper.scorer) == ("similarity", "attention", "gwpr")
     assert ac.apply(pipe, "uniform", paper).config == paper
