@@ -11,8 +11,9 @@ Metrics: PSNR against the full model's image from the same noise (mean over capt
 images capped at 100 dB); the Frechet analogue of ``benchmarks/quality.py`` (its feature
 classifier, trained once and kept in ``--out`` as safetensors) of the samples against the renders
 of the same captions; the speed-up: process CPU time of the whole sampling run of all captions
-(text encoders, U-Net, VAE) on one thread, the full model and the methods run in turn in rounds,
-the fastest of ``--repeats`` runs kept for each, full's over the method's. Each timed run follows
+(text encoders, U-Net, VAE) on one thread, the full model and the methods run in turn in rounds;
+a method's speed-up is the mean over its ``--repeats`` runs of the full model's time in the same
+round over the method's (``paired_speed_up``). Each timed run follows
 one untimed caption under the method (our passes build their graphs at their first call).
 
 Everything is kept in ``--out``: each method's images (keyed by the model's weights, the method's
@@ -38,6 +39,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -46,7 +48,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import torch
 
-from atedm_compile.config import PruningConfig
+from atedm_compile.config import DEFAULT_PRUNING, PruningConfig
 from atedm_compile.planner import Plan
 from atedm_compile.export.manifest import sha256_file, sha256_json
 from atedm_compile.files import write_atomically
@@ -57,7 +59,8 @@ from .peers import FULL, Method
 SPEED_UPS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 PSNR_CAP = 100.0
 NOISE_NOTE = ("The machine is shared (2 cores, other jobs running): CPU times are process times on one thread, "
-              "the fastest of the repeats, but cache and memory contention still move them by a few percent.")
+              "each run divided into the full model's of the same round and the ratios averaged, but cache and "
+              "memory contention still move a ratio by up to 10% between rounds.")
 
 
 # The planner's points (``atedm_compile.planner``): caching alone (DeepCache's rule, our code),
@@ -78,9 +81,29 @@ OUR_PLANS = (
 PLAN_PRUNING = PruningConfig(recovery="delta", similarity="key-cosine", cell=3, fill="distinct")
 
 
-def our_methods(steps: int = 30, plans=OUR_PLANS, config: PruningConfig = PLAN_PRUNING) -> list[Method]:
-    """Our schedules: each planner point as its schedule for ``steps`` steps, pruning by ``config``."""
-    return [peers.ours(plan.label, plan.schedule(steps), config) for plan in plans]
+# The same points with the package default's recovery since 2026-12-06 (merge-delta), where pruning
+# and caching are stacked.
+MERGED_PLANS = tuple(plan for plan in OUR_PLANS if plan.keep_ratio < 1 and plan.interval in (2, 3, 4))
+
+
+def our_methods(steps: int = 30, plans=OUR_PLANS, config: PruningConfig = PLAN_PRUNING,
+                merged_plans=MERGED_PLANS) -> list[Method]:
+    """Our schedules: each planner point as its schedule for ``steps`` steps, pruning by ``config``;
+    and ``merged_plans`` with ``DEFAULT_PRUNING`` (merge-delta)."""
+    return ([peers.ours(plan.label, plan.schedule(steps), config) for plan in plans]
+            + [peers.ours(f"{plan.label}, merge-delta", plan.schedule(steps), DEFAULT_PRUNING) for plan in merged_plans])
+
+
+def paired_speed_up(full: dict, method: dict) -> float:
+    """The method's speed-up: the mean over its runs of the full model's time in the same round
+    divided by the method's (``timings.json`` entries: ``seconds`` and the ``rounds`` they ran in).
+    The load of a shared machine moves both runs of a round alike; across rounds it moved the full
+    model's time by up to 17% here."""
+    full_by_round = dict(zip(full["rounds"], full["seconds"]))
+    missing = sorted(set(method["rounds"]) - set(full_by_round))
+    if missing:
+        raise ValueError(f"{method['method']!r} ran in rounds {missing}, where the full model did not run")
+    return statistics.fmean(full_by_round[r] / s for s, r in zip(method["seconds"], method["rounds"]))
 
 
 # -- keys and storage --------------------------------------------------------------------------
@@ -339,7 +362,10 @@ def main(argv=None, methods: list[Method] | None = None) -> dict:
           f"their {args.repeats} runs already; {total} sampling runs to do")
     nondeterministic = []
     with tqdm(total=total * args.prompts, desc="captions sampled", unit="img") as progress:
-        for _ in range(rounds):
+        # A round's id goes with every run in it: a method's speed-up is against the full model's
+        # runs of the same rounds only, so runs made on another day or under another load stay apart.
+        next_round = 1 + max((r for entry in timings.values() for r in entry.get("rounds", [])), default=-1)
+        for round_id in range(next_round, next_round + rounds):
             todo = [FULL] + [m for m in methods if runs_missing(m) > 0]
             for method in todo:
                 progress.set_postfix_str(method.name)
@@ -350,20 +376,22 @@ def main(argv=None, methods: list[Method] | None = None) -> dict:
                 else:
                     save_images(paths[method.name], result)
                     images[method.name] = result
-                entry = timings.setdefault(keys[method.name], {"method": method.name, "seconds": []})
+                entry = timings.setdefault(keys[method.name], {"method": method.name, "seconds": [], "rounds": []})
                 entry["seconds"].append(round(seconds, 3))
+                entry["rounds"].append(round_id)
                 write_atomically(timings_path, json.dumps(timings, indent=1).encode())
 
     classifier, accuracy = feature_classifier(out, size)
     reference = quality.features(classifier, classifier_view(rendered))
     full_images = images[FULL.name]
-    full_seconds = min(timings[keys[FULL.name]]["seconds"])
+    full_runs = timings[keys[FULL.name]]
     rows = []
     for method in everything:
         seconds = timings[keys[method.name]]["seconds"]
         psnrs = [min(synthetic.psnr(a, b), PSNR_CAP) for a, b in zip(images[method.name], full_images)]
         rows.append({"method": method.name, "family": method.family, "settings": method.settings,
-                     "cpu_seconds": min(seconds), "all_seconds": seconds, "speed_up": full_seconds / min(seconds),
+                     "cpu_seconds": min(seconds), "all_seconds": seconds,
+                     "speed_up": paired_speed_up(full_runs, timings[keys[method.name]]),
                      "psnr": float(np.mean(psnrs)) if method is not FULL else None,
                      "frechet": synthetic.frechet_distance(
                          quality.features(classifier, classifier_view(images[method.name])), reference)})
@@ -382,7 +410,8 @@ def main(argv=None, methods: list[Method] | None = None) -> dict:
     for entry in lead:
         print("  " + statement(entry))
     title = (f"{args.model}: {args.prompts} captions (seed {args.seed}), {args.steps} steps, guidance {args.guidance}; "
-             f"speed-up = CPU time of the full model's run / the method's, one thread, best of {args.repeats}")
+             f"speed-up = CPU time of the full model's run / the method's in the same round, one thread, mean of "
+             f"{args.repeats}")
     write_figure(out / "front.png", rows, title)
     record = {"settings": vars(args), "captions": captions, "model_weights_sha256": weights,
               "classifier_accuracy": accuracy, "load_average": {"start": load_before, "end": load_after},

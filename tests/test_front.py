@@ -154,3 +154,12 @@ def test_timestep_tracker_follows_the_unet_calls(pipe):
     timesteps = pipe.scheduler.timesteps.tolist()
     assert seen == pytest.approx(timesteps)
     assert not math.isnan(seen[0])
+
+
+def test_speed_up_pairs_each_run_with_the_full_models_run_of_its_round():
+    full = {"method": "full model", "seconds": [60.0, 50.0, 40.0], "rounds": [0, 1, 2]}
+    method = {"method": "m", "seconds": [30.0, 20.0], "rounds": [0, 2]}
+    assert front.paired_speed_up(full, method) == pytest.approx((60 / 30 + 40 / 20) / 2)
+    assert front.paired_speed_up(full, full) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"rounds \[5\]"):
+        front.paired_speed_up(full, {"method": "m", "seconds": [1.0], "rounds": [5]})
