@@ -42,13 +42,14 @@ def _print_table(headers: list[str], rows: list[list]) -> None:
 
 def cmd_flops(args) -> int:
     from .flops import count_phases, solve_keep_ratio
-    from .models import build_unet, vae_factor
+    from .models import build_unet, resolve_model
     from .sizes import sampling_size
 
-    unet = build_unet(args.model, device="meta")
+    source = resolve_model(args.model)
+    unet = build_unet(source.unet_config(), device="meta")
     # Default: the model's own size (SD-XL 1024, SD 1.5 512, tiny 256, tiny-shapes 64, tiny-shapes-xl 128 px).
     args.height, args.width, factor = sampling_size(unet.config, args.height, args.width,
-                                                    vae_factor=vae_factor(args.model))
+                                                    vae_factor=source.vae_factor)
     config = pruning_config(args)
     keep = args.keep_ratio
     try:

@@ -1,8 +1,9 @@
 """U-Net configs, pipeline builders, and the one registry of named models.
 
-A model name is a U-Net config (``UNET_CONFIGS``: random weights) or a shipped trained model
-(``TRAINED_MODELS``: a folder under ``weights/``, loaded by ``load_trained_pipeline``); every
-other part of the package asks this module, never the folders.
+A model name is a U-Net config (``UNET_CONFIGS``: random weights; with a whole pipeline where
+``PIPELINES`` has one), a shipped trained model (``TRAINED_MODELS``: a folder under ``weights/``,
+loaded by ``load_trained_pipeline``) or a diffusers folder / hub id. ``resolve_model`` decides
+which (``source.py``); every other part of the package asks it, never the names or the folders.
 
 No weights can be downloaded where this project is developed and tested, so every model here is
 built from a config: the real SD-XL / SD 1.5 / SD 2.1 U-Net configs (for FLOPs on the meta device)
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from .source import BuiltInModel, BuiltPipeline, DiffusersModel, ModelSource, TrainedModel, resolve_model, vae_factor_of
 
 SDXL_BASE_UNET = {
     "act_fn": "silu",
@@ -122,7 +125,7 @@ TINY_VAE = {
 # trained) and model.safetensors (every weight, fp16, keys prefixed by component). Loading reads
 # those two files only: no pickle, no network. benchmarks/train_tiny_model.py writes them.
 TRAINED_MODELS = ("tiny-shapes", "tiny-shapes-xl")
-WEIGHTS = Path(__file__).parent / "weights"
+WEIGHTS = Path(__file__).parent.parent / "weights"
 TINY_SHAPES = WEIGHTS / "tiny-shapes"
 TINY_SHAPES_XL = WEIGHTS / "tiny-shapes-xl"
 
@@ -179,27 +182,21 @@ def read_json_object(path: Path) -> dict:
 
 def folder_vae_factor(config: dict) -> int:
     """Pixels per latent cell, per side, of a model folder's config: one halving per VAE level but the last."""
-    return 2 ** (len(config["vae"]["block_out_channels"]) - 1)
-
-
+    return vae_factor_of(config["vae"])
 
 
 def unet_config(name: str) -> dict:
-    """The U-Net config called ``name`` (one of ``UNET_CONFIGS``, or a shipped trained model)."""
-    if name in TRAINED_MODELS:
-        return dict(read_config(model_folder(name))["unet"])
-    if name not in UNET_CONFIGS:
-        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(UNET_CONFIGS) + list(TRAINED_MODELS)}")
-    return dict(UNET_CONFIGS[name])
+    """The U-Net config of the model ``name`` (``resolve_model``: a config name, a trained model or
+    its folder, a local diffusers folder); ValueError naming what is allowed otherwise."""
+    return resolve_model(name).unet_config()
 
 
 def vae_factor(name: str) -> int:
-    """Pixels per latent cell, per side, of the pipeline a named config belongs to (8 for the
-    SD families and ``tiny``; the shipped trained models say in their config)."""
-    if name in TRAINED_MODELS:
-        return folder_vae_factor(read_config(model_folder(name)))
-    unet_config(name)  # a clear error for an unknown name
-    return 8
+    """Pixels per latent cell, per side, of the pipeline the model ``name`` belongs to (8 for the
+    SD families and a bare U-Net config; the others' VAE configs say)."""
+    source = resolve_model(name)
+    source.unet_config()  # a clear error for a name that is no model here
+    return source.vae_factor
 
 
 TEXT_LENGTH = 77  # tokens of the CLIP text encoders
@@ -271,7 +268,7 @@ def build_unet(
     """
     from diffusers import UNet2DConditionModel
 
-    from .devices import cast
+    from ..devices import cast
 
     if isinstance(name_or_config, str):
         config = unet_config(name_or_config)
@@ -294,7 +291,7 @@ def build_unet(
 def initialise_on(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
     """Give a model built on the meta device storage on ``device`` in ``dtype`` and draw its
     weights there with each layer's own initialisation (``reset_parameters``)."""
-    from .devices import cast
+    from ..devices import cast
 
     owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
     missing = sorted({type(m).__name__ for m in owners if not hasattr(m, "reset_parameters")})
@@ -425,6 +422,11 @@ def tiny_sd15_pipeline(seed: int = 0):
     return pipe
 
 
+# The built-in configs that are also whole pipelines (random weights, built offline), by name:
+# ``generate``, ``run`` and ``evaluate`` sample with them. ``vae``: the pipeline's VAE config.
+PIPELINES = {"tiny": BuiltPipeline(lambda seed: tiny_sdxl_pipeline(seed), TINY_VAE)}
+
+
 def build_pipeline(config: dict, weights: dict[str, torch.Tensor] | None = None, source: str | Path | None = None):
     """A ``StableDiffusionXLPipeline`` from a model folder's config, with ``weights`` (the
     prefixed state dict of ``model.safetensors``, ``source`` in errors) loaded, or randomly
@@ -511,43 +513,13 @@ def load_trained_pipeline(directory: str | Path = TINY_SHAPES, device: str | tor
     return pipe.to(device)
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """The pipeline for ``model`` on ``device`` in ``dtype``: a shipped trained model
-    (``TRAINED_MODELS``: ``"tiny-shapes"``, ``"tiny-shapes-xl"``, trained on synthetic shapes) or the
-    folder of one, ``"tiny"`` (built in, random weights) or a local path / hub id loaded with
-    diffusers' ``DiffusionPipeline.from_pretrained`` (SD-XL and SD 1.x / 2.x pipelines)."""
-    from .devices import cast
-
-    folder = model_folder(model)
-    if folder is not None:
-        pipe = load_trained_pipeline(folder)
-    elif model == "tiny":
-        pipe = tiny_sdxl_pipeline()
-    else:
-        if model in UNET_CONFIGS:
-            raise ValueError(f"{model!r} is a bare U-Net config (random weights, no text encoders or VAE): sampling "
-                             f"needs a pipeline: tiny, {', '.join(TRAINED_MODELS)}, a pipeline folder or a hub id")
-        if Path(model).exists() and not Path(model).is_dir():
-            raise ValueError(f"model {model!r} is a file; give a diffusers pipeline folder (with model_index.json)")
-        if (Path(model) / "model_index.json").is_file():
-            _check_model_index(Path(model) / "model_index.json")
-        with quiet_loading():
-            from diffusers import DiffusionPipeline
-
-            try:
-                pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, use_safetensors=True)
-            except (OSError, ValueError) as error:
-                where = ("a folder here, but not a diffusers pipeline" if Path(model).is_dir()
-                         else "not a folder here, nor a hub id in the local cache")
-                said = str(error).splitlines()[0] if str(error) else type(error).__name__
-                said = said if len(said) <= 160 else said[:157] + "..."
-                raise ValueError(f"cannot load model {model!r}: {where}. Models: tiny, {', '.join(TRAINED_MODELS)}, "
-                                 f"a pipeline folder or a cached hub id. diffusers said: {said}") from None
-        return pipe.to(device)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            cast(component, device, dtype)
-    return pipe
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
+    """The pipeline for ``model`` on ``device`` in ``dtype`` (``resolve_model``): a shipped trained
+    model (``TRAINED_MODELS``: ``"tiny-shapes"``, ``"tiny-shapes-xl"``, trained on synthetic shapes)
+    or the folder of one, a built-in pipeline (``PIPELINES``: ``"tiny"``, random weights from
+    ``seed``) or a local path / hub id loaded with diffusers' ``DiffusionPipeline.from_pretrained``
+    (SD-XL and SD 1.x / 2.x pipelines)."""
+    return resolve_model(model).load_pipeline(dtype, device, seed)
 
 
 def _check_model_index(path: Path) -> None:
@@ -578,18 +550,7 @@ def refuse_non_finite(pipe, step: int, timestep, tensors: dict) -> dict:
 def pipeline_configs(model: str) -> tuple[dict, dict] | None:
     """(U-Net config, VAE config) of the pipeline ``load_pipeline(model)`` gives, read without
     loading any weights; None where only loading can tell (a hub id)."""
-    folder = model_folder(model)
-    if folder is not None:
-        config = read_config(folder)
-        return dict(config["unet"]), dict(config["vae"])
-    if model == "tiny":
-        return dict(TINY_SDXL_UNET), dict(TINY_VAE)
-    paths = [Path(model) / part / "config.json" for part in ("unet", "vae")]
-    if not all(path.is_file() for path in paths):
-        return None
-    unet, vae = (read_json_object(path) for path in paths)
-    _check_configs(unet, vae, *paths)
-    return unet, vae
+    return resolve_model(model).pipeline_configs()
 
 
 @contextlib.contextmanager
