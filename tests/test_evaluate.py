@@ -217,7 +217,7 @@ def test_a_budget_not_below_the_full_models_cost_is_refused():
 def test_the_plan_key_does_not_depend_on_pythons_hash_seed():
     # diffusers lists the config keys left at their defaults in set order, which the hash seed
     # changes: in the key, every new process solved the plan again (328 s for SD-XL).
-    from atedm_compile.evaluate.run import _plan_key
+    from atedm_compile.evaluate.records import _plan_key
     from atedm_compile.models import unet_config
 
     config = EvaluateConfig("tiny-shapes", "c.txt", "out", methods=["full", "atedm"], keep_ratios=[0.5])

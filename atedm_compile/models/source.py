@@ -18,22 +18,16 @@ how to load the U-Net or the pipeline; ``flops``, ``generate``, ``build``, ``run
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..files import sha256_file, sha256_json
-
-
-@dataclass(frozen=True)
-class BuiltPipeline:
-    """How a built-in config becomes a whole pipeline: ``build(seed)`` returns it with random
-    weights (float32, CPU), and ``vae`` is its VAE's config (read without building anything)."""
-
-    build: Callable[[int], object]
-    vae: dict
+from .configs import TRAINED_MODELS, UNET_CONFIGS, BuiltPipeline, vae_factor_of
+from .folders import _check_configs, load_trained_pipeline, load_unet, model_folder, read_config, read_json_object
+from .loading import _check_model_index, quiet_loading
+from .tiny import PIPELINES
+from .unets import unet_from_config
 
 
 class ModelSource:
@@ -92,7 +86,6 @@ class ModelSource:
         """The U-Net alone, with its weights (a built-in config's drawn from ``seed``), in eval mode
         without gradients, on ``device`` in ``dtype``."""
         from ..devices import cast
-        from . import quiet_loading
 
         with quiet_loading():
             unet = self._load_unet(seed, dtype)
@@ -121,14 +114,10 @@ class BuiltInModel(ModelSource):
     kind = "built-in config"
 
     def unet_config(self) -> dict:
-        from . import UNET_CONFIGS
-
         return dict(UNET_CONFIGS[self.name])
 
     @property
     def _pipeline(self) -> BuiltPipeline | None:
-        from . import PIPELINES
-
         return PIPELINES.get(self.name)
 
     @property
@@ -141,8 +130,6 @@ class BuiltInModel(ModelSource):
         return self._pipeline is not None
 
     def _refuse_bare(self) -> None:
-        from . import PIPELINES, TRAINED_MODELS
-
         if self._pipeline is None:
             raise ValueError(f"{self.name!r} is a bare U-Net config (random weights, no text encoders or VAE): "
                              f"sampling needs a pipeline: {', '.join([*PIPELINES, *TRAINED_MODELS])}, a pipeline "
@@ -158,14 +145,12 @@ class BuiltInModel(ModelSource):
         return {"name": self.name, "seed": seed, "drawn": "at-precision"}
 
     def _load_unet(self, seed: int, dtype: torch.dtype):
-        from . import build_unet
-
         # Drawn at the target precision: SD-XL's weights would take 10 GB in float32 before the
         # cast. An fp16 U-Net's random weights are therefore not an fp32 one's, cast.
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            return build_unet(self.unet_config(), seed=seed)
+            return unet_from_config(self.unet_config(), seed=seed)
         finally:
             torch.set_default_dtype(previous)
 
@@ -184,8 +169,6 @@ class TrainedModel(ModelSource):
         self.folder = folder
 
     def _config(self) -> dict:
-        from . import read_config
-
         return read_config(self.folder)
 
     def unet_config(self) -> dict:
@@ -200,19 +183,13 @@ class TrainedModel(ModelSource):
         return dict(config["unet"]), dict(config["vae"])
 
     def _identity(self, seed: int) -> dict:
-        from . import TRAINED_MODELS
-
         return {"name": self.name if self.name in TRAINED_MODELS else str(self.folder.resolve()),
                 "files": {name: sha256_file(self.folder / name) for name in ("config.json", "model.safetensors")}}
 
     def _load_unet(self, seed: int, dtype: torch.dtype):
-        from . import load_unet
-
         return load_unet(self.folder)
 
     def _load_pipeline(self, dtype: torch.dtype, seed: int):
-        from . import load_trained_pipeline
-
         return load_trained_pipeline(self.folder)
 
 
@@ -228,8 +205,6 @@ class DiffusersModel(ModelSource):
 
     def _unet_dir(self) -> Path:
         """The folder of the U-Net's config and weights; ValueError where there is none here."""
-        from . import TRAINED_MODELS, UNET_CONFIGS
-
         for folder in (self.root / "unet", self.root):
             if (folder / "config.json").is_file():
                 return folder
@@ -253,8 +228,6 @@ class DiffusersModel(ModelSource):
         return vae_factor_of(json.loads(path.read_text()) if path.is_file() else None)
 
     def pipeline_configs(self) -> tuple[dict, dict] | None:
-        from . import _check_configs, read_json_object
-
         paths = [self.root / part / "config.json" for part in ("unet", "vae")]
         if not all(path.is_file() for path in paths):
             return None
@@ -276,8 +249,6 @@ class DiffusersModel(ModelSource):
 
     def load_pipeline(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
         # from_pretrained loads in ``dtype`` itself (and keeps the modules diffusers keeps in float32).
-        from . import PIPELINES, TRAINED_MODELS, _check_model_index, quiet_loading
-
         model = self.name
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"model {model!r} is a file; give a diffusers pipeline folder (with model_index.json)")
@@ -299,17 +270,6 @@ class DiffusersModel(ModelSource):
         return pipe.to(device)
 
 
-def vae_factor_of(vae_config: dict | None) -> int:
-    """Pixels per latent cell, per side, of a VAE of this config: one halving per encoder stage
-    but the last (8, the Stable Diffusion VAE's, where the config is not known).
-
-    Example:
-        >>> vae_factor_of({"block_out_channels": [32, 64]}), vae_factor_of(None)
-        (2, 8)
-    """
-    return 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 8
-
-
 def resolve_model(name_or_path: str | Path) -> ModelSource:
     """The model ``name_or_path`` names (see the module docstring for the order); ValueError for
     what can name no model (an empty name, a number) or a broken trained-model folder.
@@ -321,8 +281,6 @@ def resolve_model(name_or_path: str | Path) -> ModelSource:
         >>> resolve_model("tiny-shapes").kind
         'trained model'
     """
-    from . import UNET_CONFIGS, model_folder
-
     if isinstance(name_or_path, Path):
         name_or_path = str(name_or_path)
     if not isinstance(name_or_path, str) or not name_or_path.strip():
@@ -335,3 +293,46 @@ def resolve_model(name_or_path: str | Path) -> ModelSource:
     if folder is not None:
         return TrainedModel(name_or_path, folder)
     return DiffusersModel(name_or_path)
+
+
+
+def unet_config(name: str) -> dict:
+    """The U-Net config of the model ``name`` (``resolve_model``: a config name, a trained model or
+    its folder, a local diffusers folder); ValueError naming what is allowed otherwise."""
+    return resolve_model(name).unet_config()
+
+
+def vae_factor(name: str) -> int:
+    """Pixels per latent cell, per side, of the pipeline the model ``name`` belongs to (8 for the
+    SD families and a bare U-Net config; the others' VAE configs say)."""
+    source = resolve_model(name)
+    source.unet_config()  # a clear error for a name that is no model here
+    return source.vae_factor
+
+
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
+    """The pipeline for ``model`` on ``device`` in ``dtype`` (``resolve_model``): a shipped trained
+    model (``TRAINED_MODELS``: ``"tiny-shapes"``, ``"tiny-shapes-xl"``, trained on synthetic shapes)
+    or the folder of one, a built-in pipeline (``PIPELINES``: ``"tiny"``, random weights from
+    ``seed``) or a local path / hub id loaded with diffusers' ``DiffusionPipeline.from_pretrained``
+    (SD-XL and SD 1.x / 2.x pipelines)."""
+    return resolve_model(model).load_pipeline(dtype, device, seed)
+
+
+def pipeline_configs(model: str) -> tuple[dict, dict] | None:
+    """(U-Net config, VAE config) of the pipeline ``load_pipeline(model)`` gives, read without
+    loading any weights; None where only loading can tell (a hub id)."""
+    return resolve_model(model).pipeline_configs()
+
+
+def build_unet(name_or_config: str | dict, device: str | torch.device = "cpu", seed: int = 0,
+               dtype: torch.dtype = torch.float32):
+    """A ``UNet2DConditionModel`` of a model's config (its name: ``resolve_model``) or of a given
+    config, randomly initialised from ``seed``, in ``dtype`` (``unets.unet_from_config``).
+
+    On ``device="meta"`` no memory is allocated: enough for FLOPs counting.
+    """
+    config = resolve_model(name_or_config).unet_config() if isinstance(name_or_config, str) else name_or_config
+    return unet_from_config(config, device, seed, dtype)
