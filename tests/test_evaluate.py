@@ -98,7 +98,7 @@ def test_frechet_distance_matches_its_closed_form():
     expected = ((mu_a - mu_b) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum()
     assert value == pytest.approx(expected, rel=1e-9)
     assert implementation == ("clean-fid" if importlib.util.find_spec("cleanfid") else
-                              "atedm_compile.shapes.synthetic (clean-fid absent)")
+                              "atedm_compile.evaluate.image_metrics (clean-fid absent)")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cleanfid") is not None or importlib.util.find_spec("open_clip") is not None,
