@@ -121,6 +121,8 @@ class PruningConfig:
 # measured better than the paper's selection and copy on both shipped models at equal MACs, their
 # own work counted in (README, "Quality at matched FLOPs"). ``PruningConfig()`` stays the paper's.
 DEFAULT_PRUNING = PruningConfig(recovery="delta", similarity="key-cosine", cell=3, fill="distinct")
+# The paper's AT-EDM by name: G-WPR scores, top-k selection and the similarity copy by attention.
+PAPER_PRUNING = PruningConfig()
 
 
 def check_keep_ratio(keep_ratio, where: str = "keep_ratio") -> float:
