@@ -1,4 +1,5 @@
-"""Quality measures for samples of the trained ``tiny-shapes`` model under pruning.
+"""Measures of the trained ``tiny-shapes`` models' samples under pruning (beside the image
+metrics; ``benchmarks/quality.py`` uses them to compare methods at matched FLOPs).
 
 Two things the image metrics of ``synthetic`` do not give:
 
