@@ -111,7 +111,7 @@ def cmd_flops(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from .devices import DTYPES, resolve_device, synchronize
+    from .devices import resolve_device, resolve_dtype, synchronize
     from .flops import count_phases
     from .memory import prunes
     from . import triton_map
@@ -132,7 +132,7 @@ def cmd_generate(args) -> int:
     configs = pipeline_configs(args.model)  # None for a hub id: known only once loaded
     if configs is not None:
         preflight(*configs, args.height, args.width, images=1, pruned=prunes(schedule.phases))
-    pipe = load_pipeline(args.model, DTYPES[args.dtype], device)
+    pipe = load_pipeline(args.model, resolve_dtype(args.dtype), device)
     pipe.set_progress_bar_config(disable=False, desc="sampling")
     height, width, vae_factor = preflight(dict(pipe.unet.config), dict(pipe.vae.config), args.height, args.width,
                                           images=1, pruned=prunes(schedule.phases))
@@ -185,6 +185,8 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .devices import DTYPES
+
     parser = ArgumentParser(prog="atedm-compile", description=__doc__, epilog=EXAMPLES,
                             formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=seed_int, default=0, help="seed of the initial noise")
     generate.add_argument("--out", default="out", help="folder for image.png and masks.png")
     generate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    generate.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+    generate.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
                           help="weights and activations (fp16 is slow on a CPU)")
     generate.add_argument("--attention-map", default="auto", choices=("auto", "per-head", "chunked", "triton"),
                           help="how pruned blocks compute the first layer's attention map: auto (per-head on the "

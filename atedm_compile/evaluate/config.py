@@ -10,12 +10,10 @@ from pathlib import Path
 
 from ..arguments import check_output
 from ..config import MAX_GUIDANCE, MAX_STEPS, check_keep_ratio
-from ..devices import DTYPES
+from ..devices import DTYPES, resolve_dtype
 from .plan import METHODS
 
 
-# The long names, as torch spells them, are taken too.
-DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # clean-fid's, less .npy
 
 
@@ -94,8 +92,12 @@ class EvaluateConfig:
         if self.reference_stats is not None and not Path(self.reference_stats).is_file():
             raise ValueError(f"--reference-stats {str(self.reference_stats)!r} is not a file")
         check_output(Path(self.out), folder=True)
-        if self.dtype != "auto" and DTYPE_ALIASES.get(self.dtype, self.dtype) not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r}: choose auto or one of {list(DTYPES)}")
+        if self.dtype != "auto":
+            try:
+                resolve_dtype(self.dtype)
+            except ValueError:
+                raise ValueError(f"dtype {self.dtype!r}: choose auto or one of {list(DTYPES)} (or float32, float16, "
+                                 f"bfloat16)") from None
 
 
 @dataclass(frozen=True)

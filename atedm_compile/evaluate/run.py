@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..devices import DTYPES
+from ..devices import dtype_name, resolve_dtype
 from ..files import write_atomically
 from . import report, shards
 from .captions import read_captions
 from .chunks import _chunks, _fid, _merge, _run_chunks
-from .config import DTYPE_ALIASES, EvaluateConfig, _runs
+from .config import EvaluateConfig, _runs
 from .metrics import Metrics, paper_metrics
 from .records import _caption_records, _prepare
 from .reference import _reference_files, _reference_statistics, read_reference_stats
@@ -88,14 +88,14 @@ def _evaluate(config: EvaluateConfig, metrics, captions: list[dict], shard) -> d
             raise ValueError(f"the metrics factory {getattr(metrics, '__name__', metrics)!r} returned "
                              f"{type(made).__name__}, not an atedm_compile.evaluate.Metrics")
         metrics = made
-    dtype = (DTYPES[DTYPE_ALIASES.get(config.dtype, config.dtype)] if config.dtype != "auto"
+    dtype = (resolve_dtype(config.dtype) if config.dtype != "auto"
              else torch.float16 if device.type == "cuda" else torch.float32)
     pipe = load_pipeline(config.model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     vae_config = dict(pipe.vae.config) if getattr(pipe, "vae", None) is not None else None
     height, width, vae_factor = preflight(
         dict(pipe.unet.config), vae_config, config.height, config.width, config.batch,
-        vae_factor=getattr(pipe, "vae_scale_factor", 8), precision="fp32" if dtype == torch.float32 else "fp16",
+        vae_factor=getattr(pipe, "vae_scale_factor", 8), precision=dtype_name(dtype),
         device=str(device))
     size = {"height": height, "width": width}
     out = Path(config.out)

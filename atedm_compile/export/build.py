@@ -159,21 +159,19 @@ def model_identity(model: str, seed: int) -> tuple[dict, dict, int]:
 
 
 def _load_unet(model: str, seed: int, precision: str, device: str):
-    import torch
-
+    from ..devices import resolve_dtype
     from ..models import resolve_model
 
-    return resolve_model(model).load_unet(seed, torch.float16 if precision == "fp16" else torch.float32, device)
+    return resolve_model(model).load_unet(seed, resolve_dtype(precision), device)
 
 
 def _meta_unet(unet_config: dict, precision: str):
     """The U-Net of ``unet_config`` on the meta device: its graph, none of its memory."""
-    import torch
-
+    from ..devices import resolve_dtype
     from ..models import build_unet, quiet_loading
 
     with quiet_loading():
-        return build_unet(unet_config, device="meta", dtype=torch.float16 if precision == "fp16" else torch.float32)
+        return build_unet(unet_config, device="meta", dtype=resolve_dtype(precision))
 
 
 class BuildPlan:
