@@ -26,11 +26,6 @@ EXAMPLES = """examples:
 Each command has its own --help."""
 
 
-def _sig(value: float) -> float:
-    """Six significant digits: enough for SD-XL's TMACs and for a tiny model's."""
-    return float(f"{value:.6g}")
-
-
 def _print_table(headers: list[str], rows: list[list]) -> None:
     widths = [max(len(str(x)) for x in [h] + [r[i] for r in rows]) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
@@ -68,30 +63,8 @@ def cmd_flops(args) -> int:
                          f"would hold more elements than 64-bit sizes allow") from None
     report.model = args.model
     if args.json:
-        out = {
-            "model": args.model,
-            "schedule": args.schedule,
-            "steps": args.steps,
-            "height": args.height,
-            "width": args.width,
-            "keep_ratio": keep,
-            "unit": "TMACs of one U-Net call on the CFG pair (FLOPs / 2 / 1e12, batch 2)",
-            "full_tmacs": _sig(report.full_tmacs),
-            "average_tmacs": _sig(report.average_tmacs),
-            "average_tmacs_with_scoring": _sig(report.average_tmacs_with_scoring),
-            "phases": {
-                p.name: {
-                    "steps": list(p.steps),
-                    "tmacs": _sig(p.tmacs),
-                    "tmacs_with_scoring": _sig(p.tmacs_with_scoring),
-                    "flops": p.flops,
-                    "flops_with_scoring": p.flops_with_scoring,
-                    "blocks": {b.name: {"keep_ratio": b.keep_ratio, "tmacs": _sig(b.tmacs),
-                                        "scoring_tmacs": _sig(b.scoring_tmacs)} for b in p.blocks},
-                }
-                for p in report.phases
-            },
-        }
+        out = {"model": args.model, "schedule": args.schedule, "steps": args.steps, "height": args.height,
+               "width": args.width, "keep_ratio": keep, **report.to_dict()}
         if args.target_tflops is not None:
             out["target_tmacs"] = args.target_tflops
         print(json.dumps(out, indent=2))
