@@ -40,7 +40,7 @@ def test_kept_share_rejects_bad_indices():
 def test_classifier_learns_the_synthetic_attributes():
     torch.manual_seed(0)
     model, accuracy = measures.train_classifier(count=400, steps=120, batch=32, progress=False)
-    assert set(accuracy) == set(quality.ATTRIBUTES)
+    assert set(accuracy) == set(measures.ATTRIBUTES)
     # A quick training: colour and background are easy, well above chance (1/4 and 1/6).
     assert accuracy["colour"] > 0.6 and accuracy["background"] > 0.5
     images, _, _, _ = synthetic.make_dataset(5, seed=9)
