@@ -26,11 +26,6 @@ EXAMPLES = """examples:
 Each command has its own --help."""
 
 
-def _sig(value: float) -> float:
-    """Six significant digits: enough for SD-XL's TMACs and for a tiny model's."""
-    return float(f"{value:.6g}")
-
-
 def _print_table(headers: list[str], rows: list[list]) -> None:
     widths = [max(len(str(x)) for x in [h] + [r[i] for r in rows]) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
@@ -42,13 +37,14 @@ def _print_table(headers: list[str], rows: list[list]) -> None:
 
 def cmd_flops(args) -> int:
     from .flops import count_phases, solve_keep_ratio
-    from .models import build_unet, vae_factor
+    from .models import build_unet, resolve_model
     from .sizes import sampling_size
 
-    unet = build_unet(args.model, device="meta")
+    source = resolve_model(args.model)
+    unet = build_unet(source.unet_config(), device="meta")
     # Default: the model's own size (SD-XL 1024, SD 1.5 512, tiny 256, tiny-shapes 64, tiny-shapes-xl 128 px).
     args.height, args.width, factor = sampling_size(unet.config, args.height, args.width,
-                                                    vae_factor=vae_factor(args.model))
+                                                    vae_factor=source.vae_factor)
     config = pruning_config(args)
     keep = args.keep_ratio
     try:
@@ -67,30 +63,8 @@ def cmd_flops(args) -> int:
                          f"would hold more elements than 64-bit sizes allow") from None
     report.model = args.model
     if args.json:
-        out = {
-            "model": args.model,
-            "schedule": args.schedule,
-            "steps": args.steps,
-            "height": args.height,
-            "width": args.width,
-            "keep_ratio": keep,
-            "unit": "TMACs of one U-Net call on the CFG pair (FLOPs / 2 / 1e12, batch 2)",
-            "full_tmacs": _sig(report.full_tmacs),
-            "average_tmacs": _sig(report.average_tmacs),
-            "average_tmacs_with_scoring": _sig(report.average_tmacs_with_scoring),
-            "phases": {
-                p.name: {
-                    "steps": list(p.steps),
-                    "tmacs": _sig(p.tmacs),
-                    "tmacs_with_scoring": _sig(p.tmacs_with_scoring),
-                    "flops": p.flops,
-                    "flops_with_scoring": p.flops_with_scoring,
-                    "blocks": {b.name: {"keep_ratio": b.keep_ratio, "tmacs": _sig(b.tmacs),
-                                        "scoring_tmacs": _sig(b.scoring_tmacs)} for b in p.blocks},
-                }
-                for p in report.phases
-            },
-        }
+        out = {"model": args.model, "schedule": args.schedule, "steps": args.steps, "height": args.height,
+               "width": args.width, "keep_ratio": keep, **report.to_dict()}
         if args.target_tflops is not None:
             out["target_tmacs"] = args.target_tflops
         print(json.dumps(out, indent=2))
@@ -110,7 +84,7 @@ def cmd_flops(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from .devices import DTYPES, resolve_device, synchronize
+    from .devices import resolve_device, resolve_dtype, synchronize
     from .flops import count_phases
     from .memory import prunes
     from . import triton_map
@@ -131,7 +105,7 @@ def cmd_generate(args) -> int:
     configs = pipeline_configs(args.model)  # None for a hub id: known only once loaded
     if configs is not None:
         preflight(*configs, args.height, args.width, images=1, pruned=prunes(schedule.phases))
-    pipe = load_pipeline(args.model, DTYPES[args.dtype], device)
+    pipe = load_pipeline(args.model, resolve_dtype(args.dtype), device)
     pipe.set_progress_bar_config(disable=False, desc="sampling")
     height, width, vae_factor = preflight(dict(pipe.unet.config), dict(pipe.vae.config), args.height, args.width,
                                           images=1, pruned=prunes(schedule.phases))
@@ -184,6 +158,8 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .devices import DTYPES
+
     parser = ArgumentParser(prog="atedm-compile", description=__doc__, epilog=EXAMPLES,
                             formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -225,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=seed_int, default=0, help="seed of the initial noise")
     generate.add_argument("--out", default="out", help="folder for image.png and masks.png")
     generate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    generate.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+    generate.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
                           help="weights and activations (fp16 is slow on a CPU)")
     generate.add_argument("--attention-map", default="auto", choices=("auto", "per-head", "chunked", "triton"),
                           help="how pruned blocks compute the first layer's attention map: auto (per-head on the "

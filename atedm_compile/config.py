@@ -127,6 +127,8 @@ class PruningConfig:
 # and within 0.3 dB of ToMe at 2.9, on captions it was not chosen on (docs/quality.md, "The
 # aggressive budget"). ``PruningConfig()`` stays the paper's.
 DEFAULT_PRUNING = PruningConfig(recovery="merge-delta", similarity="key-cosine", cell=3, fill="distinct")
+# The paper's AT-EDM by name: G-WPR scores, top-k selection and the similarity copy by attention.
+PAPER_PRUNING = PruningConfig()
 
 
 def check_keep_ratio(keep_ratio, where: str = "keep_ratio") -> float:

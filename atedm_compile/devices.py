@@ -7,7 +7,10 @@ import time
 
 import torch
 
+# The one dtype vocabulary: the short names of --dtype, --precision and manifests' precision; the
+# names torch and numpy spell (float32...) are taken too.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -31,12 +34,25 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    """``fp32``, ``fp16`` or ``bf16`` (or a floating ``torch.dtype``) -> ``torch.dtype``."""
+    """``fp32``, ``fp16`` or ``bf16`` (or ``float32``, ``float16``, ``bfloat16``, or one of those
+    ``torch.dtype``s) -> ``torch.dtype``; ValueError naming the value and the names allowed.
+
+    Example:
+        >>> resolve_dtype("fp16"), resolve_dtype("bfloat16"), dtype_name(torch.float32)
+        (torch.float16, torch.bfloat16, 'fp32')
+    """
     if isinstance(name, torch.dtype) and name in DTYPES.values():
         return name
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of {list(DTYPES)}")
-    return DTYPES[name]
+    short = DTYPE_ALIASES.get(name, name) if isinstance(name, str) else name
+    if not isinstance(short, str) or short not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {list(DTYPES)} (or {', '.join(DTYPE_ALIASES)})")
+    return DTYPES[short]
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The short name (``fp32``, ``fp16``, ``bf16``) of a dtype or any name ``resolve_dtype`` takes."""
+    dtype = resolve_dtype(dtype)
+    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def cast(module: torch.nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None):

@@ -5,11 +5,14 @@ to a temporary name beside its target and renamed onto it: a reader sees the old
 one, never part of one. Temporary names say which process on which machine writes them, so that
 ``remove_leftovers`` removes what a dead process left and nothing a live one is still writing.
 Finished files get the permissions a plain ``open`` would give them (``0o666`` less the umask).
+Content keys (``sha256_file``, ``sha256_json``) say what a file or a set of settings holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -174,3 +177,22 @@ def publish(tmp: str | Path, path: Path) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    """The sha256 of a file's bytes (hex), read in chunks: weights files can be gigabytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(data) -> str:
+    """The sha256 (hex) of ``data`` as JSON with sorted keys (anything JSON lacks: its ``str``).
+
+    Example:
+        >>> sha256_json({"b": 1, "a": [2]}) == sha256_json({"a": [2], "b": 1})
+        True
+    """
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

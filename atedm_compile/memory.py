@@ -22,7 +22,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-_ITEMSIZE = {"fp32": 4, "fp16": 2}
+from .devices import resolve_dtype
+
 
 
 def prunes(phases) -> bool:
@@ -34,7 +35,7 @@ def prunes(phases) -> bool:
 def unet_bytes(unet_config: dict, batch: int, latent_height: int, latent_width: int, precision: str = "fp32",
                pruned: bool = True) -> int:
     """Least memory of one U-Net call on a [batch, C, latent_height, latent_width] latent."""
-    itemsize = _ITEMSIZE[precision]
+    itemsize = resolve_dtype(precision).itemsize
     channels = unet_config["block_out_channels"][0]
     feature_maps = 3 * batch * channels * latent_height * latent_width * itemsize
     attention = 0

@@ -7,18 +7,7 @@ and the same ``--height`` give the same image everywhere: see ``sampling_size``.
 from __future__ import annotations
 
 from .memory import check_fits, sampling_bytes
-from .models import check_image_size, own_height
-
-
-def vae_factor_of(vae_config: dict | None) -> int:
-    """Pixels per latent cell, per side, of a VAE of this config: one halving per encoder stage
-    but the last (8, the Stable Diffusion VAE's, where the config is not known).
-
-    Example:
-        >>> vae_factor_of({"block_out_channels": [32, 64]}), vae_factor_of(None)
-        (2, 8)
-    """
-    return 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 8
+from .models import check_image_size, own_height, vae_factor_of
 
 
 def own_size(unet_config, vae_factor: int) -> tuple[int, int]:

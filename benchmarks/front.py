@@ -76,8 +76,8 @@ OUR_PLANS = (
 )
 
 
-# The pruning of our points: the patch winners, the distinct fill and the delta recovery. At the
-# keep ratios caching leaves to pruning (0.37 and up) it measured above merge-delta (docs/quality.md).
+# The pruning of our points: the patch winners, the distinct fill and the delta recovery (the
+# default when the front was first measured); MERGED_PLANS adds the default's merge-delta beside it.
 PLAN_PRUNING = PruningConfig(recovery="delta", similarity="key-cosine", cell=3, fill="distinct")
 
 
@@ -313,7 +313,7 @@ def main(argv=None, methods: list[Method] | None = None) -> dict:
     from tqdm import tqdm
 
     from atedm_compile.models import load_pipeline, model_folder
-    from atedm_compile.shapes import quality, synthetic
+    from atedm_compile.shapes import measures, synthetic
 
     from .quality import classifier_view, feature_classifier
 
@@ -382,7 +382,7 @@ def main(argv=None, methods: list[Method] | None = None) -> dict:
                 write_atomically(timings_path, json.dumps(timings, indent=1).encode())
 
     classifier, accuracy = feature_classifier(out, size)
-    reference = quality.features(classifier, classifier_view(rendered))
+    reference = measures.features(classifier, classifier_view(rendered))
     full_images = images[FULL.name]
     full_runs = timings[keys[FULL.name]]
     rows = []
@@ -394,7 +394,7 @@ def main(argv=None, methods: list[Method] | None = None) -> dict:
                      "speed_up": paired_speed_up(full_runs, timings[keys[method.name]]),
                      "psnr": float(np.mean(psnrs)) if method is not FULL else None,
                      "frechet": synthetic.frechet_distance(
-                         quality.features(classifier, classifier_view(images[method.name])), reference)})
+                         measures.features(classifier, classifier_view(images[method.name])), reference)})
     rows.sort(key=lambda r: (r["family"] != "full", r["family"], r["speed_up"]))
     load_after = os.getloadavg()
     print()

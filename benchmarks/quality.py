@@ -28,7 +28,7 @@ every method:
 - PSNR and SSIM against the full model's image from the same noise (fidelity);
 - the detector's colour / shape / position / all-three accuracy against the caption (alignment,
   the CLIP-score analogue);
-- Frechet distance of a small classifier's features (``atedm_compile.shapes.quality``, trained on 64 px
+- Frechet distance of a small classifier's features (``atedm_compile.shapes.measures``, trained on 64 px
   renders; larger images are area-averaged to 64 px, which it reads as well: held-out accuracy
   1.00 on 128 px renders) of the samples against the rendered images of the same captions (the
   FID analogue; lower is better);
@@ -69,46 +69,59 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 import atedm_compile as ac  # noqa: E402
-from atedm_compile.shapes import quality, synthetic  # noqa: E402
-from atedm_compile.config import DEFAULT_PRUNING, PruningConfig  # noqa: E402
+from atedm_compile.shapes import measures, synthetic  # noqa: E402
+from atedm_compile.config import DEFAULT_PRUNING, PAPER_PRUNING, PruningConfig  # noqa: E402
+from atedm_compile.evaluate.plan import PLANNER_VERSION, Method, plan_budgets  # noqa: E402
 from atedm_compile.export.manifest import sha256_file, sha256_json, write_atomically  # noqa: E402
-from atedm_compile.flops import count_phases, fit_keep_ratio, solve_keep_ratio  # noqa: E402
-from atedm_compile.models import build_unet  # noqa: E402
+from atedm_compile.flops import solve_keep_ratio  # noqa: E402
+from atedm_compile.models import TINY_SHAPES, build_unet, load_trained_pipeline, read_config, resolve_model  # noqa: E402
 from atedm_compile.passes import ToMeConfig  # noqa: E402
-from atedm_compile.models import TINY_SHAPES, load_trained_pipeline, read_config  # noqa: E402
-from atedm_compile.models import folder_vae_factor as factor_of  # noqa: E402
 
 SDXL_FULL_TMACS = 6.7  # the paper's label of the full model; shares below use our own count
 BUDGETS = (2.9, 3.6, 4.1, 4.5)
 # The default until 2026-12-06 (merge-delta since: docs/quality.md, "The aggressive budget").
 DELTA_DEFAULT = PruningConfig(recovery="delta", similarity="key-cosine", cell=3, fill="distinct")
 DELTA = "default: merge-delta, cell 3, distinct"  # DEFAULT_PRUNING, the best variant measured (docs/quality.md)
-# name -> (schedule preset, config, keep ratio: "budget" = the budget's own unless that costs more
-# than AT-EDM with the method's own work counted in, "solve" = matched MACs)
+
+
+def _method(name: str, preset: str, config, keep: str = "budget", capped_by: str | None = None) -> Method:
+    # "At ToMe's MACs" means ToMe's, above the budget too where ToMe cannot reach it (2.9).
+    return Method(name, preset, config, keep, capped_by, above_budget=capped_by is not None)
+
+
+# The methods, in the package planner's terms (evaluate.plan.Method): keep "budget" = the budget's
+# own keep ratio unless that costs more than AT-EDM with the method's own work counted in, "matched"
+# = the largest keep ratio that fits; capped_by: at most that method's MACs too.
 METHODS = {
-    "AT-EDM": ("atedm", PruningConfig(), "budget"),  # the paper's: similarity copy by attention
-    "delta, attention": ("atedm", PruningConfig(recovery="delta"), "budget"),
-    "delta, key-cosine": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine"), "budget"),
-    "soft delta, key-cosine": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", neighbours=4),
-                               "budget"),
-    "delta, cell 3, by score": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", cell=3), "budget"),
-    DELTA: ("atedm", DEFAULT_PRUNING, "budget"),
-    "default, at ToMe's MACs": ("atedm", DEFAULT_PRUNING, "tome"),
-    "delta, soft 2, at ToMe's MACs": ("atedm", dataclasses.replace(DELTA_DEFAULT, neighbours=2), "tome"),
-    "delta, soft 4, at ToMe's MACs": ("atedm", dataclasses.replace(DELTA_DEFAULT, neighbours=4), "tome"),
-    "layer-delta, distinct, at ToMe's MACs": ("atedm", PruningConfig(recovery="layer-delta", cell=3, fill="distinct"),
-                                              "tome"),
-    "delta, cell 3, distinct": ("atedm", DELTA_DEFAULT, "budget"),
-    "delta, distinct, at ToMe's MACs": ("atedm", DELTA_DEFAULT, "tome"),
-    "delta, cell 2, distinct": ("atedm", PruningConfig(recovery="delta", similarity="key-cosine", cell=2, fill="distinct"),
-                                "budget"),
-    "layer-delta, cell 3, distinct": ("atedm", PruningConfig(recovery="layer-delta", cell=3, fill="distinct"), "budget"),
-    "direct-copy recovery": ("atedm", PruningConfig(recovery="direct-copy"), "budget"),
-    "ToMe": ("atedm", ToMeConfig(), "solve"),
-    "random": ("atedm", PruningConfig(scorer="random"), "budget"),
-    "zeros recovery": ("atedm", PruningConfig(recovery="zeros"), "budget"),
-    "interpolation recovery": ("atedm", PruningConfig(recovery="interpolation"), "budget"),
-    "AT-EDM-dagger": ("atedm-dagger", PruningConfig(), "solve"),
+    "AT-EDM": _method("AT-EDM", "atedm", PAPER_PRUNING),  # the paper's: similarity copy by attention
+    "delta, attention": _method("delta, attention", "atedm", PruningConfig(recovery="delta")),
+    "delta, key-cosine": _method("delta, key-cosine", "atedm", PruningConfig(recovery="delta", similarity="key-cosine")),
+    "soft delta, key-cosine": _method("soft delta, key-cosine", "atedm",
+                                      PruningConfig(recovery="delta", similarity="key-cosine", neighbours=4)),
+    "delta, cell 3, by score": _method("delta, cell 3, by score", "atedm",
+                                       PruningConfig(recovery="delta", similarity="key-cosine", cell=3)),
+    DELTA: _method(DELTA, "atedm", DEFAULT_PRUNING),
+    "default, at ToMe's MACs": _method("default, at ToMe's MACs", "atedm", DEFAULT_PRUNING, capped_by="ToMe"),
+    "delta, soft 2, at ToMe's MACs": _method("delta, soft 2, at ToMe's MACs", "atedm",
+                                             dataclasses.replace(DELTA_DEFAULT, neighbours=2), capped_by="ToMe"),
+    "delta, soft 4, at ToMe's MACs": _method("delta, soft 4, at ToMe's MACs", "atedm",
+                                             dataclasses.replace(DELTA_DEFAULT, neighbours=4), capped_by="ToMe"),
+    "layer-delta, distinct, at ToMe's MACs": _method("layer-delta, distinct, at ToMe's MACs", "atedm",
+                                                     PruningConfig(recovery="layer-delta", cell=3, fill="distinct"),
+                                                     capped_by="ToMe"),
+    "delta, cell 3, distinct": _method("delta, cell 3, distinct", "atedm", DELTA_DEFAULT),
+    "delta, distinct, at ToMe's MACs": _method("delta, distinct, at ToMe's MACs", "atedm", DELTA_DEFAULT,
+                                               capped_by="ToMe"),
+    "delta, cell 2, distinct": _method("delta, cell 2, distinct", "atedm",
+                                       PruningConfig(recovery="delta", similarity="key-cosine", cell=2, fill="distinct")),
+    "layer-delta, cell 3, distinct": _method("layer-delta, cell 3, distinct", "atedm",
+                                             PruningConfig(recovery="layer-delta", cell=3, fill="distinct")),
+    "direct-copy recovery": _method("direct-copy recovery", "atedm", PruningConfig(recovery="direct-copy")),
+    "ToMe": _method("ToMe", "atedm", ToMeConfig(), "matched"),
+    "random": _method("random", "atedm", PruningConfig(scorer="random")),
+    "zeros recovery": _method("zeros recovery", "atedm", PruningConfig(recovery="zeros")),
+    "interpolation recovery": _method("interpolation recovery", "atedm", PruningConfig(recovery="interpolation")),
+    "AT-EDM-dagger": _method("AT-EDM-dagger", "atedm-dagger", PAPER_PRUNING, "matched"),
 }
 DEFAULT_METHODS = ("AT-EDM", "delta, key-cosine", "delta, cell 3, by score", DELTA, "layer-delta, cell 3, distinct",
                    "direct-copy recovery", "ToMe", "random")
@@ -138,23 +151,19 @@ def sdxl_keep_ratios(budgets, cache: Path) -> dict[float, dict]:
 def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir: Path, cache: Path,
                 methods=DEFAULT_METHODS, known: list[dict] = ()) -> list[dict]:
     """Per budget: SD-XL's keep ratio and, per method, the keep ratio it runs at on the tiny model
-    and its DSAP-average share of the full model's MACs, without and with the method's own work
-    (scoring, recovery, ToMe's matching and merging).
+    and its DSAP-average cost and share of the full model's MACs, without and with the method's own
+    work (scoring, recovery, ToMe's matching and merging).
 
-    AT-EDM runs at SD-XL's keep ratio; its MACs with its own work counted in are the budget every
-    other method must meet (``flops.fit_keep_ratio``, as ``atedm-compile evaluate`` plans). A
-    "budget" method runs at the same keep ratio where that meets it, and a few tokens fewer (or
-    the largest below that meets it) where its own work costs more than AT-EDM's; a "solve" method
-    (ToMe; AT-EDM-dagger, which prunes level 2 nowhere) gets the largest keep ratio that meets it;
-    ``capped`` where even its smallest keep ratio costs more. Methods that ``known`` (an earlier plan
-    for the same U-Net and steps) has for a budget, with the same config, are taken from it."""
+    The package's planner does it (``evaluate.plan.plan_budgets``, as ``atedm-compile evaluate``
+    plans), with SD-XL's keep ratio as the budget: AT-EDM runs at it, and its MACs with its own work
+    counted in are the budget every other method must meet (see ``Method`` for the keep rules).
+    Methods that ``known`` (an earlier plan for the same U-Net and steps) has for a budget, with the
+    same config, are taken from it; the others are solved (with the methods that cap them)."""
     sdxl = sdxl_keep_ratios(budgets, cache)
-    size = dict(height=image_size, width=image_size, vae_factor=vae_factor)
 
     @functools.cache
-    def model():  # built and counted only where something is to be solved
-        tiny = build_unet(read_config(model_dir)["unet"], device="meta")
-        return tiny, count_phases(tiny, ac.make_schedule("none", steps), **size)
+    def model():  # built only where something is to be solved
+        return build_unet(read_config(model_dir)["unet"], device="meta")
 
     earlier = {entry["budget"]: entry for entry in known}
     plan = []
@@ -162,40 +171,18 @@ def budget_plan(budgets, steps: int, image_size: int, vae_factor: int, model_dir
         keep = sdxl[budget]["keep_ratio"]
         before = earlier.get(budget, {"methods": {}})
         reuse = {m: c for m, c in before["methods"].items() if m in methods and c["config"] == repr(METHODS[m])}
-        if len(reuse) == len(methods):
+        missing = [m for m in methods if m not in reuse]
+        if not missing:
             plan.append({**before, "methods": {m: reuse[m] for m in methods}})
             continue
-        full = model()[1].full_tmacs
-        entry = {"budget": budget, "sdxl_keep_ratio": keep, "sdxl_pruned_tmacs": sdxl[budget]["pruned_tmacs"],
-                 "sdxl_full_tmacs": sdxl[budget]["full_tmacs"], "tiny_full_gmacs": full * 1e3, "methods": {}}
-        plan.append(entry)
-        tiny, unpruned = model()
-        target = count_phases(tiny, ac.make_schedule("atedm", steps, keep_ratio=keep), METHODS["AT-EDM"][1], **size,
-                              full_flops=unpruned.full_flops)
-        budget_limit = target.average_tmacs_with_scoring * (1 + 1e-9)
-        for method in methods:
-            if method in reuse:
-                entry["methods"][method] = reuse[method]
-                continue
-            preset, config, kind = METHODS[method]
-            limit = budget_limit
-            if kind == "tome":  # at most what ToMe spends: its token counts are coarser than AT-EDM's,
-                # and where its largest merge ratio cannot reach the budget (2.9) it spends more.
-                if "ToMe" not in entry["methods"]:
-                    raise ValueError(f"{method} is matched to ToMe's MACs: put ToMe before it in --methods")
-                limit = entry["methods"]["ToMe"]["share_with_overhead"] * full * (1 + 1e-9)
-            if method == "AT-EDM":
-                chosen, report = keep, target
-            else:
-                lowest = config.lowest_keep if isinstance(config, ToMeConfig) else 0.01
-                chosen, report, _ = fit_keep_ratio(tiny, limit, preset, steps, config,
-                                                   start=None if kind == "solve" or limit > budget_limit else keep,
-                                                   lowest=lowest,
-                                                   full_flops=unpruned.full_flops, **size)
-            entry["methods"][method] = {
-                "keep_ratio": round(chosen, 4), "share": report.average_tmacs / full,
-                "share_with_overhead": report.average_tmacs_with_scoring / full,
-                "capped": report.average_tmacs_with_scoring > limit, "config": repr(METHODS[method])}
+        needed = set(missing) | {METHODS[m].capped_by for m in missing if METHODS[m].capped_by}
+        solved = plan_budgets(model(), [m for m in methods if m in needed], keep_ratios=[keep], steps=steps,
+                              height=image_size, width=image_size, vae_factor=vae_factor, table=METHODS)
+        found = solved["budgets"][0]["methods"]
+        plan.append({"budget": budget, "sdxl_keep_ratio": keep, "sdxl_pruned_tmacs": sdxl[budget]["pruned_tmacs"],
+                     "sdxl_full_tmacs": sdxl[budget]["full_tmacs"], "full_tmacs": solved["full_tmacs"],
+                     "methods": {m: reuse[m] if m in reuse else {**found[m], "config": repr(METHODS[m])}
+                                 for m in methods}})
     return plan
 
 
@@ -223,8 +210,7 @@ def sample_method(task: dict) -> dict:
     size, latent = task["image_size"], task["image_size"] // task["vae_factor"]
     runner = None
     if method != "full":
-        preset, config, _ = METHODS[method]
-        runner = ac.apply(pipe, preset, config, keep_ratio=keep)
+        runner = ac.apply(pipe, METHODS[method].preset, METHODS[method].config, keep_ratio=keep)
     images, kept_share, area_share, kept_maps = [], [], [], []
     track = runner is not None and not isinstance(runner.config, ToMeConfig)
     try:
@@ -252,11 +238,11 @@ def sample_method(task: dict) -> dict:
                     frequency = np.zeros(finest, np.float64)
                     count = 0
                     if found is not None:
-                        coverage = {grid: quality.token_coverage(found.mask, grid) for grid in set(grids.values())}
+                        coverage = {grid: measures.token_coverage(found.mask, grid) for grid in set(grids.values())}
                         shares, areas = [], []
                         for step in steps_kept:
                             for name, index in step.items():
-                                shares.append(quality.kept_share(index[i], coverage[grids[name]]))
+                                shares.append(measures.kept_share(index[i], coverage[grids[name]]))
                                 areas.append(float(coverage[grids[name]].mean()))
                         kept_share.append(float(np.mean(shares)))
                         area_share.append(float(np.mean(areas)))
@@ -283,7 +269,7 @@ def task_key(task: dict, model_sha256: str) -> str:
     """A sampling task's identity: the model's weights, the method (its full config) and every
     setting that changes its images."""
     method = task["method"]
-    preset, config, _ = METHODS[method] if method != "full" else ("none", None, None)
+    preset, config = (METHODS[method].preset, METHODS[method].config) if method != "full" else ("none", None)
     keys = ("prompts", "seeds", "steps", "guidance", "batch", "image_size", "keep_ratio", "figure_prompts")
     return sha256_json({"model": model_sha256, "preset": preset, "config": repr(config),
                         **{k: task[k] for k in keys}})
@@ -331,17 +317,17 @@ def feature_classifier(out: Path, image_size: int):
 
     path = out / f"classifier-{CLASSIFIER_SIZE}px.safetensors"
     if path.is_file():
-        model = quality.ShapeClassifier(size=CLASSIFIER_SIZE)
+        model = measures.ShapeClassifier(size=CLASSIFIER_SIZE)
         model.load_state_dict(load_file(path))
         with safe_open(path, "pt") as saved:
             accuracy = json.loads(saved.metadata()["accuracy"])
         model.eval().requires_grad_(False)
     else:
-        model, accuracy = quality.train_classifier(size=CLASSIFIER_SIZE, progress=False)
+        model, accuracy = measures.train_classifier(size=CLASSIFIER_SIZE, progress=False)
         write_atomically(path, save(model.state_dict(), metadata={"accuracy": json.dumps(accuracy)}))
     if image_size != CLASSIFIER_SIZE:
         held_out, _, _, scenes = synthetic.make_dataset(500, seed=1, size=image_size)
-        accuracy = quality.accuracy(model, classifier_view(held_out), scenes)
+        accuracy = measures.accuracy(model, classifier_view(held_out), scenes)
     return model, accuracy
 
 
@@ -356,7 +342,7 @@ def metrics(result: dict, full: np.ndarray, captions, classifier, reference_feat
         psnrs = [synthetic.psnr(a, b) for a, b in zip(images, full)]
         row["psnr"] = float(np.mean([min(p, 100.0) for p in psnrs]))  # identical images: capped at 100 dB
         row["ssim"] = float(np.mean([synthetic.ssim(a, b) for a, b in zip(images, full)]))
-    row["frechet"] = synthetic.frechet_distance(quality.features(classifier, classifier_view(images)),
+    row["frechet"] = synthetic.frechet_distance(measures.features(classifier, classifier_view(images)),
                                                 reference_features)
     if result["kept_share"]:
         row["kept_in_object"] = float(np.mean(result["kept_share"]))
@@ -372,7 +358,7 @@ def print_table(rows: list[dict], plan: list[dict]) -> None:
     methods = list(plan[0]["methods"])
     print(f"{'budget':>6} {'SD-XL keep':>10} " + " ".join(f"{m[:22]:>22}" for m in methods))
     for p in plan:
-        cells = [f"{c['keep_ratio']:.3f} / {c['share_with_overhead']:.4f}{' cap' if c['capped'] else ''}"
+        cells = [f"{c['keep_ratio']:.3f} / {c['share_with_scoring']:.4f}{' cap' if c['capped'] else ''}"
                  for c in p["methods"].values()]
         print(f"{p['budget']:>6} {p['sdxl_keep_ratio']:>10.4f} " + " ".join(f"{c:>22}" for c in cells))
     header = (f"\n{'budget':>6} {'method':<24} {'MACs':>6} {'PSNR':>6} {'SSIM':>6} {'colour':>6} {'shape':>6} {'pos.':>6} "
@@ -461,10 +447,10 @@ def main() -> None:
 
     config = read_config(model)
     image_size = config["image_size"]
-    vae_factor = factor_of(config)
+    vae_factor = resolve_model(str(model)).vae_factor
     # Solving the budgets counts FLOPs a few dozen times (minutes): reuse what an earlier plan for the
     # same U-Net, size and steps solved, and solve only the budgets and methods it lacks.
-    key = {"steps": args.steps, "unet": config["unet"], "image_size": image_size, "matched": "with overhead"}
+    key = {"steps": args.steps, "unet": config["unet"], "image_size": image_size, "planner": PLANNER_VERSION}
     saved = json.loads((out / "plan.json").read_text()) if (out / "plan.json").is_file() else {}
     known = saved["plan"] if saved.get("key") == key else []
     plan = budget_plan(args.budgets, args.steps, image_size, vae_factor, model, out / "sdxl-keep.json",
@@ -503,13 +489,13 @@ def main() -> None:
         futures = {pool.submit(sample_method, tasks[key]): key for key in missing}
         classifier, accuracy = feature_classifier(out, image_size)
         print(f"classifier: held-out accuracy {accuracy}")
-        reference = quality.features(classifier, classifier_view(rendered))
+        reference = measures.features(classifier, classifier_view(rendered))
         for future in tqdm(as_completed(futures), total=len(futures), desc="methods x budgets"):
             key = futures[future]
             done[key] = future.result()
             save_samples(paths[key], done[key])
     results = {(method, budget): done[(method, keep)] for method, budget, keep in wanted}
-    shares = {(m, p["budget"]): p["methods"][m]["share_with_overhead"] for p in plan for m in args.methods}
+    shares = {(m, p["budget"]): p["methods"][m]["share_with_scoring"] for p in plan for m in args.methods}
 
     full = results[("full", None)]["images"]
     rows = []

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from atedm_compile.files import write_atomically
 from atedm_compile.shapes import synthetic
-from atedm_compile.shapes.quality import to_pixels
+from atedm_compile.shapes.measures import to_pixels
 from atedm_compile.models import SDXL_BASE_UNET, TINY_VAE, tiny_tokenizer
 from atedm_compile.models import TINY_SHAPES, TINY_SHAPES_XL, build_pipeline
 from atedm_compile.shapes.trained import save_model, state_dict

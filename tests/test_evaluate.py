@@ -98,7 +98,7 @@ def test_frechet_distance_matches_its_closed_form():
     expected = ((mu_a - mu_b) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum()
     assert value == pytest.approx(expected, rel=1e-9)
     assert implementation == ("clean-fid" if importlib.util.find_spec("cleanfid") else
-                              "atedm_compile.shapes.synthetic (clean-fid absent)")
+                              "atedm_compile.evaluate.image_metrics (clean-fid absent)")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cleanfid") is not None or importlib.util.find_spec("open_clip") is not None,
@@ -194,6 +194,28 @@ def test_methods_that_prune_alike_meet_atedm_with_their_own_work_counted():
         unet, make_schedule("none", 4), **size).full_tmacs
 
 
+def test_a_table_of_ones_own_methods_with_a_cap_by_another_method():
+    # The benchmark's route (benchmarks/quality.py): its own table of Methods; "capped_by" holds a
+    # method to another's MACs as well as AT-EDM's.
+    from atedm_compile.config import DEFAULT_PRUNING, PAPER_PRUNING, ToMeConfig
+    from atedm_compile.evaluate.plan import Method
+    from atedm_compile.models import build_unet
+
+    table = {"paper": Method("paper", "atedm", PAPER_PRUNING), "tome": Method("ToMe", "atedm", ToMeConfig(), "matched"),
+             "ours at ToMe's": Method("ours", "atedm", DEFAULT_PRUNING, capped_by="tome")}
+    unet = build_unet("tiny-shapes", device="meta")
+    size = dict(height=64, width=64, vae_factor=4)
+    entry = plan_budgets(unet, list(table), keep_ratios=[0.5], steps=4, tolerance=0.05, table=table,
+                         **size)["budgets"][0]
+    paper, tome, ours = (entry["methods"][m] for m in table)
+    assert paper["keep_ratio"] == 0.5 and paper["tmacs_with_scoring"] * (1 + 1e-9) == entry["limit_tmacs_with_scoring"]
+    assert ours["tmacs_with_scoring"] <= min(paper["tmacs_with_scoring"], tome["tmacs_with_scoring"]) * (1 + 1e-9)
+    with pytest.raises(ValueError, match=r"method \"ours at ToMe's\" is held to the MACs of 'tome' too: plan 'tome' before it"):
+        plan_budgets(unet, ["paper", "ours at ToMe's"], keep_ratios=[0.5], steps=4, table=table, **size)
+    with pytest.raises(ValueError, match=r"keep='solve' is not allowed; choose one of \['full', 'budget', 'matched'\]"):
+        Method("x", "atedm", PAPER_PRUNING, "solve")
+
+
 def test_unknown_method_is_refused():
     from atedm_compile.models import build_unet
 
@@ -217,7 +239,7 @@ def test_a_budget_not_below_the_full_models_cost_is_refused():
 def test_the_plan_key_does_not_depend_on_pythons_hash_seed():
     # diffusers lists the config keys left at their defaults in set order, which the hash seed
     # changes: in the key, every new process solved the plan again (328 s for SD-XL).
-    from atedm_compile.evaluate.run import _plan_key
+    from atedm_compile.evaluate.records import _plan_key
     from atedm_compile.models import unet_config
 
     config = EvaluateConfig("tiny-shapes", "c.txt", "out", methods=["full", "atedm"], keep_ratios=[0.5])

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from atedm_compile.config import DEFAULT_PRUNING, SCORERS, PruningConfig
+from atedm_compile.config import DEFAULT_PRUNING, PAPER_PRUNING, SCORERS, PruningConfig
 from atedm_compile.models import build_unet
 from atedm_compile.modules import TokenSelector
 from atedm_compile.passes import (expose_attention_map, insert_token_pruning, insert_token_recovery,
@@ -14,7 +14,7 @@ from atedm_compile.tracing import node_with_role, trace_block
 from reference import pruned_block
 
 
-def _pruned(block, keep, config=PruningConfig()):
+def _pruned(block, keep, config=PAPER_PRUNING):
     return run_passes(trace_block(block), pruning_passes(keep, config))
 
 
@@ -257,7 +257,7 @@ def test_skips_single_layer_blocks():
 def test_idempotent(level2_block, block_inputs):
     gm = _pruned(level2_block, 0.37)
     code = gm.code
-    again = run_passes(gm, pruning_passes(0.37))
+    again = run_passes(gm, pruning_passes(0.37, PAPER_PRUNING))  # the config _pruned ran
     assert again.code == code
 
 
@@ -310,3 +310,16 @@ def test_every_scorer_and_selection_makes_a_graph_in_order(level2_block, block_i
     with torch.no_grad():
         (out,) = gm(*block_inputs)
     assert out.shape == block_inputs[0].shape and torch.isfinite(out).all()
+
+
+def test_the_passes_default_to_what_apply_runs(level2_block, block_inputs):
+    # One default everywhere: pruning_passes, insert_token_pruning and insert_token_recovery take
+    # DEFAULT_PRUNING, as apply does; the paper's AT-EDM is PAPER_PRUNING, asked for by name.
+    import inspect
+
+    for function in (pruning_passes, insert_token_pruning, insert_token_recovery):
+        assert inspect.signature(function).parameters["config"].default is DEFAULT_PRUNING
+    by_default = run_passes(trace_block(level2_block), pruning_passes(0.37))
+    torch.testing.assert_close(by_default(*block_inputs)[0], _pruned(level2_block, 0.37, DEFAULT_PRUNING)(*block_inputs)[0],
+                               atol=0, rtol=0)
+    assert PAPER_PRUNING == PruningConfig() and PAPER_PRUNING.recovery == "similarity"

@@ -1,6 +1,8 @@
 """The recipes of docs/architecture.md, tried: a toy scorer and a toy recovery, each added by one
 entry in its table (``ops.SCORERS``, ``ops.RECOVERIES``), run on the tiny U-Net through
-``atedm_compile.apply`` and compared with an eager U-Net whose pruned blocks are written out by hand.
+``atedm_compile.apply`` and compared with an eager U-Net whose pruned blocks are written out by hand;
+and a toy model, registered in ``models.UNET_CONFIGS`` and ``models.PIPELINES``, counted by
+``flops`` and sampled by ``generate``.
 """
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 from reference import select
 
 import atedm_compile as ac
-from atedm_compile import ops, roles
+from atedm_compile import models, ops, roles
 from atedm_compile.config import PruningConfig
 from atedm_compile.flops import unet_inputs
 from atedm_compile.tracing import attention_blocks
@@ -150,3 +152,45 @@ def test_a_table_entry_that_reads_an_unknown_input_is_refused():
         ops.Recovery(_mean_update, reads=("grid",))
     with pytest.raises(ValueError, match="match"):
         ops.Recovery(_mean_update, neighbours=True)
+
+
+# The toy model: the tiny SD-XL topology at half its width, behind a VAE of three levels (4 px per
+# latent cell, not the usual 8): latent 16 -> 64 px.
+TOY_UNET = {**models.TINY_SDXL_UNET, "block_out_channels": [16, 32, 64], "transformer_layers_per_block": [1, 1, 1],
+            "sample_size": 16}
+TOY_VAE = {**models.TINY_VAE, "block_out_channels": [16, 16, 16], "down_block_types": ["DownEncoderBlock2D"] * 3,
+           "up_block_types": ["UpDecoderBlock2D"] * 3, "sample_size": 64}
+
+
+def _toy_pipeline(seed: int):
+    """The tiny pipeline's text encoders and scheduler around the toy U-Net and VAE, drawn from ``seed``."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    parts = models.tiny_sdxl_pipeline(seed).components
+    torch.manual_seed(seed)
+    pipe = StableDiffusionXLPipeline(**{**parts, "unet": models.build_unet("toy-xl", seed=seed),
+                                        "vae": AutoencoderKL.from_config(TOY_VAE).eval(), "add_watermarker": False})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_model_registered_in_the_tables_is_counted_and_sampled(monkeypatch, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from atedm_compile.cli import main
+
+    monkeypatch.setitem(models.UNET_CONFIGS, "toy-xl", TOY_UNET)
+    monkeypatch.setitem(models.PIPELINES, "toy-xl", models.BuiltPipeline(_toy_pipeline, TOY_VAE))
+    source = models.resolve_model("toy-xl")
+    assert source.unet_config() == TOY_UNET and source.vae_factor == 4 and source.has_pipeline
+    assert source.identity(1)["name"] == "toy-xl" and source.identity(1)["seed"] == 1
+
+    # flops: its own size by default (16 latent cells x 4 px).
+    assert main(["flops", "--model", "toy-xl", "--steps", "4", "--json"]) == 0
+    counted = json.loads(capsys.readouterr().out)
+    assert (counted["height"], counted["width"]) == (64, 64) and counted["full_tmacs"] > 0
+    assert main(["generate", "--model", "toy-xl", "--steps", "2", "--out", str(tmp_path)]) == 0
+    assert "toy-xl: 2 steps at 64x64" in capsys.readouterr().out
+    assert Image.open(tmp_path / "image.png").size == (64, 64)

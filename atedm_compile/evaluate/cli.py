@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..devices import DTYPES
 from .metrics import CLIP_MODEL, CLIP_PRETRAINED
 from .plan import METHODS
 
@@ -54,7 +55,7 @@ def add_evaluate_command(sub) -> None:
     evaluate.add_argument("--reference-stats", default=None,
                           help=".npz with mu and sigma of the reference features (e.g. reference.npz of an earlier run)")
     evaluate.add_argument("--device", default="auto", help="auto (this rank's GPU, else CPU), cpu, cuda")
-    evaluate.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+    evaluate.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                           help="pipeline dtype (auto: fp16 on GPU, fp32 on CPU)")
     evaluate.add_argument("--inception", default=None,
                           help="clean-fid's inception-2015-12-05.pt (default: looked for in ~/.cache/clean-fid/, then /tmp/)")

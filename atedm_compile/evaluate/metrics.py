@@ -66,15 +66,15 @@ def frechet_distance(mu_a, sigma_a, mu_b, sigma_b) -> tuple[float, str]:
 
     clean-fid's ``frechet_distance`` where clean-fid imports; otherwise (only with injected
     feature networks: the paper's Inception features need clean-fid anyway) the project's own,
-    ``synthetic.frechet_distance_of_statistics``, the same formula through a symmetric square root.
+    ``image_metrics.frechet_distance_of_statistics``, the same formula through a symmetric square root.
     """
     try:
         from cleanfid.fid import frechet_distance as library_distance
     except ImportError:
-        from ..shapes.synthetic import frechet_distance_of_statistics
+        from .image_metrics import frechet_distance_of_statistics
 
         return (frechet_distance_of_statistics(mu_a, sigma_a, mu_b, sigma_b),
-                "atedm_compile.shapes.synthetic (clean-fid absent)")
+                "atedm_compile.evaluate.image_metrics (clean-fid absent)")
     return float(library_distance(mu_a, sigma_a, mu_b, sigma_b)), "clean-fid"
 
 

@@ -11,6 +11,10 @@ counted in too (key similarities, ToMe's matching and merging): ``flops.fit_keep
 methods that prune the same number of tokens (``default``, ``random``) run at AT-EDM's keep ratio
 where that fits and a few tokens fewer where their own work costs more; ToMe and AT-EDM-dagger
 at the largest keep ratio that fits, flagged ``capped`` where even their smallest costs more.
+
+This is the one planner: ``evaluate`` plans ``METHODS`` with it, and ``benchmarks/quality.py``
+its own table of ``Method``s (``plan_budgets(..., table=...)``), at the keep ratios that carry the
+paper's SD-XL budgets over to a tiny model.
 """
 
 from __future__ import annotations
@@ -25,15 +29,30 @@ from ..schedule import make_schedule
 PLANNER_VERSION = 2
 
 
+KEEP_RULES = ("full", "budget", "matched")
+
+
 @dataclass(frozen=True)
 class Method:
-    """preset: the DSAP schedule (None: the unpruned model); keep: ``budget`` (AT-EDM's keep
-    ratio where it fits AT-EDM's MACs) or ``matched`` (the largest that fits)."""
+    """A method to plan. preset: the DSAP schedule (None: the unpruned model); keep, how its keep
+    ratio is chosen under a budget: ``budget`` (AT-EDM's keep ratio where it fits AT-EDM's MACs, a
+    few tokens fewer where its own work costs more), ``matched`` (the largest that fits) or
+    ``full`` (the unpruned model); capped_by: another method of the same table, planned before it,
+    whose MACs (its own work counted in) cap this one's too (ToMe's token counts are coarser than
+    AT-EDM's: "at ToMe's MACs"); above_budget: with capped_by, held to that method's MACs alone,
+    above the budget where it spends more (ToMe's largest merge ratio cannot reach SD-XL's 2.9 on
+    the shipped models), there at the largest keep ratio that fits."""
 
     label: str
     preset: str | None
     config: PruningConfig | ToMeConfig | None
     keep: str = "budget"
+    capped_by: str | None = None
+    above_budget: bool = False
+
+    def __post_init__(self):
+        if self.keep not in KEEP_RULES:
+            raise ValueError(f"keep={self.keep!r} is not allowed; choose one of {list(KEEP_RULES)}")
 
     @property
     def lowest_keep(self) -> float:
@@ -51,6 +70,8 @@ METHODS = {
     "tome": Method("ToMe", "atedm", ToMeConfig(), "matched"),
     "random": Method("random pruning", "atedm", PruningConfig(scorer="random")),
 }
+# Every budget's cost: AT-EDM as the paper runs it (G-WPR, similarity copy by attention).
+REFERENCE = METHODS["atedm"]
 
 
 def budget_label(budget: float | None = None, keep_ratio: float | None = None) -> str:
@@ -59,16 +80,18 @@ def budget_label(budget: float | None = None, keep_ratio: float | None = None) -
 
 
 def plan_budgets(unet, methods, budgets=(), keep_ratios=(), steps: int = 50, height: int = 1024,
-                 width: int = 1024, vae_factor: int = 8, tolerance: float = 1e-3) -> dict:
-    """Per budget, the keep ratio and cost of every method in ``methods`` (names in ``METHODS``).
+                 width: int = 1024, vae_factor: int = 8, tolerance: float = 1e-3, table: dict | None = None) -> dict:
+    """Per budget, the keep ratio and cost of every method in ``methods`` (names in ``table``,
+    default ``METHODS``).
 
     ``unet`` is best on the meta device. Costs are TMACs of one U-Net call on the CFG pair, DSAP
     averages: ``tmacs`` the model's own MACs, ``tmacs_with_scoring`` with the method's own work
     (what is matched), ``share`` and ``share_with_scoring`` of the full model's.
     """
-    unknown = [m for m in methods if m not in METHODS]
+    table = METHODS if table is None else table
+    unknown = [m for m in methods if m not in table]
     if unknown:
-        raise ValueError(f"methods {unknown} not known; choose from {list(METHODS)}")
+        raise ValueError(f"methods {unknown} not known; choose from {list(table)}")
     size = dict(height=height, width=width, vae_factor=vae_factor)
     full = count_phases(unet, make_schedule("none", steps), **size)
 
@@ -94,19 +117,28 @@ def plan_budgets(unet, methods, budgets=(), keep_ratios=(), steps: int = 50, hei
         else:
             pruned_tmacs = count_phases(unet, make_schedule("uniform", 1, keep_ratio=keep), full_flops=full.full_flops,
                                         **size).average_tmacs
-        atedm = count_phases(unet, make_schedule("atedm", steps, keep_ratio=keep), METHODS["atedm"].config,
+        atedm = count_phases(unet, make_schedule(REFERENCE.preset, steps, keep_ratio=keep), REFERENCE.config,
                              full_flops=full.full_flops, **size)
         limit = atedm.average_tmacs_with_scoring * (1 + 1e-9)
         methods_plan = {}
         for name in methods:
-            method = METHODS[name]
+            method = table[name]
             if method.keep == "full":
                 continue
-            if name == "atedm":
-                methods_plan[name] = entry(keep, atedm)
+            if (method.preset, method.config, method.keep, method.capped_by) == (REFERENCE.preset, REFERENCE.config,
+                                                                                 "budget", None):
+                methods_plan[name] = entry(keep, atedm)  # AT-EDM itself: the budget's cost
                 continue
+            own_limit = limit
+            if method.capped_by is not None:
+                if method.capped_by not in methods_plan:
+                    raise ValueError(f"method {name!r} is held to the MACs of {method.capped_by!r} too: plan "
+                                     f"{method.capped_by!r} before it")
+                capping = methods_plan[method.capped_by]["share_with_scoring"] * full.full_tmacs * (1 + 1e-9)
+                own_limit = capping if method.above_budget else min(limit, capping)
+            start = keep if method.keep == "budget" and own_limit <= limit else None
             chosen, report, capped = fit_keep_ratio(
-                unet, limit, method.preset, steps, method.config, start=keep if method.keep == "budget" else None,
+                unet, own_limit, method.preset, steps, method.config, start=start,
                 lowest=method.lowest_keep, tolerance=tolerance, full_flops=full.full_flops, **size)
             methods_plan[name] = entry(chosen, report, capped)
         plan["budgets"].append({"label": label, "budget_tmacs": budget, "atedm_keep_ratio": round(keep, 4),

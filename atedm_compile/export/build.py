@@ -10,7 +10,6 @@ a rebuild keeps, ``directory`` how the folder is claimed, ``build_memory`` what 
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import replace
 from functools import partial
@@ -27,7 +26,7 @@ from .build_memory import EXPORT_OVERHEAD, build_memory, check_memory  # noqa: F
 from .contract import EXPORT_KEY, MANIFEST, PHASE_KEY, WEIGHTS, step_io_specs, used_inputs
 from .directory import LOCK, MARKER, RAW, BuildDirectory, raw_export_dir  # noqa: F401
 from .extras import UnavailableError
-from .keys import sha256_file, sha256_json
+from .keys import sha256_file
 from .manifest import Artefact, Manifest, PhaseEntry
 from .onnx import UNFOLDED, WeightStore, export_graph_on_meta, export_phase, graph_module, share_weights, weight_arrays
 from .reuse import start_manifest
@@ -35,96 +34,28 @@ from .stages import BuildStage, StageRecord, run_stages
 
 
 def model_identity(model: str, seed: int) -> tuple[dict, dict, int]:
-    """(identity, U-Net config, VAE factor) of a model, without loading its weights.
+    """(identity, U-Net config, VAE factor) of a model, without loading its weights: what
+    ``models.resolve_model`` says (``ModelSource.identity``; the config with every default spelled out)."""
+    from ..models import resolve_model
 
-    A config name is identified by name, seed and how its weights are drawn (random from the seed,
-    at the build's precision); a
-    trained model or a directory by the sha256 of its weight files; every one also by the sha256
-    of its U-Net config.
-    """
-    from ..models import (TRAINED_MODELS, UNET_CONFIGS, folder_vae_factor, model_folder, read_config, unet_config,
-                          vae_factor)
-
-    folder = model_folder(model)
-    if model in UNET_CONFIGS:
-        # "drawn": the random weights are drawn at the build's precision (an fp16 build's are not the
-        # fp32 draw cast down, as before); naming it keeps older builds' phases from being reused.
-        identity = {"name": model, "seed": seed, "drawn": "at-precision"}
-        config, factor = unet_config(model), vae_factor(model)
-    elif folder is not None:
-        trained = read_config(folder)
-        identity = {"name": model if model in TRAINED_MODELS else str(folder.resolve()),
-                    "files": {name: sha256_file(folder / name) for name in ("config.json", "model.safetensors")}}
-        config, factor = trained["unet"], folder_vae_factor(trained)
-    else:
-        root = Path(model)
-        unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
-        if not (unet_dir / "config.json").is_file():
-            raise ValueError(f"model {model!r} is neither a config name ({sorted(UNET_CONFIGS)}), a trained model "
-                             f"({list(TRAINED_MODELS)} or the folder of one) nor a directory with a diffusers U-Net "
-                             f"(config.json in it or in unet/)")
-        try:
-            config = json.loads((unet_dir / "config.json").read_text())
-        except ValueError as error:
-            raise ValueError(f"{unet_dir / 'config.json'} is not valid JSON: {error}") from None
-        if not isinstance(config, dict) or "down_block_types" not in config:
-            raise ValueError(f"{unet_dir / 'config.json'} is not the config of a diffusers U-Net")
-        files = sorted(p for p in unet_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
-        identity = {"name": str(root.resolve()), "files": {p.name: sha256_file(p) for p in files}}
-        vae_config = root / "vae" / "config.json"
-        factor = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1) if vae_config.is_file() else 8
-    config = _with_defaults(config)
-    return {**identity, "config_sha256": sha256_json(config)}, config, factor
-
-
-def _with_defaults(config: dict) -> dict:
-    # Pipelines read config keys a short config leaves to the constructor's defaults
-    # (time_cond_proj_dim...); the manifest spells them all out.
-    import inspect
-
-    from diffusers import UNet2DConditionModel
-
-    defaults = {name: p.default for name, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    return json.loads(json.dumps({**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}))
+    source = resolve_model(model)
+    return source.identity(seed), source.full_unet_config(), source.vae_factor
 
 
 def _load_unet(model: str, seed: int, precision: str, device: str):
-    import torch
+    from ..devices import resolve_dtype
+    from ..models import resolve_model
 
-    from ..models import UNET_CONFIGS, build_unet, load_unet, model_folder, quiet_loading
-
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    with quiet_loading():
-        if model in UNET_CONFIGS:
-            # Drawn at the target precision: SD-XL's weights would take 10 GB in float32 before
-            # the cast. An fp16 build's random weights are therefore not an fp32 build's, cast.
-            previous = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)
-            try:
-                unet = build_unet(model, seed=seed)
-            finally:
-                torch.set_default_dtype(previous)
-        elif model_folder(model) is not None:
-            unet = load_unet(model_folder(model)).eval().requires_grad_(False)
-        else:
-            from diffusers import UNet2DConditionModel
-
-            root = Path(model)
-            sub = "unet" if (root / "unet" / "config.json").is_file() else None
-            unet = UNet2DConditionModel.from_pretrained(root, subfolder=sub, torch_dtype=dtype)
-            unet = unet.eval().requires_grad_(False)
-        return unet.to(device, dtype)
+    return resolve_model(model).load_unet(seed, resolve_dtype(precision), device)
 
 
 def _meta_unet(unet_config: dict, precision: str):
     """The U-Net of ``unet_config`` on the meta device: its graph, none of its memory."""
-    import torch
-
+    from ..devices import resolve_dtype
     from ..models import build_unet, quiet_loading
 
     with quiet_loading():
-        return build_unet(unet_config, device="meta", dtype=torch.float16 if precision == "fp16" else torch.float32)
+        return build_unet(unet_config, device="meta", dtype=resolve_dtype(precision))
 
 
 class BuildPlan:

@@ -157,7 +157,7 @@ def cmd_run(args) -> int:
     import torch
 
     from ..arguments import check_output, save_png
-    from ..models import UNET_CONFIGS, load_pipeline, pipeline_configs, refuse_non_finite, tiny_sdxl_pipeline
+    from ..models import load_pipeline, pipeline_configs, refuse_non_finite, resolve_model
     from .build import model_identity
     from .manifest import read_manifest
     from .runtime import load, plan_run
@@ -168,7 +168,7 @@ def cmd_run(args) -> int:
     check_output(out, folder=False)
     manifest = read_manifest(directory)
     name = manifest.model["name"]
-    if name in UNET_CONFIGS and name != "tiny":
+    if not resolve_model(name).has_pipeline:
         raise ValueError(f"{directory} was built from the bare U-Net config {name!r} (random weights, no text "
                          f"encoders or VAE): `run` needs a full pipeline, so build from 'tiny', a trained model or a "
                          f"pipeline directory")
@@ -179,7 +179,7 @@ def cmd_run(args) -> int:
     identity = {k: v for k, v in manifest.model.items() if k != "config"}
     if model_identity(name, manifest.model.get("seed", 0))[0] != identity:
         raise ValueError(f"the model {name!r} has changed since {directory} was built: rebuild it")
-    pipe = tiny_sdxl_pipeline(seed=manifest.model.get("seed", 0)) if name == "tiny" else load_pipeline(name)
+    pipe = load_pipeline(name, seed=manifest.model.get("seed", 0))
     pipe.set_progress_bar_config(disable=False, desc="sampling")
     fallback = pipe.unet if args.fallback_pytorch else None
     unet = load(directory, backend=request.backend.name, providers=args.providers, fallback=fallback,

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch.fx as fx
 
-from ..config import PruningConfig, ToDoConfig, ToMeConfig, downsample_factor
+from ..config import DEFAULT_PRUNING, PruningConfig, ToDoConfig, ToMeConfig, downsample_factor
 from .expose_attention_map import expose_attention_map
 from .insert_token_downsampling import insert_token_downsampling
 from .insert_token_pruning import insert_token_pruning
@@ -35,9 +35,10 @@ __all__ = [
 
 
 def pruning_passes(
-    keep_ratio: float, config: PruningConfig | ToMeConfig | ToDoConfig = PruningConfig(), block_name: str = ""
+    keep_ratio: float, config: PruningConfig | ToMeConfig | ToDoConfig = DEFAULT_PRUNING, block_name: str = ""
 ) -> list[Pass]:
-    """The ordered passes that prune one block at ``keep_ratio`` as ``config`` says.
+    """The ordered passes that prune one block at ``keep_ratio`` as ``config`` says (default
+    ``DEFAULT_PRUNING``, what ``apply`` runs; ``PAPER_PRUNING`` is the paper's AT-EDM).
 
     With a ``ToMeConfig`` the block merges instead (the ToMe baseline) at merge ratio
     ``1 - keep_ratio``, so that schedules and budgets serve both methods alike; with a

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .. import ops
-from ..config import PruningConfig, check_keep_ratio
+from ..config import DEFAULT_PRUNING, PruningConfig, check_keep_ratio
 from ..modules import TokenScorer, TokenSelector
 from ..roles import (BEFORE_FF, BLOCK_INPUT, CROSS_ATTENTION_MAP, KEPT_INDICES, LAYER_OUT, PRUNED, ROLE,
                      SELF_ATTENTION_MAP, TOKEN_SCORES)
@@ -19,7 +19,7 @@ SELECTOR = "atedm_selector"
 def insert_token_pruning(
     gm: fx.GraphModule,
     keep_ratio: float,
-    config: PruningConfig = PruningConfig(),
+    config: PruningConfig = DEFAULT_PRUNING,
     block_name: str = "",
 ) -> fx.GraphModule:
     """Insert scoring, top-k and gather after the first layer (after its FF, or before it with

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..config import PruningConfig
+from ..config import DEFAULT_PRUNING, PruningConfig
 from ..modules import KeptMerge, NearestKept, TokenRecovery
 from ..ops import RECOVERIES
 from ..roles import (BEFORE_FF, BLOCK_INPUT, KEPT_INDICES, KEPT_MATCH, KEPT_MERGED, LAYER_OUT, PRUNED, RECOVERED, ROLE,
@@ -31,9 +31,10 @@ def _states_between(gm: fx.GraphModule, last: fx.Node) -> list[fx.Node]:
     return states
 
 
-def insert_token_recovery(gm: fx.GraphModule, config: PruningConfig = PruningConfig()) -> fx.GraphModule:
+def insert_token_recovery(gm: fx.GraphModule, config: PruningConfig = DEFAULT_PRUNING) -> fx.GraphModule:
     """After the block's last layer, every pruned token takes a value by ``config.recovery``
-    (default: the final value of the kept token most similar to it; ``delta``: its own value at
+    (``config`` defaults to ``DEFAULT_PRUNING``, as ``apply``'s does; the paper's ``similarity``:
+    the final value of the kept token most similar to it; ``delta``: its own value at
     the pruning point plus the update of the kept token most similar to it, which reads the kept
     tokens' values at the pruning point, the node with role ``PRUNED``); kept tokens keep their own.
 

@@ -1,10 +1,11 @@
-"""Quality measures for samples of the trained ``tiny-shapes`` model under pruning.
+"""Measures of the trained ``tiny-shapes`` models' samples under pruning (beside the image
+metrics; ``benchmarks/quality.py`` uses them to compare methods at matched FLOPs).
 
 Two things the image metrics of ``synthetic`` do not give:
 
 - ``ShapeClassifier``: a small CNN trained on the synthetic data to read every attribute of a
   caption (colour, shape, size, position, pattern, background). Its penultimate features play
-  the part Inception's play in FID: ``synthetic.frechet_distance`` of generated against rendered
+  the part Inception's play in FID: ``synthetic.frechet_distance`` (``evaluate.image_metrics``) of generated against rendered
   images.
 - ``token_coverage`` / ``kept_share``: where the kept tokens of a pruned block land, as the share
   of the kept tokens' area that the object covers, next to the object's share of the image.
