@@ -72,7 +72,7 @@ import atedm_compile as ac  # noqa: E402
 from atedm_compile.shapes import measures, synthetic  # noqa: E402
 from atedm_compile.config import DEFAULT_PRUNING, PAPER_PRUNING, PruningConfig  # noqa: E402
 from atedm_compile.evaluate.plan import PLANNER_VERSION, Method, plan_budgets  # noqa: E402
-from atedm_compile.export.manifest import sha256_file, sha256_json, write_atomically  # noqa: E402
+from atedm_compile.files import sha256_file, sha256_json, write_atomically  # noqa: E402
 from atedm_compile.flops import solve_keep_ratio  # noqa: E402
 from atedm_compile.models import TINY_SHAPES, build_unet, load_trained_pipeline, read_config, resolve_model  # noqa: E402
 from atedm_compile.passes import ToMeConfig  # noqa: E402
@@ -142,9 +142,7 @@ def sdxl_keep_ratios(budgets, cache: Path) -> dict[float, dict]:
             saved[str(budget)] = {"keep_ratio": keep, "pruned_tmacs": report.average_tmacs,
                                   "full_tmacs": report.full_tmacs}
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".part")
-        tmp.write_text(json.dumps(saved, indent=1))
-        os.replace(tmp, cache)
+        write_atomically(cache, json.dumps(saved, indent=1).encode())
     return {b: saved[str(b)] for b in budgets}
 
 
