@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..devices import resolve_dtype
 from .contract import FEATURES_NAME, OUTPUT_NAME, TensorSpec
 from .shared_weights import (MIN_SHARED_BYTES, WeightStore, content_key, external_initializers,  # noqa: F401
                              share_weights)
@@ -20,8 +21,6 @@ EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17
 # 14: the first opset with scaled dot-product attention's parts; 20: the TorchScript exporter's last.
 OPSETS = range(14, 21)
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class UNetSignature(torch.nn.Module):
@@ -66,9 +65,9 @@ def example_inputs(specs: dict[str, TensorSpec], seed: int = 0, device="cpu") ->
     tensors = {}
     for name, spec in specs.items():
         if name == "timestep":
-            tensors[name] = torch.full(spec.shape, 999.0, dtype=_TORCH_DTYPES[spec.dtype])
+            tensors[name] = torch.full(spec.shape, 999.0, dtype=resolve_dtype(spec.dtype))
         else:
-            tensors[name] = torch.randn(spec.shape, generator=generator).to(_TORCH_DTYPES[spec.dtype])
+            tensors[name] = torch.randn(spec.shape, generator=generator).to(resolve_dtype(spec.dtype))
     return {k: v.to(device) for k, v in tensors.items()}
 
 

@@ -21,6 +21,7 @@ import torch
 
 from ..caching import CacheState, step_roles
 from ..config import PruningConfig
+from ..devices import resolve_dtype
 from ..runner import apply
 from ..schedule import make_schedule
 from ..steps import PhaseCall, StepTracker
@@ -30,7 +31,6 @@ from .extras import UnavailableError
 from .manifest import FEATURES_NAME, OUTPUT_NAME, Manifest, manifest_schedule, read_manifest, verify_artefacts
 
 ON_MISMATCH = ("error", "fallback")
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class ExportedUNet(torch.nn.Module):
@@ -64,7 +64,7 @@ class ExportedUNet(torch.nn.Module):
         phase = manifest.phases[0]
         self._inputs = phase.inputs
         # An empty buffer gives .device and .dtype the meaning diffusers pipelines expect.
-        self.register_buffer("_anchor", torch.empty(0, dtype=_TORCH_DTYPES[phase.inputs["sample"].dtype],
+        self.register_buffer("_anchor", torch.empty(0, dtype=resolve_dtype(phase.inputs["sample"].dtype),
                                                     device=device), persistent=False)
         if self._config.get("addition_embed_type") == "text_time":
             # SD-XL pipelines read this to check their time ids against the U-Net.
@@ -182,7 +182,7 @@ class ExportedUNet(torch.nn.Module):
             feed["timestep"] = _scalar_timestep(timestep)
             if role == "cached":
                 feed[FEATURES_NAME] = self._cache_state.features
-            feed = {name: feed[name].to(self.device, _TORCH_DTYPES[spec.dtype]) for name, spec in entry.inputs.items()}
+            feed = {name: feed[name].to(self.device, resolve_dtype(spec.dtype)) for name, spec in entry.inputs.items()}
             results = self.engines[entry.name].infer(feed)
             if FEATURES_NAME in results:  # a full step: the features the next cached steps read
                 self._cache_state.features = results[FEATURES_NAME]
