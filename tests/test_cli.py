@@ -144,6 +144,7 @@ def test_loading_a_pipeline_folder_is_quiet(tmp_path, capfd):
         assert noise not in err, err
 
 
+@pytest.mark.slow  # 10 s; the Triton map itself is checked in test_triton_map
 def test_generate_with_the_triton_map_draws_what_the_cpu_path_draws(tmp_path, capsys, monkeypatch):
     # Under Triton's interpreter (conftest.py) when Triton is installed; the same kept tokens and
     # the same image as the per-head loop, to rounding.

@@ -244,7 +244,9 @@ def test_compiled_after_apply_is_removed_through_the_wrapper(pipe):
     pipe.unet = torch.compile(unet, backend="eager")
     try:
         assert ac.runner_of(pipe) is runner
-        torch.testing.assert_close(_sample(pipe), pruned, atol=1e-5, rtol=0)
+        # Dynamo's graph of the merge's one-hot product sums in another order: 1.1e-5 seen on
+        # values up to 7 (relative 1.6e-6).
+        torch.testing.assert_close(_sample(pipe), pruned, atol=5e-5, rtol=0)
         assert _steps(runner) == _atedm(3, range(3))
         ac.remove(pipe)
         assert ac.runner_of(pipe) is None and ac.runner_of(unet) is None
@@ -253,6 +255,7 @@ def test_compiled_after_apply_is_removed_through_the_wrapper(pipe):
         pipe.unet = unet
 
 
+@pytest.mark.slow  # 17 s: torch.compile; compiling after apply stays in the default run
 def test_compiled_before_apply_keeps_its_forward(pipe):
     unet = pipe.unet
     expected = _sample(pipe)

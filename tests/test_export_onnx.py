@@ -171,7 +171,11 @@ def test_a_scheduler_swapped_in_after_attach_is_followed(built, pipe, reference,
     assert np.abs(image - reference[0]).max() <= 1e-4
 
 
-@pytest.mark.parametrize("options", [dict(neighbours=3), dict(cell=2), dict(cell=2, fill="distinct"),
+# The default's recovery and layer-delta in the default run; the other delta options (each with
+# its eager reference in test_insert_token_pruning) export the same ops: slow.
+@pytest.mark.parametrize("options", [pytest.param(dict(neighbours=3), marks=pytest.mark.slow),
+                                     pytest.param(dict(cell=2), marks=pytest.mark.slow),
+                                     pytest.param(dict(cell=2, fill="distinct"), marks=pytest.mark.slow),
                                      dict(recovery="layer-delta"), dict(recovery="merge-delta", cell=3, fill="distinct")])
 def test_delta_recovery_phase_exports_and_passes_check(tmp_path, options):
     from atedm_compile.config import PruningConfig

@@ -241,7 +241,8 @@ def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(capsys, tmp_path, mon
     (dict(alpha=0.0), "alpha=0.0 is not allowed: must be a number in (0.0, 1000000.0]"),
     (dict(seed="x"), "seed='x' is not allowed: must be an integer"),
     (dict(recovery="zeros", neighbours=64), "neighbours=64 averages the updates of several kept tokens: only "
-                                            "recovery='delta' has them (recovery='zeros' would ignore it)"),
+                                            "recovery='delta' or recovery='merge-delta' has them "
+                                            "(recovery='zeros' would ignore it)"),
     (dict(recovery="layer-delta", neighbours=2), "recovery='layer-delta' would ignore it"),
 ])
 def test_pruning_config_names_the_bad_value(options, message):

@@ -32,6 +32,7 @@ def _check_report(path, mode, triton=False):
     return report
 
 
+@pytest.mark.slow  # 13 s: a benchmark's smoke run
 def test_cpu_smoke_run(gpu_latency, tmp_path, capsys):
     # With Triton installed the tests run its interpreter on the CPU (conftest.py): the
     # pruned/triton variant runs too.

@@ -68,6 +68,7 @@ def test_a_pruned_sdxl_step_holds_no_more_than_the_full_model(gpu_memory):
     assert info["weights"] > 4 * 2**30
 
 
+@pytest.mark.slow  # a benchmark's smoke run
 def test_gpu_memory_smoke_run_on_the_tiny_model(gpu_memory, capsys):
     assert gpu_memory.main(["--model", "tiny", "--height", "64", "--map-chunk-mib", "1", "32"]) == 0
     out = capsys.readouterr().out

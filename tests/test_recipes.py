@@ -141,7 +141,7 @@ def test_the_config_takes_its_names_from_the_tables(monkeypatch):
     monkeypatch.setitem(ops.RECOVERIES, "toy-mean-update", ops.Recovery(_mean_update, reads=("kept_before",)))
     config = PruningConfig(scorer="toy-norm", recovery="toy-mean-update")
     assert not config.uses_cross_attention
-    with pytest.raises(ValueError, match="only recovery='delta' has them"):
+    with pytest.raises(ValueError, match="only recovery='delta' or recovery='merge-delta' has them"):
         PruningConfig(recovery="toy-mean-update", neighbours=2)
 
 
