@@ -10,7 +10,7 @@ and convolutions only: top-k, gather, scatter and softmax are not in either figu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -334,34 +334,7 @@ class CachedStepCost:
     cached_flops: int
 
     def to_dict(self) -> dict:
-        """The report as ``flops --json`` prints it: TMACs to six significant digits (enough for
-        SD-XL's and a tiny model's), FLOPs exact, phases and their blocks by name."""
-        return {
-            "model": self.model,
-            "schedule": self.schedule,
-            "height": self.height,
-            "width": self.width,
-            "unit": f"TMACs of one U-Net call on the CFG pair (FLOPs / 2 / 1e12, batch {2 * self.images})",
-            "full_tmacs": _sig(self.full_tmacs),
-            "average_tmacs": _sig(self.average_tmacs),
-            "average_tmacs_with_scoring": _sig(self.average_tmacs_with_scoring),
-            "phases": {
-                p.name: {
-                    "steps": list(p.steps),
-                    "tmacs": _sig(p.tmacs),
-                    "tmacs_with_scoring": _sig(p.tmacs_with_scoring),
-                    "flops": p.flops,
-                    "flops_with_scoring": p.flops_with_scoring,
-                    "blocks": {b.name: {"keep_ratio": b.keep_ratio, "tmacs": _sig(b.tmacs),
-                                        "scoring_tmacs": _sig(b.scoring_tmacs)} for b in p.blocks},
-                }
-                for p in self.phases
-            },
-        }
-
-
-def _sig(value: float) -> float:
-    return float(f"{value:.6g}")
+        return asdict(self)
 
 
 def count_cached_steps(

@@ -379,6 +379,9 @@ def test_cached_step_macs_are_the_sum_of_the_layers_it_runs(branch):
     assert 0 < cost.cached_flops < cost.full_flops
     assert cost.full_steps == 4  # steps 0, 3, 6, 9
     assert cost.average_tmacs == pytest.approx((4 * cost.full_tmacs + 6 * cost.cached_tmacs) / 10)
+    # Its JSON is its own fields (a merge once gave it FlopsReport's, which it does not have).
+    assert cost.to_dict() == {**cost.to_dict(), "branch": branch, "interval": 3, "full_steps": 4,
+                              "cached_flops": cost.cached_flops}
 
 
 def test_sdxl_base_cached_step_costs_less():
