@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
+from ..files import sha256_file, sha256_json  # noqa: F401  (re-exported: the export package's names)
 from .contract import FORMAT_VERSION, TensorSpec
 
 
@@ -29,16 +26,3 @@ def build_settings(manifest) -> dict:
     identity = {k: v for k, v in manifest.model.items() if k != "config"}
     return {"model": identity, "precision": manifest.precision, "exporter": manifest.exporter,
             "opset": manifest.opset, "torch": manifest.tools.get("torch")}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_json(data) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
