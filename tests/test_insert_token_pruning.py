@@ -107,17 +107,22 @@ def test_cells_match_reference(level2_block, block_inputs, cell, keep, fill):
             assert len(patches) == math.ceil(side / grown) ** 2
 
 
+def _four_layer_block():
+    """A block with three layers after the first, on an 8 x 8 grid, and its inputs."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    torch.manual_seed(0)
+    block = Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=4,
+                               cross_attention_dim=64, norm_num_groups=8, use_linear_projection=True)
+    return block.eval().requires_grad_(False), (torch.randn(1, 32, 8, 8), torch.randn(1, 77, 64))
+
+
 @pytest.mark.parametrize("where", ["level2", "four layers"])
 def test_layer_delta_recovery_matches_reference(level2_block, block_inputs, where):
     if where == "level2":
         block, inputs = level2_block, block_inputs
     else:  # three later layers: the match is made three times
-        from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-        torch.manual_seed(0)
-        block = Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=4,
-                                   cross_attention_dim=64, norm_num_groups=8, use_linear_projection=True).eval().requires_grad_(False)
-        inputs = (torch.randn(1, 32, 8, 8), torch.randn(1, 77, 64))
+        block, inputs = _four_layer_block()
     expected, _ = pruned_block(block, *inputs, keep_ratio=0.37, recovery="layer-delta")
     gm = _pruned(block, 0.37, PruningConfig(recovery="layer-delta"))
     recovery = node_with_role(gm, "recovered")
@@ -135,12 +140,7 @@ def test_merge_delta_recovery_matches_reference(level2_block, block_inputs, wher
     if where == "level2":
         block, inputs = level2_block, block_inputs
     else:  # three later layers run on the cluster means
-        from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-        torch.manual_seed(0)
-        block = Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=4,
-                                   cross_attention_dim=64, norm_num_groups=8, use_linear_projection=True).eval().requires_grad_(False)
-        inputs = (torch.randn(1, 32, 8, 8), torch.randn(1, 77, 64))
+        block, inputs = _four_layer_block()
     config = PruningConfig(recovery="merge-delta", similarity="key-cosine", cell=3, fill="distinct")
     expected, expected_index = pruned_block(block, *inputs, keep_ratio=0.2, recovery="merge-delta",
                                             similarity="key-cosine", cell=3, fill="distinct")
