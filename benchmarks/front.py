@@ -99,6 +99,10 @@ def paired_speed_up(full: dict, method: dict) -> float:
     divided by the method's (``timings.json`` entries: ``seconds`` and the ``rounds`` they ran in).
     The load of a shared machine moves both runs of a round alike; across rounds it moved the full
     model's time by up to 17% here."""
+    for entry in (full, method):
+        if len(entry.get("rounds", ())) != len(entry["seconds"]):
+            raise ValueError(f"{entry['method']!r}: timings without their rounds (written before rounds were "
+                             f"recorded): remove timings.json from --out to time again")
     full_by_round = dict(zip(full["rounds"], full["seconds"]))
     missing = sorted(set(method["rounds"]) - set(full_by_round))
     if missing:

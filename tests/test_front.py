@@ -163,3 +163,5 @@ def test_speed_up_pairs_each_run_with_the_full_models_run_of_its_round():
     assert front.paired_speed_up(full, full) == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"rounds \[5\]"):
         front.paired_speed_up(full, {"method": "m", "seconds": [1.0], "rounds": [5]})
+    with pytest.raises(ValueError, match="timings without their rounds"):
+        front.paired_speed_up(full, {"method": "m", "seconds": [1.0]})
