@@ -109,7 +109,8 @@ def add_pruning_options(parser: argparse.ArgumentParser) -> None:
     """The schedule and ``PruningConfig`` options that ``flops``, ``generate`` and ``build`` share,
     with the defaults of ``make_schedule`` and ``PruningConfig``."""
     parser.add_argument("--schedule", default=SCHEDULE_DEFAULTS["preset"], choices=PRESETS,
-                        help="DSAP preset: atedm (prune-less first 30%% of steps), atedm-dagger (level 2 never "
+                        help="DSAP preset: atedm (prune-less first 30%% of steps), atedm-level2 (the same, level 2 "
+                             "keeping min(1, 2 sqrt(keep)): best at a FLOPs budget), atedm-dagger (level 2 never "
                              "pruned), prune-more-early, uniform (every step prunes) or none")
     parser.add_argument("--steps", type=step_count, default=SCHEDULE_DEFAULTS["num_steps"],
                         help=f"sampling steps, 1 to {MAX_STEPS}")

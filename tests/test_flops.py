@@ -203,3 +203,16 @@ def test_fit_keep_ratio_solves_without_a_start_and_caps(tiny_meta):
     assert keep == round(keep, 4)
     keep, report, capped = fit_keep_ratio(tiny_meta, 1e-9, "uniform", 1, tome, lowest=0.25, height=256, width=256)
     assert (keep, capped) == (0.25, True) and report.average_tmacs_with_scoring > 1e-9
+
+
+def test_level2_preset_costs_each_block_at_its_levels_ratio():
+    # atedm-level2 at keep 0.04: level-2 blocks cost what they cost at 0.4, the others at 0.04.
+    unet = build_unet("tiny", device="meta")
+    size = dict(height=256, width=256)
+    ours = count_phases(unet, ac.make_schedule("atedm-level2", 1, keep_ratio=0.04, prune_less_steps=0), **size)
+    at = {keep: count_phases(unet, ac.make_schedule("uniform", 1, keep_ratio=keep), **size) for keep in (0.04, 0.4)}
+    levels = {b.name: b.level for b in ac.attention_blocks(unet)}
+    for block in ours.phases[0].blocks:
+        same = next(b for b in at[0.4 if levels[block.name] == 2 else 0.04].phases[0].blocks if b.name == block.name)
+        assert (block.tmacs, block.scoring_tmacs) == (same.tmacs, same.scoring_tmacs)
+    assert at[0.04].phases[0].tmacs < ours.phases[0].tmacs < at[0.4].phases[0].tmacs

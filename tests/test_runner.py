@@ -44,6 +44,16 @@ def test_with_and_without_cfg_and_batches(pipe, guidance, images):
     assert kept["down1.F"].shape == (unet_batch, 95) and kept["mid"].shape == (unet_batch, 24)
 
 
+def test_level2_preset_keeps_more_tokens_at_level_two(pipe):
+    runner = ac.apply(pipe, "atedm-level2", keep_ratio=0.04)
+    with runner.capture_kept_tokens() as kept:
+        _sample(pipe, steps=4)
+    assert [c.phase for c in runner.calls] == ["prune-less", "pruned", "pruned", "pruned"]
+    # Level 2: 16 x 16 tokens, keep 2 sqrt(0.04) = 0.4 -> 102; level 3: 8 x 8, keep 0.04 -> 3.
+    assert kept["down1.F"].shape == (2, 102) and kept["up1.L"].shape == (2, 102)
+    assert kept["mid"].shape == (2, 3) and kept["up0.L"].shape == (2, 3)
+
+
 @pytest.mark.parametrize("scheduler_class", [DPMSolverMultistepScheduler, HeunDiscreteScheduler])
 def test_switch_follows_the_steps_whatever_the_scheduler(pipe, scheduler_class):
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)

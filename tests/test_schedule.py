@@ -1,7 +1,7 @@
 import pytest
 
 from atedm_compile import attention_blocks, make_schedule
-from atedm_compile.schedule import Phase, Schedule
+from atedm_compile.schedule import Phase, Schedule, level2_keep_ratio
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,34 @@ def test_dagger_never_prunes_level_two(blocks):
         keep = phase.keep_ratios(blocks)
         assert all(keep[b.name] == 1.0 for b in blocks if b.level == 2)
         assert any(keep[b.name] < 1.0 for b in blocks if b.level == 3)
+
+
+def test_level2_preset_keeps_two_root_keep_at_level_two(blocks):
+    schedule = make_schedule("atedm-level2", 50, keep_ratio=0.04)
+    assert [(p.name, p.steps) for p in schedule.phases] == [("prune-less", range(0, 15)), ("pruned", range(15, 50))]
+    pruned = schedule.phases[1].keep_ratios(blocks)
+    assert [pruned[b.name] for b in blocks if b.level == 2] == [pytest.approx(0.4)] * 5
+    assert {pruned[b.name] for b in blocks if b.level == 3} == {0.04}
+    # The prune-less phase still leaves F-L alone, whatever the level's ratio.
+    less = schedule.phases[0].keep_ratios(blocks)
+    assert sorted(name for name, keep in less.items() if keep == 1.0) == ["down1.F", "down2.F", "up0.L", "up1.L"]
+    assert less["down1.L"] == pytest.approx(0.4) and less["mid"] == 0.04
+
+
+def test_level2_preset_at_a_quarter_and_above_is_the_dagger(blocks):
+    # 2 sqrt(0.25) = 1: level 2 is left unpruned, as AT-EDM-dagger leaves it.
+    for keep in (0.25, 0.37, 1.0):
+        level2 = make_schedule("atedm-level2", 20, keep_ratio=keep)
+        dagger = make_schedule("atedm-dagger", 20, keep_ratio=keep)
+        for ours, theirs in zip(level2.phases, dagger.phases):
+            assert ours.keep_ratios(blocks) == theirs.keep_ratios(blocks)
+
+
+def test_level2_keep_ratio_rule():
+    assert [level2_keep_ratio(k) for k in (0.01, 0.09, 0.16, 0.5)] == [pytest.approx(0.2), pytest.approx(0.6),
+                                                                        pytest.approx(0.8), 1.0]
+    with pytest.raises(ValueError, match=r"keep_ratio=0 .*\(0, 1\]"):
+        level2_keep_ratio(0)
 
 
 def test_prune_more_early_moves_the_prune_less_phase_to_the_end():
