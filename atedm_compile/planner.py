@@ -45,6 +45,8 @@ class Plan:
             unpruned (DSAP; the paper's 0.3).
         level2_spared: share of the steps, from the first, in which the level-2 blocks (SD-XL's
             highest-resolution attention) stay unpruned.
+        level2_keep: the keep ratio of the level-2 blocks where they are pruned; None: ``keep_ratio``.
+            ``schedule.level2_keep_ratio(keep_ratio)`` is the ``atedm-level2`` preset's.
         interval: steps per full U-Net step (DeepCache); 1: every step is full.
         branch: the skip branch cached steps run above (``DeepCacheConfig.branch``).
     """
@@ -54,9 +56,12 @@ class Plan:
     level2_spared: float = 0.0
     interval: int = 1
     branch: int = 0
+    level2_keep: float | None = None
 
     def __post_init__(self):
         check_keep_ratio(self.keep_ratio)
+        if self.level2_keep is not None:
+            check_keep_ratio(self.level2_keep, where="level2_keep")
         for name in ("prune_less", "level2_spared"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -74,6 +79,8 @@ class Plan:
             parts.append(f"keep {self.keep_ratio:g}")
             if self.prune_less:
                 parts.append(f"prune-less {self.prune_less:g}")
+            if self.level2_keep is not None:
+                parts.append(f"level 2 keep {self.level2_keep:.2g}")
             if self.level2_spared:
                 parts.append(f"level 2 spared {self.level2_spared:g}")
         if self.interval > 1:
@@ -88,6 +95,8 @@ class Plan:
         less = int(math.floor(self.prune_less * num_steps + 0.5))
         spared = int(math.floor(self.level2_spared * num_steps + 0.5))
         prune_all = (("*", self.keep_ratio),)
+        if self.level2_keep is not None:
+            prune_all += (("level2", self.level2_keep),)
         phases, cuts = [], sorted({0, less, spared, num_steps})
         for start, stop in zip(cuts[:-1], cuts[1:]):
             rules, name = prune_all, []

@@ -6,7 +6,7 @@ from atedm_compile import planner
 from atedm_compile.config import DEFAULT_PRUNING, DeepCacheConfig
 from atedm_compile.flops import count_cached_steps, count_phases
 from atedm_compile.models import build_unet
-from atedm_compile.schedule import make_schedule
+from atedm_compile.schedule import level2_keep_ratio, make_schedule
 
 SIZE = dict(height=64, width=64, vae_factor=8)
 
@@ -29,10 +29,17 @@ def test_schedule_phases_and_rules():
         (p.start, p.stop, p.rules) for p in dsap.phases]
     assert planner.Plan().schedule(4).phases[0].rules == ()
     assert planner.Plan(interval=1, branch=3).cache is None
+    # So is the atedm-level2 preset, with its level-2 ratio.
+    level2 = make_schedule("atedm-level2", 10, keep_ratio=0.04)
+    plan = planner.Plan(0.04, 0.3, level2_keep=level2_keep_ratio(0.04))
+    assert [(p.start, p.stop, p.rules) for p in plan.schedule(10).phases] == [
+        (p.start, p.stop, p.rules) for p in level2.phases]
+    assert plan.label == "keep 0.04, prune-less 0.3, level 2 keep 0.4"
 
 
 @pytest.mark.parametrize("field,value", [("keep_ratio", 0), ("keep_ratio", 1.5), ("prune_less", -0.1),
-                                         ("level2_spared", 2), ("interval", 0), ("branch", -1)])
+                                         ("level2_spared", 2), ("interval", 0), ("branch", -1),
+                                         ("level2_keep", 0.0)])
 def test_bad_plans_are_refused(field, value):
     with pytest.raises(ValueError, match=field.split("_")[0] if field != "keep_ratio" else "keep"):
         planner.Plan(**{field: value})
