@@ -356,10 +356,11 @@ def apply(
             that calls this U-Net is followed by its own scheduler (``atedm_compile.steps``);
             outside pipelines, drive ``Runner.start`` / ``Runner.set_step``.
         schedule: a preset name (built for whatever step count the pipeline is called with) or
-            a ``Schedule`` (its step count must match the pipeline's).
+            a ``Schedule`` (its step count must match the pipeline's). ``atedm``: the paper's DSAP;
+            at a FLOPs budget ``atedm-level2`` (level 2 keeps more) is closer to the full model.
         config: scoring, recovery and pruning point. Default ``config.DEFAULT_PRUNING``: the paper's
             G-WPR scores, each 3 x 3 patch's best token kept first, the rest the least like those,
-            and the ``delta`` recovery by key cosine; ``PruningConfig()`` is the
+            and the ``merge-delta`` recovery by key cosine; ``PruningConfig()`` is the
             paper's setting (similarity copy). A ``ToMeConfig`` runs the ToMe baseline instead,
             merging ``1 - keep`` of the tokens; a ``ToDoConfig`` runs ToDo, keeping ``keep`` of the
             keys and values of the self-attentions of its levels' blocks.
