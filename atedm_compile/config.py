@@ -125,7 +125,8 @@ class PruningConfig:
 # later layers run on the kept tokens' cluster means). On ``tiny-shapes-xl``, on two held-out
 # settings, it beat ``delta`` by 3 dB at the 2.9 budget and was even with it on average at 3.6 and
 # 4.1 (ahead on one setting, behind on the other); the paper's selection and copy it beats by far
-# (docs/quality.md, "The aggressive budget"). ``PAPER_PRUNING`` is the paper's.
+# (docs/quality.md, "The aggressive budget"). At a FLOPs budget it is best on the ``atedm-level2``
+# schedule (docs/quality.md, "Keep ratios per level"). ``PAPER_PRUNING`` is the paper's.
 DEFAULT_PRUNING = PruningConfig(recovery="merge-delta", similarity="key-cosine", cell=3, fill="distinct")
 # The paper's AT-EDM by name: G-WPR scores, top-k selection and the similarity copy by attention.
 PAPER_PRUNING = PruningConfig()

@@ -144,10 +144,10 @@ def level2_keep_ratio(keep_ratio: float) -> float:
     block) pruning level 2 cost nearly all of the fidelity at the 2.9 budget (level 2 alone at
     keep 0.085: 26.2 dB against the full model; level 3 alone: 35.8 dB), while a level-2 token
     costs a fifth of a level-3 one there (one layer after the pruning point instead of nine). At
-    the same MACs, shifting kept tokens to level 2 gained 6 to 7 dB at 2.9, 3.6 and 4.1
-    (docs/quality.md, "Keep ratios per level"). The rule's factor was chosen on 16 captions
-    (1.6 and 2 tried, and fixed level-2 ratios 0.2 to 1.0) and checked on other captions, seeds,
-    step counts and guidance.
+    ToMe's MACs, shifting kept tokens to level 2 gained 6.6 to 7.4 dB at 2.9, 3.6 and 4.1 on the
+    16 captions the factor was chosen on (1.6 and 2 tried, and fixed level-2 ratios 0.2 to 1.0),
+    and 1.9 to 6.7 dB on three held-out settings of other captions, seeds, step counts and
+    guidance (docs/quality.md, "Keep ratios per level").
 
     >>> level2_keep_ratio(0.04), level2_keep_ratio(0.25), level2_keep_ratio(0.37)
     (0.4, 1.0, 1.0)

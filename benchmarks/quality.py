@@ -18,9 +18,10 @@ ToMe and AT-EDM-dagger (``atedm-dagger``: level 2 never pruned) at the largest k
 1 - merge ratio) that fits (bisection).
 
 Methods: ``--methods`` (default: AT-EDM, delta by key cosine on G-WPR's top-k, the same with the
-best token of every 3 x 3 patch kept first and the rest by score, the package default
-``DEFAULT_PRUNING`` (the rest the least like the patch winners), the same with ``layer-delta``,
-direct copy, ToMe, random); the other delta variants (2 x 2 patches, attention similarity, soft),
+best token of every 3 x 3 patch kept first and the rest by score, the package's
+``DEFAULT_PRUNING`` (the rest the least like the patch winners, merge-delta) on the paper's one
+keep ratio and, the default, on the ``atedm-level2`` schedule (level 2 keeps more), the same with
+``layer-delta``, direct copy, ToMe, random); the other delta variants (2 x 2 patches, attention similarity, soft),
 the zeros / interpolation recoveries and AT-EDM-dagger by name.
 
 Metrics, over ``--prompts`` held-out captions, one fixed seed per prompt, the same noise for
@@ -81,7 +82,9 @@ SDXL_FULL_TMACS = 6.7  # the paper's label of the full model; shares below use o
 BUDGETS = (2.9, 3.6, 4.1, 4.5)
 # The default until 2026-12-06 (merge-delta since: docs/quality.md, "The aggressive budget").
 DELTA_DEFAULT = PruningConfig(recovery="delta", similarity="key-cosine", cell=3, fill="distinct")
-DELTA = "default: merge-delta, cell 3, distinct"  # DEFAULT_PRUNING, the best variant measured (docs/quality.md)
+# DEFAULT_PRUNING on the atedm-level2 schedule (level 2 keeps more), the best measured (docs/quality.md).
+DELTA = "default: merge-delta, atedm-level2"
+MERGE_UNIFORM = "merge-delta, cell 3, distinct"  # the same on the paper's schedule (one keep ratio)
 
 
 def _method(name: str, preset: str, config, keep: str = "budget", capped_by: str | None = None) -> Method:
@@ -100,8 +103,11 @@ METHODS = {
                                       PruningConfig(recovery="delta", similarity="key-cosine", neighbours=4)),
     "delta, cell 3, by score": _method("delta, cell 3, by score", "atedm",
                                        PruningConfig(recovery="delta", similarity="key-cosine", cell=3)),
-    DELTA: _method(DELTA, "atedm", DEFAULT_PRUNING),
-    "default, at ToMe's MACs": _method("default, at ToMe's MACs", "atedm", DEFAULT_PRUNING, capped_by="ToMe"),
+    DELTA: _method(DELTA, "atedm-level2", DEFAULT_PRUNING),
+    "default, at ToMe's MACs": _method("default, at ToMe's MACs", "atedm-level2", DEFAULT_PRUNING, capped_by="ToMe"),
+    MERGE_UNIFORM: _method(MERGE_UNIFORM, "atedm", DEFAULT_PRUNING),
+    "merge-delta, uniform, at ToMe's MACs": _method("merge-delta, uniform, at ToMe's MACs", "atedm", DEFAULT_PRUNING,
+                                                    capped_by="ToMe"),
     "delta, soft 2, at ToMe's MACs": _method("delta, soft 2, at ToMe's MACs", "atedm",
                                              dataclasses.replace(DELTA_DEFAULT, neighbours=2), capped_by="ToMe"),
     "delta, soft 4, at ToMe's MACs": _method("delta, soft 4, at ToMe's MACs", "atedm",
@@ -109,6 +115,9 @@ METHODS = {
     "layer-delta, distinct, at ToMe's MACs": _method("layer-delta, distinct, at ToMe's MACs", "atedm",
                                                      PruningConfig(recovery="layer-delta", cell=3, fill="distinct"),
                                                      capped_by="ToMe"),
+    "default, before-ff, at ToMe's MACs": _method("default, before-ff, at ToMe's MACs", "atedm",
+                                                  dataclasses.replace(DEFAULT_PRUNING, prune_point="before-ff"),
+                                                  capped_by="ToMe"),
     "delta, cell 3, distinct": _method("delta, cell 3, distinct", "atedm", DELTA_DEFAULT),
     "delta, distinct, at ToMe's MACs": _method("delta, distinct, at ToMe's MACs", "atedm", DELTA_DEFAULT,
                                                capped_by="ToMe"),
@@ -123,7 +132,8 @@ METHODS = {
     "interpolation recovery": _method("interpolation recovery", "atedm", PruningConfig(recovery="interpolation")),
     "AT-EDM-dagger": _method("AT-EDM-dagger", "atedm-dagger", PAPER_PRUNING, "matched"),
 }
-DEFAULT_METHODS = ("AT-EDM", "delta, key-cosine", "delta, cell 3, by score", DELTA, "layer-delta, cell 3, distinct",
+DEFAULT_METHODS = ("AT-EDM", "delta, key-cosine", "delta, cell 3, by score", MERGE_UNIFORM, DELTA,
+                   "layer-delta, cell 3, distinct",
                    "direct-copy recovery", "ToMe", "random")
 
 

@@ -24,7 +24,7 @@ class EvaluateConfig:
     captions: a text file (one caption per line) or COCO ``captions_val2017.json``.
     out: the output folder; a rerun with the same settings resumes in it.
     methods: names in ``METHODS``: ``full``, ``atedm`` (the paper's), ``default`` (the package's
-        ``DEFAULT_PRUNING``), ``atedm-dagger``, ``tome``, ``random``.
+        ``DEFAULT_PRUNING`` on the ``atedm-level2`` schedule), ``atedm-dagger``, ``tome``, ``random``.
     budgets: TMACs of AT-EDM's all-pruned phase per U-Net call on the CFG pair (the paper's
         labels: 4.1 is keep 0.37 on SD-XL 1024 px); keep_ratios: budgets given as AT-EDM's keep ratio.
     guidance: CFG scales; images: the first N captions (default all); steps: sampling steps.

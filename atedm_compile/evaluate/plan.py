@@ -65,7 +65,7 @@ class Method:
 METHODS = {
     "full": Method("full model", None, None, "full"),
     "atedm": Method("AT-EDM", "atedm", PruningConfig()),
-    "default": Method("default (ours)", "atedm", DEFAULT_PRUNING),
+    "default": Method("default (ours)", "atedm-level2", DEFAULT_PRUNING),
     "atedm-dagger": Method("AT-EDM-dagger", "atedm-dagger", PruningConfig(), "matched"),
     "tome": Method("ToMe", "atedm", ToMeConfig(), "matched"),
     "random": Method("random pruning", "atedm", PruningConfig(scorer="random")),
