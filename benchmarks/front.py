@@ -50,6 +50,7 @@ import torch
 
 from atedm_compile.config import DEFAULT_PRUNING, PruningConfig
 from atedm_compile.planner import Plan
+from atedm_compile.schedule import level2_keep_ratio
 from atedm_compile.export.manifest import sha256_file, sha256_json
 from atedm_compile.files import write_atomically
 
@@ -84,10 +85,15 @@ PLAN_PRUNING = PruningConfig(recovery="delta", similarity="key-cosine", cell=3, 
 # The same points with the package default's recovery since 2026-12-06 (merge-delta), where pruning
 # and caching are stacked.
 MERGED_PLANS = tuple(plan for plan in OUR_PLANS if plan.keep_ratio < 1 and plan.interval in (2, 3, 4))
+# The atedm-level2 preset's rule (level 2 keeps min(1, 2 sqrt(keep)): docs/quality.md, "Keep ratios
+# per level") with merge-delta, alone and stacked on caching, at the low keep ratios it is made for.
+LEVEL2_PLANS = tuple(Plan(keep, 0.3, interval=interval, level2_keep=level2_keep_ratio(keep))
+                     for keep in (0.2, 0.1, 0.04) for interval in (1, 2, 3, 4)) + (
+    Plan(0.1, 0.3, interval=5, level2_keep=level2_keep_ratio(0.1)),)
 
 
 def our_methods(steps: int = 30, plans=OUR_PLANS, config: PruningConfig = PLAN_PRUNING,
-                merged_plans=MERGED_PLANS) -> list[Method]:
+                merged_plans=MERGED_PLANS + LEVEL2_PLANS) -> list[Method]:
     """Our schedules: each planner point as its schedule for ``steps`` steps, pruning by ``config``;
     and ``merged_plans`` with ``DEFAULT_PRUNING`` (merge-delta)."""
     return ([peers.ours(plan.label, plan.schedule(steps), config) for plan in plans]
