@@ -30,7 +30,7 @@ from .caching import cached_forward, features_shape, full_forward, step_roles
 from .config import DEFAULT_PRUNING, DeepCacheConfig, PruningConfig
 from .flops import _count, unet_inputs
 from .runner import apply, remove, runner_of
-from .schedule import Phase, Schedule, _prune_less_rules, check_keep_ratio
+from .schedule import Phase, Schedule, _prune_less_rules, check_keep_ratio, level2_keep_ratio
 
 T = TypeVar("T")
 
@@ -114,17 +114,20 @@ def plans(
     level2_spared: Iterable[float] = (0.0,),
     intervals: Iterable[int] = (1, 2, 3, 4, 5),
     branches: Iterable[int] = (0,),
+    level2_rule: Iterable[bool] = (False, True),
 ) -> list[Plan]:
     """Every combination, without repeats: an unpruned plan has no prune-less or spared steps, and
-    an uncached plan no branch."""
+    an uncached plan no branch. ``level2_rule``: with True, the level-2 blocks keep
+    ``level2_keep_ratio(keep)`` (the ``atedm-level2`` preset's split; the best measured at matched
+    MACs), with False the plan's one keep ratio."""
     found = {}
-    for keep, less, spared, interval, branch in itertools.product(keep_ratios, prune_less, level2_spared, intervals,
-                                                                  branches):
+    for keep, less, spared, interval, branch, rule in itertools.product(keep_ratios, prune_less, level2_spared,
+                                                                        intervals, branches, level2_rule):
         if keep >= 1:
-            less, spared = 0.0, 0.0
+            less, spared, rule = 0.0, 0.0, False
         if interval == 1:
             branch = 0
-        plan = Plan(keep, less, spared, interval, branch)
+        plan = Plan(keep, less, spared, interval, branch, level2_keep_ratio(keep) if rule else None)
         found[plan] = None
     return list(found)
 

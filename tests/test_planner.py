@@ -46,11 +46,21 @@ def test_bad_plans_are_refused(field, value):
 
 
 def test_plans_skip_repeats():
-    found = planner.plans(keep_ratios=(1.0, 0.5), prune_less=(0.0, 0.3), intervals=(1, 2), branches=(0, 1))
+    found = planner.plans(keep_ratios=(1.0, 0.5), prune_less=(0.0, 0.3), intervals=(1, 2), branches=(0, 1),
+                          level2_rule=(False,))
     assert len(found) == len(set(found))
     assert planner.Plan(1.0, 0.0, 0.0, 1, 0) in found and planner.Plan(1.0, 0.3, 0.0, 1, 0) not in found
     # unpruned x (uncached + 2 branches) + pruned x 2 prune-less x (uncached + 2 branches)
     assert len(found) == 3 + 2 * 3
+
+
+def test_plans_with_the_level2_rule():
+    found = planner.plans(keep_ratios=(1.0, 0.09), prune_less=(0.3,), intervals=(1, 2))
+    # Unpruned plans have no level-2 ratio: 2 of them; pruned ones come with and without the rule.
+    assert len(found) == 2 + 2 * 2
+    ruled = [plan for plan in found if plan.level2_keep is not None]
+    assert [plan.level2_keep for plan in ruled] == [pytest.approx(0.6)] * 2
+    assert all(plan.keep_ratio == 0.09 for plan in ruled)
 
 
 def test_cost_matches_the_counts_it_combines(unet):
