@@ -6,6 +6,8 @@ import atedm_compile as ac
 from atedm_compile.flops import unet_inputs
 from atedm_compile.models import build_unet, tiny_sd15_pipeline
 
+from reference import pruned_block
+
 
 def _sample(pipe, steps=4, guidance=5.0, images=1, seed=0, **kwargs):
     generator = torch.Generator().manual_seed(seed)
@@ -233,3 +235,30 @@ def test_bad_config_and_schedule_types_are_refused(pipe):
     with pytest.raises(ValueError, match="schedule=4 is not a preset name or a Schedule"):
         ac.apply(pipe, 4)
     assert ac.runner_of(pipe) is None
+
+
+def test_level2_preset_blocks_match_the_eager_reference_at_their_levels_ratios(tiny_unet):
+    # One pruned step of the whole U-Net under atedm-level2 at keep 0.01: a level-2 block runs at
+    # 2 sqrt(0.01) = 0.2 (51 of 256 tokens), the mid block at 0.01 (1 of 64); each block's output
+    # is the independent eager reference's on the input it saw.
+    blocks = {"down1.L": (tiny_unet.down_blocks[1].attentions[1], 0.2), "mid": (tiny_unet.mid_block.attentions[0], 0.01)}
+    seen = {}
+    hooks = [module.register_forward_hook(
+        lambda m, args, kwargs, out, name=name: seen.__setitem__(name, (args[0], kwargs["encoder_hidden_states"],
+                                                                        out[0])), with_kwargs=True)
+        for name, (module, _) in blocks.items()]
+    runner = ac.apply(tiny_unet, "atedm-level2", keep_ratio=0.01)
+    try:
+        runner.start(1)
+        with torch.no_grad():
+            tiny_unet(**unet_inputs(tiny_unet, 2, 32, 32, device="cpu"))
+    finally:
+        ac.remove(tiny_unet)
+        for hook in hooks:
+            hook.remove()
+    for name, (module, keep) in blocks.items():
+        x, text, out = seen[name]
+        expected, index = pruned_block(module, x, text, keep_ratio=keep, recovery="merge-delta",
+                                       similarity="key-cosine", cell=3, fill="distinct")
+        assert index.shape == (2, {"down1.L": 51, "mid": 1}[name])
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
