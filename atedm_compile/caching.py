@@ -345,21 +345,53 @@ class CachedStep(_StepSignature):
 @dataclass
 class CacheState:
     """What a run with cached steps keeps between U-Net calls: the deep features of the last full
-    step. ``reset`` at the start of every run (a cached step never reads another run's)."""
+    step and the timestep it ran at, and the one before (for ``forecast="linear"``). ``reset`` at
+    the start of every run (a cached step never reads another run's)."""
 
     features: torch.Tensor | None = None
+    timestep: float | None = None
+    previous: tuple[float, torch.Tensor] | None = None
 
     def reset(self) -> None:
-        self.features = None
+        self.features = self.timestep = self.previous = None
+
+    def keep(self, timestep, features: torch.Tensor) -> None:
+        """A full step's features, at its timestep."""
+        if self.features is not None:
+            self.previous = (self.timestep, self.features)
+        self.features, self.timestep = features, _timestep_value(timestep)
+
+    def read(self, timestep, forecast: str = "none") -> torch.Tensor:
+        """The features a cached step at ``timestep`` runs on: the last full step's (``none``, or
+        after a single full step), or their line through the two last full steps read at
+        ``timestep`` (``linear``)."""
+        if self.features is None:
+            raise RuntimeError("a cached step came before any full step of this run: step 0 must be full")
+        if forecast == "none" or self.previous is None:
+            return self.features
+        if forecast != "linear":
+            raise ValueError(f"forecast={forecast!r} is not allowed; choose one of ['none', 'linear']")
+        before, earlier = self.previous
+        if before == self.timestep:  # two calls at one timestep (a second-order solver's): no slope
+            return self.features
+        slope = (self.features - earlier) / (self.timestep - before)
+        return self.features + (_timestep_value(timestep) - self.timestep) * slope
+
+
+def _timestep_value(timestep) -> float:
+    # Pipelines pass a scalar, a 0-d tensor or one per image (all equal).
+    return float(torch.as_tensor(timestep).flatten()[0])
 
 
 def cached_step(unet, branch: int, full: bool, state: CacheState, sample: torch.Tensor, timestep,
-                encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict | None = None) -> torch.Tensor:
+                encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict | None = None,
+                forecast: str = "none") -> torch.Tensor:
     """One U-Net call of a run with cached steps: ``full`` (from ``step_roles``) runs
-    ``full_forward`` and keeps its features in ``state``; otherwise ``cached_forward`` reads them."""
+    ``full_forward`` and keeps its features in ``state``; otherwise ``cached_forward`` reads them
+    (``forecast``: ``DeepCacheConfig.forecast``)."""
     if full:
-        noise, state.features = full_forward(unet, branch, sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        noise, features = full_forward(unet, branch, sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        state.keep(timestep, features)
         return noise
-    if state.features is None:
-        raise RuntimeError("a cached step came before any full step of this run: step 0 must be full")
-    return cached_forward(unet, branch, state.features, sample, timestep, encoder_hidden_states, added_cond_kwargs)
+    return cached_forward(unet, branch, state.read(timestep, forecast), sample, timestep, encoder_hidden_states,
+                          added_cond_kwargs)

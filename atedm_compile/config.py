@@ -142,6 +142,7 @@ def check_keep_ratio(keep_ratio, where: str = "keep_ratio") -> float:
 # -- DeepCache: steps that reuse the deep features of an earlier step ------------------------
 
 CACHE_SPACINGS = ("uniform", "non-uniform")
+CACHE_FORECASTS = ("none", "linear")
 MAX_CACHE_INTERVAL = 1000  # one full step per 1000 is already past any scheduler's step count
 
 
@@ -172,6 +173,12 @@ class DeepCacheConfig:
             full steps are distinct). Our default 1.4; the package's pipelines have none.
         center: the step the non-uniform full steps crowd around. Our default 15; the package's
             pipelines have none. Must lie inside the run (checked with the step count).
+        forecast: what a cached step reads: ``none`` (DeepCache's rule: the last full step's
+            features as they are) or ``linear`` (ours, TaylorSeer's first order applied to the
+            cached features: the line through the last two full steps' features, in timestep
+            units, read at the cached step's timestep; the first cached steps of a run, after a
+            single full step, read it as it is). No graph changes: the runner computes it between
+            calls (three elementwise operations on the features).
     """
 
     interval: int = 2
@@ -179,6 +186,7 @@ class DeepCacheConfig:
     spacing: str = "uniform"
     power: float = 1.4
     center: int = 15
+    forecast: str = "none"
 
     def __post_init__(self):
         check_number("interval", self.interval, 1, MAX_CACHE_INTERVAL, integer=True)
@@ -186,6 +194,7 @@ class DeepCacheConfig:
         _check_choice("spacing", self.spacing, CACHE_SPACINGS)
         check_number("power", self.power, 1.0, 100.0, low_open=True)
         check_number("center", self.center, 0, 2**31 - 1, integer=True)
+        _check_choice("forecast", self.forecast, CACHE_FORECASTS)
 
 
 # -- ToMe, the baseline (supp. B.1) ----------------------------------------------------------

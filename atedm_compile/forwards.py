@@ -179,7 +179,7 @@ class CachedUNetForward(InstanceForward):
         runner = self.runner
         noise = cached_step(self.module, runner.cache.branch, runner.role == "full", runner._cache_state,
                             arguments["sample"], arguments["timestep"], arguments["encoder_hidden_states"],
-                            arguments.get("added_cond_kwargs"))
+                            arguments.get("added_cond_kwargs"), runner.cache.forecast)
         return UNet2DConditionOutput(sample=noise) if arguments.get("return_dict", True) else (noise,)
 
     what = "the U-Net's cached-step forward"

@@ -50,7 +50,7 @@ def test_each_phase_has_a_full_graph_and_a_cached_one_where_steps_are_cached(cac
     assert [(p.name, p.role, p.start, p.stop) for p in manifest.phases] == [
         ("prune-less", "full", 0, 1), ("pruned", "full", 1, 4), ("pruned.cached", "cached", 1, 4)]
     assert manifest.schedule["cache"] == {"interval": 2, "branch": 1, "spacing": "uniform", "power": 1.4,
-                                          "center": 15}
+                                          "center": 15, "forecast": "none"}
     unet_config = manifest.model["config"]
     features = features_shape(unet_config, CACHE.branch, manifest.batch, *manifest.latent)
     for entry in manifest.phases:
@@ -173,6 +173,38 @@ def test_rebuild_with_another_interval_reuses_the_graphs(cached_build, tmp_path)
     assert not any(r.ran for r in records if r.name.startswith("export ONNX"))
     assert [p.export_key for p in manifest.phases] == [p.export_key for p in cached_build[1].phases]
     assert check(directory, compare_engines=False, log=lambda _: None).ok
+
+
+def test_a_build_with_the_linear_forecast_samples_as_the_pytorch_runner(cached_build, pipe, tmp_path):
+    # The same graphs (the forecast is computed between calls); step 3 reads the line through the
+    # features of steps 0 and 2.
+    directory = tmp_path / "forecast"
+    shutil.copytree(cached_build[0], directory)
+    cache = DeepCacheConfig(interval=2, branch=1, forecast="linear")
+    manifest, records = build(BuildConfig(**{**CONFIG.__dict__, "cache": cache}), directory, log=lambda _: None)
+    assert not any(r.ran for r in records if r.name.startswith("export ONNX"))
+    assert manifest.schedule["cache"]["forecast"] == "linear"
+
+    def latents():
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a red cube", num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=generator,
+                    output_type="latent").images
+
+    ac.apply(pipe, "atedm", cache=cache)
+    try:
+        expected = latents()
+    finally:
+        ac.remove(pipe)
+    results = {}
+    for name, folder in (("linear", directory), ("none", cached_build[0])):
+        unet = load(folder).attach(pipe)
+        try:
+            results[name] = latents()
+        finally:
+            unet.detach(pipe)
+    torch.testing.assert_close(results["linear"], expected, atol=1e-4, rtol=0)  # fp32, ONNX Runtime against PyTorch
+    # Not the build that reuses the features as they are.
+    assert (results["linear"] - results["none"]).abs().max() > 100 * (results["linear"] - expected).abs().max()
 
 
 @pytest.mark.parametrize("change, message", [

@@ -121,3 +121,46 @@ def test_what_cached_steps_refuse(pipe):
     finally:
         remove_hook_from_module(pipe.unet)
         vars(pipe.unet).pop("forward")
+
+
+def test_linear_forecast_reads_the_line_through_the_last_two_full_steps(pipe):
+    from atedm_compile.caching import cached_forward, full_forward
+
+    unet = pipe.unet
+    inputs = unet_inputs(unet, 2, 16, 16, device="cpu")
+    text, added = inputs["encoder_hidden_states"], inputs["added_cond_kwargs"]
+    generator = torch.Generator().manual_seed(3)
+    samples = [torch.randn(inputs["sample"].shape, generator=generator) for _ in range(5)]
+    timesteps = [999.0, 800.0, 601.0, 400.0, 201.0]
+
+    def run(forecast):
+        runner = ac.apply(unet, "none", cache=DeepCacheConfig(interval=2, forecast=forecast))
+        try:
+            runner.start(5)
+            outs = []
+            for step, (sample, t) in enumerate(zip(samples, timesteps)):
+                runner.set_step(step)
+                with torch.no_grad():
+                    outs.append(unet(sample, torch.tensor(t), encoder_hidden_states=text, added_cond_kwargs=added).sample)
+            assert [c.role for c in runner.calls] == ["full", "cached", "full", "cached", "full"]
+            return outs
+        finally:
+            ac.remove(unet)
+
+    got = run("linear")
+    with torch.no_grad():  # by hand: steps 0 and 2 full; 1 reads step 0's features, 3 the line at t = 400
+        first, f0 = full_forward(unet, 0, samples[0], timesteps[0], text, added)
+        second = cached_forward(unet, 0, f0, samples[1], timesteps[1], text, added)
+        third, f2 = full_forward(unet, 0, samples[2], timesteps[2], text, added)
+        line = f2 + (timesteps[3] - timesteps[2]) / (timesteps[2] - timesteps[0]) * (f2 - f0)
+        fourth = cached_forward(unet, 0, line, samples[3], timesteps[3], text, added)
+    for ours, expected in zip(got, [first, second, third, fourth]):
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    reused = run("none")
+    torch.testing.assert_close(reused[1], got[1], atol=0, rtol=0)  # one full step: nothing to draw a line through
+    assert (reused[3] - got[3]).abs().max() > 1e-3
+
+
+def test_forecast_is_checked():
+    with pytest.raises(ValueError, match=r"forecast='quadratic' is not allowed.*\['none', 'linear'\]"):
+        DeepCacheConfig(forecast="quadratic")

@@ -48,7 +48,7 @@ def add_export_commands(sub) -> None:
                             "random inputs (a full-size U-Net call each: needs the memory and time for it)")
     build.add_argument("--out", required=True, help="output directory (new, empty, or an earlier build's)")
     add_pruning_options(build)
-    from ..config import CACHE_SPACINGS
+    from ..config import CACHE_FORECASTS, CACHE_SPACINGS
 
     cache = build.add_argument_group(
         "cached steps", "DeepCache's rule across the phases: each phase gets a full-step graph that also outputs the "
@@ -62,6 +62,9 @@ def add_export_commands(sub) -> None:
     cache.add_argument("--cache-power", type=float, default=None, help="non-uniform spacing: its exponent, > 1")
     cache.add_argument("--cache-center", type=int, default=None,
                        help="non-uniform spacing: the step the full steps crowd around")
+    cache.add_argument("--cache-forecast", default=None, choices=CACHE_FORECASTS,
+                       help="what cached steps read: none (the last full step's features, DeepCache's) or linear "
+                            "(their line through the last two full steps; default none)")
     build.set_defaults(func=cmd_build)
 
     run = sub.add_parser(
@@ -143,7 +146,8 @@ def _cache_config(args):
     """The build's ``DeepCacheConfig`` from ``--cache-*`` (None without ``--cache-interval``)."""
     from ..config import DeepCacheConfig
 
-    options = {name: getattr(args, f"cache_{name}") for name in ("interval", "branch", "spacing", "power", "center")}
+    options = {name: getattr(args, f"cache_{name}") for name in ("interval", "branch", "spacing", "power", "center",
+                                                                  "forecast")}
     given = {name: value for name, value in options.items() if value is not None}
     if "interval" not in given:
         if given:

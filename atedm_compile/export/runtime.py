@@ -181,11 +181,11 @@ class ExportedUNet(torch.nn.Module):
             entry = self.manifest.phase_at(self.step, role if self._cache is not None else None)
             feed["timestep"] = _scalar_timestep(timestep)
             if role == "cached":
-                feed[FEATURES_NAME] = self._cache_state.features
+                feed[FEATURES_NAME] = self._cache_state.read(timestep, self._cache.forecast)
             feed = {name: feed[name].to(self.device, resolve_dtype(spec.dtype)) for name, spec in entry.inputs.items()}
             results = self.engines[entry.name].infer(feed)
             if FEATURES_NAME in results:  # a full step: the features the next cached steps read
-                self._cache_state.features = results[FEATURES_NAME]
+                self._cache_state.keep(timestep, results[FEATURES_NAME])
             out = results[OUTPUT_NAME].to(sample.device, sample.dtype)
             # The schedule's phase (a cached graph runs its phase's pruning), as the runner records it.
             self.calls.append(PhaseCall(self.step, self.manifest.phase_at(self.step).name, role))
