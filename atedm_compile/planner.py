@@ -47,6 +47,7 @@ class Plan:
             highest-resolution attention) stay unpruned.
         level2_keep: the keep ratio of the level-2 blocks where they are pruned; None: ``keep_ratio``.
             ``schedule.level2_keep_ratio(keep_ratio)`` is the ``atedm-level2`` preset's.
+        forecast: what cached steps read (``DeepCacheConfig.forecast``): ``none`` or ``linear``.
         interval: steps per full U-Net step (DeepCache); 1: every step is full.
         branch: the skip branch cached steps run above (``DeepCacheConfig.branch``).
     """
@@ -57,6 +58,7 @@ class Plan:
     interval: int = 1
     branch: int = 0
     level2_keep: float | None = None
+    forecast: str = "none"
 
     def __post_init__(self):
         check_keep_ratio(self.keep_ratio)
@@ -66,11 +68,13 @@ class Plan:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value!r} is outside [0, 1] (a share of the steps)")
-        DeepCacheConfig(interval=self.interval, branch=self.branch)  # checks both
+        DeepCacheConfig(interval=self.interval, branch=self.branch, forecast=self.forecast)  # checks all three
 
     @property
     def cache(self) -> DeepCacheConfig | None:
-        return DeepCacheConfig(interval=self.interval, branch=self.branch) if self.interval > 1 else None
+        if self.interval == 1:
+            return None
+        return DeepCacheConfig(interval=self.interval, branch=self.branch, forecast=self.forecast)
 
     @property
     def label(self) -> str:
@@ -84,7 +88,7 @@ class Plan:
             if self.level2_spared:
                 parts.append(f"level 2 spared {self.level2_spared:g}")
         if self.interval > 1:
-            parts.append(f"cache {self.interval}/{self.branch}")
+            parts.append(f"cache {self.interval}/{self.branch}" + (f" {self.forecast}" if self.forecast != "none" else ""))
         return ", ".join(parts) or "full"
 
     def schedule(self, num_steps: int) -> Schedule:
@@ -115,19 +119,20 @@ def plans(
     intervals: Iterable[int] = (1, 2, 3, 4, 5),
     branches: Iterable[int] = (0,),
     level2_rule: Iterable[bool] = (False, True),
+    forecasts: Iterable[str] = ("none", "linear"),
 ) -> list[Plan]:
     """Every combination, without repeats: an unpruned plan has no prune-less or spared steps, and
     an uncached plan no branch. ``level2_rule``: with True, the level-2 blocks keep
     ``level2_keep_ratio(keep)`` (the ``atedm-level2`` preset's split; the best measured at matched
-    MACs), with False the plan's one keep ratio."""
+    MACs), with False the plan's one keep ratio. An uncached plan has no forecast."""
     found = {}
-    for keep, less, spared, interval, branch, rule in itertools.product(keep_ratios, prune_less, level2_spared,
-                                                                        intervals, branches, level2_rule):
+    for keep, less, spared, interval, branch, rule, forecast in itertools.product(
+            keep_ratios, prune_less, level2_spared, intervals, branches, level2_rule, forecasts):
         if keep >= 1:
             less, spared, rule = 0.0, 0.0, False
         if interval == 1:
-            branch = 0
-        plan = Plan(keep, less, spared, interval, branch, level2_keep_ratio(keep) if rule else None)
+            branch, forecast = 0, "none"
+        plan = Plan(keep, less, spared, interval, branch, level2_keep_ratio(keep) if rule else None, forecast)
         found[plan] = None
     return list(found)
 

@@ -39,7 +39,7 @@ def test_schedule_phases_and_rules():
 
 @pytest.mark.parametrize("field,value", [("keep_ratio", 0), ("keep_ratio", 1.5), ("prune_less", -0.1),
                                          ("level2_spared", 2), ("interval", 0), ("branch", -1),
-                                         ("level2_keep", 0.0)])
+                                         ("level2_keep", 0.0), ("forecast", "cubic")])
 def test_bad_plans_are_refused(field, value):
     with pytest.raises(ValueError, match=field.split("_")[0] if field != "keep_ratio" else "keep"):
         planner.Plan(**{field: value})
@@ -47,7 +47,7 @@ def test_bad_plans_are_refused(field, value):
 
 def test_plans_skip_repeats():
     found = planner.plans(keep_ratios=(1.0, 0.5), prune_less=(0.0, 0.3), intervals=(1, 2), branches=(0, 1),
-                          level2_rule=(False,))
+                          level2_rule=(False,), forecasts=("none",))
     assert len(found) == len(set(found))
     assert planner.Plan(1.0, 0.0, 0.0, 1, 0) in found and planner.Plan(1.0, 0.3, 0.0, 1, 0) not in found
     # unpruned x (uncached + 2 branches) + pruned x 2 prune-less x (uncached + 2 branches)
@@ -55,7 +55,7 @@ def test_plans_skip_repeats():
 
 
 def test_plans_with_the_level2_rule():
-    found = planner.plans(keep_ratios=(1.0, 0.09), prune_less=(0.3,), intervals=(1, 2))
+    found = planner.plans(keep_ratios=(1.0, 0.09), prune_less=(0.3,), intervals=(1, 2), forecasts=("none",))
     # Unpruned plans have no level-2 ratio: 2 of them; pruned ones come with and without the rule.
     assert len(found) == 2 + 2 * 2
     ruled = [plan for plan in found if plan.level2_keep is not None]
@@ -85,3 +85,11 @@ def test_front_and_choose():
     assert planner.choose(points, 1.5, speed, quality)[0] == "c"
     assert planner.choose(points, 2.6, speed, quality)[0] == "d"
     assert planner.choose(points, 3.5, speed, quality) is None
+
+
+def test_plans_with_the_forecast():
+    found = planner.plans(keep_ratios=(1.0,), intervals=(1, 2))
+    # Uncached: no forecast; cached: with and without.
+    assert found == [planner.Plan(), planner.Plan(interval=2), planner.Plan(interval=2, forecast="linear")]
+    assert planner.Plan(interval=2, forecast="linear").cache == DeepCacheConfig(interval=2, forecast="linear")
+    assert planner.Plan(interval=2, forecast="linear").label == "cache 2/0 linear"
