@@ -90,14 +90,20 @@ MERGED_PLANS = tuple(plan for plan in OUR_PLANS if plan.keep_ratio < 1 and plan.
 LEVEL2_PLANS = tuple(Plan(keep, 0.3, interval=interval, level2_keep=level2_keep_ratio(keep))
                      for keep in (0.2, 0.1, 0.04) for interval in (1, 2, 3, 4)) + (
     Plan(0.1, 0.3, interval=5, level2_keep=level2_keep_ratio(0.1)),)
+# Cached steps reading the line through the last two full steps' features (DeepCacheConfig's
+# forecast="linear"), alone and with the level-2 rule's pruning.
+FORECAST_PLANS = tuple(Plan(interval=interval, forecast="linear") for interval in (2, 3, 4, 5)) + tuple(
+    Plan(keep, 0.3, interval=interval, level2_keep=level2_keep_ratio(keep), forecast="linear")
+    for keep in (0.2, 0.1) for interval in (2, 3, 4))
 
 
 def our_methods(steps: int = 30, plans=OUR_PLANS, config: PruningConfig = PLAN_PRUNING,
-                merged_plans=MERGED_PLANS + LEVEL2_PLANS) -> list[Method]:
+                merged_plans=MERGED_PLANS + LEVEL2_PLANS + FORECAST_PLANS) -> list[Method]:
     """Our schedules: each planner point as its schedule for ``steps`` steps, pruning by ``config``;
     and ``merged_plans`` with ``DEFAULT_PRUNING`` (merge-delta)."""
     return ([peers.ours(plan.label, plan.schedule(steps), config) for plan in plans]
-            + [peers.ours(f"{plan.label}, merge-delta", plan.schedule(steps), DEFAULT_PRUNING) for plan in merged_plans])
+            + [peers.ours(plan.label + (", merge-delta" if plan.keep_ratio < 1 else ""), plan.schedule(steps),
+                          DEFAULT_PRUNING) for plan in merged_plans])
 
 
 def paired_speed_up(full: dict, method: dict) -> float:

@@ -66,6 +66,8 @@ def ours(name: str, preset: str | ac.Schedule, config=None, keep_ratio: float | 
         options["cache"] = cache
     settings = {"preset": preset if isinstance(preset, str) else repr(preset), "config": repr(config if config is not None else DEFAULT_PRUNING),
                 **{k: (repr(v) if isinstance(v, DeepCacheConfig) else v) for k, v in options.items()}}
+    # Runs kept from before DeepCacheConfig had a forecast ran its default: their keys stay valid.
+    settings = {k: v.replace(", forecast='none'", "") if isinstance(v, str) else v for k, v in settings.items()}
 
     @contextlib.contextmanager
     def enable(pipe):
