@@ -177,10 +177,15 @@ def test_methods_that_prune_alike_meet_atedm_with_their_own_work_counted():
     from atedm_compile.schedule import make_schedule
     from atedm_compile.config import DEFAULT_PRUNING
 
+    from atedm_compile.evaluate.plan import METHODS, Method
+
     unet = build_unet("tiny-shapes", device="meta")
     size = dict(height=64, width=64, vae_factor=4)
+    # The default's pruning on AT-EDM's own schedule (the default method runs atedm-level2, whose
+    # level-2 blocks keep more: it keeps fewer tokens elsewhere for that too).
+    table = {**METHODS, "default": Method("default pruning", "atedm", DEFAULT_PRUNING)}
     entry = plan_budgets(unet, ["atedm", "default", "random"], keep_ratios=[0.5], steps=4, tolerance=0.05,
-                         **size)["budgets"][0]
+                         table=table, **size)["budgets"][0]
     atedm, default, random = (entry["methods"][m] for m in ("atedm", "default", "random"))
     # Random scores cost nothing: it runs at AT-EDM's keep ratio. The default's key cosines cost more
     # than the paper's copy: it keeps fewer tokens, as many as AT-EDM's MACs allow.
@@ -192,6 +197,7 @@ def test_methods_that_prune_alike_meet_atedm_with_their_own_work_counted():
     assert at_atedms_keep.average_tmacs_with_scoring > atedm["tmacs_with_scoring"]
     assert default["share_with_scoring"] == default["tmacs_with_scoring"] / count_phases(
         unet, make_schedule("none", 4), **size).full_tmacs
+    assert (METHODS["default"].preset, METHODS["default"].config) == ("atedm-level2", DEFAULT_PRUNING)
 
 
 def test_a_table_of_ones_own_methods_with_a_cap_by_another_method():

@@ -208,7 +208,7 @@ def test_fit_keep_ratio_solves_without_a_start_and_caps(tiny_meta):
 def test_level2_preset_costs_each_block_at_its_levels_ratio():
     # atedm-level2 at keep 0.04: level-2 blocks cost what they cost at 0.4, the others at 0.04.
     unet = build_unet("tiny", device="meta")
-    size = dict(height=256, width=256)
+    size = dict(height=128, width=128)  # 64 level-2 tokens (26 kept at 0.4), 16 level-3 ones (1 at 0.04)
     ours = count_phases(unet, ac.make_schedule("atedm-level2", 1, keep_ratio=0.04, prune_less_steps=0), **size)
     at = {keep: count_phases(unet, ac.make_schedule("uniform", 1, keep_ratio=keep), **size) for keep in (0.04, 0.4)}
     levels = {b.name: b.level for b in ac.attention_blocks(unet)}
