@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import DeepCacheConfig, check_number
+from .config import CACHE_FORECASTS, DeepCacheConfig, check_number
 
 FEATURES_NAME = "deep_features"
 _ADDED_INPUTS = ("text_embeds", "time_ids")
@@ -349,8 +349,8 @@ class CacheState:
     the start of every run (a cached step never reads another run's)."""
 
     features: torch.Tensor | None = None
-    timestep: float | None = None
-    previous: tuple[float, torch.Tensor] | None = None
+    timestep: object = None  # as the pipeline passed it: read as a number only to forecast
+    previous: tuple[object, torch.Tensor] | None = None
 
     def reset(self) -> None:
         self.features = self.timestep = self.previous = None
@@ -359,7 +359,7 @@ class CacheState:
         """A full step's features, at its timestep."""
         if self.features is not None:
             self.previous = (self.timestep, self.features)
-        self.features, self.timestep = features, _timestep_value(timestep)
+        self.features, self.timestep = features, timestep
 
     def read(self, timestep, forecast: str = "none") -> torch.Tensor:
         """The features a cached step at ``timestep`` runs on: the last full step's (``none``, or
@@ -367,15 +367,16 @@ class CacheState:
         ``timestep`` (``linear``)."""
         if self.features is None:
             raise RuntimeError("a cached step came before any full step of this run: step 0 must be full")
+        if forecast not in CACHE_FORECASTS:
+            raise ValueError(f"forecast={forecast!r} is not allowed; choose one of {list(CACHE_FORECASTS)}")
         if forecast == "none" or self.previous is None:
             return self.features
-        if forecast != "linear":
-            raise ValueError(f"forecast={forecast!r} is not allowed; choose one of ['none', 'linear']")
-        before, earlier = self.previous
-        if before == self.timestep:  # two calls at one timestep (a second-order solver's): no slope
+        # A timestep on the GPU is read back here only: runs without a forecast never wait on it.
+        (before, earlier), last, now = self.previous, _timestep_value(self.timestep), _timestep_value(timestep)
+        before = _timestep_value(before)
+        if before == last:  # two calls at one timestep (a second-order solver's): no slope
             return self.features
-        slope = (self.features - earlier) / (self.timestep - before)
-        return self.features + (_timestep_value(timestep) - self.timestep) * slope
+        return self.features + (now - last) * ((self.features - earlier) / (last - before))
 
 
 def _timestep_value(timestep) -> float:

@@ -18,6 +18,18 @@ def _pruned(block, keep, config=PAPER_PRUNING):
     return run_passes(trace_block(block), pruning_passes(keep, config))
 
 
+def _run_capturing(gm, inputs):
+    """The pruned block's output and the kept indices its selector chose: ([B, C, H, W], [B, k])."""
+    captured = {}
+    gm.get_submodule("atedm_selector").capture = captured
+    try:
+        with torch.no_grad():
+            (out,) = gm(*inputs)
+    finally:
+        gm.get_submodule("atedm_selector").capture = None
+    return out, captured[""]
+
+
 @pytest.mark.parametrize("config", [PruningConfig(), PruningConfig(recovery="delta", similarity="key-cosine",
                                                                      neighbours=3),
                                     PruningConfig(recovery="delta", similarity="key-cosine", cell=2),
@@ -31,15 +43,8 @@ def test_keep_one_is_identity(level2_block, block_inputs, config):
 
 def test_matches_independent_eager_reference(level2_block, block_inputs):
     expected, expected_index = pruned_block(level2_block, *block_inputs, keep_ratio=0.37)
-    gm = _pruned(level2_block, 0.37)
-    with torch.no_grad():
-        (out,) = gm(*block_inputs)
-    selector = gm.get_submodule("atedm_selector")
-    captured = {}
-    selector.capture = captured
-    gm(*block_inputs)
-    selector.capture = None
-    assert torch.equal(captured[""], expected_index)
+    out, kept = _run_capturing(_pruned(level2_block, 0.37), block_inputs)
+    assert torch.equal(kept, expected_index)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
@@ -83,26 +88,23 @@ def test_cells_match_reference(level2_block, block_inputs, cell, keep, fill):
     expected, expected_index = pruned_block(level2_block, *block_inputs, keep_ratio=keep, recovery="delta",
                                             similarity="key-cosine", cell=cell, fill=fill)
     gm = _pruned(level2_block, keep, config)
-    captured = {}
-    gm.get_submodule("atedm_selector").capture = captured
-    with torch.no_grad():
-        (out,) = gm(*block_inputs)
+    out, kept = _run_capturing(gm, block_inputs)
     # The same tokens (the order of the distinct ones may differ between near-equal cosines).
-    assert torch.equal(captured[""].sort().values, expected_index.sort().values)
+    assert torch.equal(kept.sort().values, expected_index.sort().values)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     if fill == "distinct" and keep > 0.25:  # the fill changes which tokens are kept
         _, by_score = pruned_block(level2_block, *block_inputs, keep_ratio=keep, cell=cell)
-        assert not torch.equal(captured[""].sort().values, by_score.sort().values)
+        assert not torch.equal(kept.sort().values, by_score.sort().values)
     side = block_inputs[0].shape[-1]
     if keep == 0.37 and cell == 2:  # more kept than patches: every patch keeps one
-        for index in captured[""]:
+        for index in kept:
             patches = {(int(i) // side // 2, int(i) % side // 2) for i in index}
             assert len(patches) == (side // 2) ** 2
     if keep == 0.2:  # fewer kept than 2 x 2 patches: the patches grow until every one keeps a token
-        k = captured[""].shape[1]
+        k = kept.shape[1]
         grown = next(c for c in range(cell, side + 1) if math.ceil(side / c) ** 2 <= k)
         assert grown > cell
-        for index in captured[""]:
+        for index in kept:
             patches = {(int(i) // side // grown, int(i) % side // grown) for i in index}
             assert len(patches) == math.ceil(side / grown) ** 2
 
@@ -148,11 +150,8 @@ def test_merge_delta_recovery_matches_reference(level2_block, block_inputs, wher
     merged = node_with_role(gm, "kept_merged")
     assert merged.args[0] is node_with_role(gm, "pruned")
     assert node_with_role(gm, "recovered").args[-1] is merged  # the update is final minus the means
-    captured = {}
-    gm.get_submodule("atedm_selector").capture = captured
-    with torch.no_grad():
-        (out,) = gm(*inputs)
-    assert torch.equal(captured[""].sort().values, expected_index.sort().values)
+    out, kept = _run_capturing(gm, inputs)
+    assert torch.equal(kept.sort().values, expected_index.sort().values)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     # Not delta under another name: the later layers ran on the means.
     (delta,) = _pruned(block, 0.2, dataclasses.replace(config, recovery="delta"))(*inputs)
@@ -204,11 +203,8 @@ def test_later_layers_run_on_kept_tokens_only(level2_block, block_inputs):
 @pytest.mark.parametrize("prune_point", ["after-ff", "before-ff"])
 def test_every_scorer_runs(level2_block, block_inputs, scorer, prune_point):
     gm = _pruned(level2_block, 0.37, PruningConfig(scorer=scorer, prune_point=prune_point))
-    captured = {}
-    gm.get_submodule("atedm_selector").capture = captured
-    (out,) = gm(*block_inputs)
+    out, index = _run_capturing(gm, block_inputs)
     assert out.shape == block_inputs[0].shape and torch.isfinite(out).all()
-    index = captured[""]
     assert index.shape == (2, 95) and index.dtype == torch.int64
     assert all(len(set(row.tolist())) == 95 for row in index)
 
@@ -226,24 +222,17 @@ def test_before_ff_runs_the_first_ff_on_kept_tokens(level2_block, block_inputs):
 
 def test_kept_set_follows_the_scores(level2_block, block_inputs):
     gm = _pruned(level2_block, 0.37)
-    captured = {}
-    gm.get_submodule("atedm_selector").capture = captured
-    gm(*block_inputs)
-    first = captured[""].clone()
-    gm(block_inputs[0].flip(-1), block_inputs[1])
-    assert not torch.equal(first, captured[""])
-    gm(*block_inputs)
-    assert torch.equal(first, captured[""])
+    _, first = _run_capturing(gm, block_inputs)
+    _, flipped = _run_capturing(gm, (block_inputs[0].flip(-1), block_inputs[1]))
+    assert not torch.equal(first, flipped)
+    assert torch.equal(first, _run_capturing(gm, block_inputs)[1])
 
 
 def test_random_scorer_follows_its_seed(level2_block, block_inputs):
     kept = []
     for seed in (0, 0, 1):
         gm = _pruned(level2_block, 0.37, PruningConfig(scorer="random", seed=seed))
-        captured = {}
-        gm.get_submodule("atedm_selector").capture = captured
-        gm(*block_inputs)
-        kept.append(captured[""])
+        kept.append(_run_capturing(gm, block_inputs)[1])
     assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])
 
 
