@@ -36,15 +36,12 @@ from atedm_compile.models import build_unet, load_trained_pipeline, read_config,
 from atedm_compile.schedule import Phase, Schedule  # noqa: E402
 from atedm_compile.shapes import synthetic  # noqa: E402
 
-PRUNE_LESS = (("down*.F", 1.0), ("up*.L", 1.0))  # the atedm preset's F-L
-
-
 def schedule(steps: int, level2: float, others: float) -> Schedule:
-    """DSAP's phases with level 2 at ``level2`` and every other block at ``others``."""
-    less = int(math.floor(0.3 * steps + 0.5))
-    rules = (("*", others), ("level2", level2))
-    phases = [Phase("prune-less", 0, less, rules + PRUNE_LESS)] if less else []
-    return Schedule((*phases, Phase("pruned", less, steps, rules)), steps, "levels")
+    """The ``atedm`` preset's phases with level 2 at ``level2`` and every other block at ``others``
+    (the level rule after the preset's first, ``*``, so that the prune-less blocks stay unpruned)."""
+    base = ac.make_schedule("atedm", steps, keep_ratio=others)
+    return Schedule(tuple(Phase(p.name, p.start, p.stop, p.rules[:1] + (("level2", level2),) + p.rules[1:])
+                          for p in base.phases), steps, "levels")
 
 
 def main() -> None:
