@@ -277,6 +277,20 @@ def test_the_plan_key_does_not_depend_on_pythons_hash_seed():
     assert _plan_key(config, {**unet, "dropout": 0.5}, {}) != keys[0]
 
 
+def test_the_plan_key_changes_with_a_methods_definition(monkeypatch):
+    # A plan solved for a method under its old definition (default on atedm, before atedm-level2)
+    # is not reused for the new one.
+    import dataclasses
+
+    from atedm_compile.evaluate import plan
+    from atedm_compile.evaluate.records import _plan_key
+
+    config = EvaluateConfig("tiny-shapes", "c.txt", "out", methods=["full", "default"], keep_ratios=[0.5])
+    before = _plan_key(config, {}, {})
+    monkeypatch.setitem(plan.METHODS, "default", dataclasses.replace(plan.METHODS["default"], preset="atedm"))
+    assert _plan_key(config, {}, {}) != before
+
+
 @pytest.mark.slow
 def test_budgets_solve_atedm_and_match_tome():
     from atedm_compile.flops import count_phases

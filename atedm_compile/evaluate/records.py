@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..files import write_atomically
 from .captions import Caption
-from .plan import PLANNER_VERSION, plan_budgets
+from .plan import METHODS, PLANNER_VERSION, plan_budgets
 from .config import EvaluateConfig, _runs
 
 
@@ -47,7 +47,10 @@ def _plan_key(config: EvaluateConfig, unet_config: dict, size: dict) -> dict:
     # diffusers' private config keys are bookkeeping, and _use_default_values is a list in set
     # order, which changes with Python's hash seed: left in, every new process solved again.
     unet = {k: v for k, v in unet_config.items() if not k.startswith("_")}
-    key = {"planner": PLANNER_VERSION, "unet": unet, "methods": list(config.methods), "budgets": list(config.budgets),
+    # Each method by what it is (preset, config, keep rule), not its name: a method redefined under
+    # the same name (``default`` moved to atedm-level2) is solved again.
+    methods = {name: repr(METHODS.get(name)) for name in config.methods}
+    key = {"planner": PLANNER_VERSION, "unet": unet, "methods": methods, "budgets": list(config.budgets),
            "keep_ratios": list(config.keep_ratios), "steps": config.steps, **size, "tolerance": config.budget_tolerance}
     return json.loads(json.dumps(key, default=str))
 
