@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..arguments import check_output
 from ..config import MAX_GUIDANCE, MAX_STEPS, check_keep_ratio
-from ..devices import DTYPES, resolve_dtype
+from ..devices import DTYPE_ALIASES, DTYPES, resolve_dtype
 from .plan import METHODS
 
 
@@ -96,8 +96,8 @@ class EvaluateConfig:
             try:
                 resolve_dtype(self.dtype)
             except ValueError:
-                raise ValueError(f"dtype {self.dtype!r}: choose auto or one of {list(DTYPES)} (or float32, float16, "
-                                 f"bfloat16)") from None
+                raise ValueError(f"dtype {self.dtype!r}: choose auto or one of {list(DTYPES)} (or "
+                                 f"{', '.join(DTYPE_ALIASES)})") from None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from .configs import (SD15_UNET, SD21_UNET, SDXL_BASE_UNET, SDXL_TURBO_UNET, TEX
                       TINY_SD15_UNET, TINY_SDXL_UNET, TINY_SHAPES, TINY_SHAPES_XL, TINY_VAE, TRAINED_MODELS,
                       UNET_CONFIGS, WEIGHTS, BuiltPipeline, check_image_size, own_height, unet_input_shapes,
                       vae_factor_of)
-from .folders import (build_pipeline, folder_vae_factor, load_trained_pipeline, load_unet, load_weights, model_folder,
+from .folders import (build_pipeline, load_trained_pipeline, load_unet, load_weights, model_folder,
                       read_config, read_json_object)
 from .loading import quiet_loading, refuse_non_finite
 from .source import (BuiltInModel, DiffusersModel, ModelSource, TrainedModel, build_unet, load_pipeline,
@@ -31,7 +31,7 @@ __all__ = [
     "PIPELINES", "SD15_UNET", "SD21_UNET", "SDXL_BASE_UNET", "SDXL_TURBO_UNET", "TEXT_LENGTH", "TIME_IDS",
     "TINY_SD15_UNET", "TINY_SDXL_UNET", "TINY_SHAPES", "TINY_SHAPES_XL", "TINY_VAE", "TRAINED_MODELS", "UNET_CONFIGS",
     "WEIGHTS", "BuiltInModel", "BuiltPipeline", "DiffusersModel", "ModelSource", "TrainedModel", "build_pipeline",
-    "build_unet", "check_image_size", "folder_vae_factor", "initialise_on", "load_pipeline", "load_trained_pipeline",
+    "build_unet", "check_image_size", "initialise_on", "load_pipeline", "load_trained_pipeline",
     "load_unet", "load_weights", "model_folder", "own_height", "pipeline_configs", "quiet_loading", "read_config",
     "read_json_object", "refuse_non_finite", "resolve_model", "tiny_sd15_pipeline", "tiny_sdxl_pipeline",
     "tiny_tokenizer", "unet_config", "unet_from_config", "unet_input_shapes", "vae_factor", "vae_factor_of",

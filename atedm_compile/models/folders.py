@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .configs import TINY_SHAPES, TRAINED_MODELS, WEIGHTS, own_height, vae_factor_of
+from .configs import TINY_SHAPES, TRAINED_MODELS, WEIGHTS, own_height
 from .tiny import tiny_tokenizer
 from .unets import unet_from_config
 
@@ -63,11 +63,6 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds {json.dumps(data)[:40]}, not a JSON object")
     return data
-
-
-def folder_vae_factor(config: dict) -> int:
-    """Pixels per latent cell, per side, of a model folder's config: one halving per VAE level but the last."""
-    return vae_factor_of(config["vae"])
 
 
 
