@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .extras import MissingExtraError, require_extra
+from .extras import UnavailableError, require_extra
 from .stages import BuildStage
 
 
@@ -39,13 +39,17 @@ class Backend:
     device: str = "cpu"
     strict_lint: bool = False
 
-    def missing(self) -> str | None:
-        """Why this backend cannot run here (a module or the hardware it needs), None when it can."""
-        if not self.modules:
-            return None
-        try:
+    def require(self) -> None:
+        """Raise ``UnavailableError`` (saying what is missing: a module, the hardware) where this
+        backend cannot run here."""
+        if self.modules:
             require_extra(self.extra, f"the {self.name} backend", self.modules)
-        except MissingExtraError as error:
+
+    def missing(self) -> str | None:
+        """Why this backend cannot run here (``require``'s message), None when it can."""
+        try:
+            self.require()
+        except UnavailableError as error:
             return str(error)
         return None
 

@@ -25,7 +25,6 @@ from .build_config import BuildConfig
 from .build_memory import EXPORT_OVERHEAD, build_memory, check_memory  # noqa: F401
 from .contract import EXPORT_KEY, MANIFEST, PHASE_KEY, WEIGHTS, step_io_specs, used_inputs
 from .directory import LOCK, MARKER, RAW, BuildDirectory, raw_export_dir  # noqa: F401
-from .extras import UnavailableError
 from .keys import sha256_file
 from .manifest import Artefact, Manifest, PhaseEntry
 from .onnx import UNFOLDED, WeightStore, export_graph_on_meta, export_phase, graph_module, share_weights, weight_arrays
@@ -74,9 +73,7 @@ class BuildPlan:
         self.directory = Path(directory)
         self.log = log
         self.backend = get_backend(config.backend)
-        reason = self.backend.missing()  # before any export: fail in seconds, not after minutes
-        if reason:
-            raise UnavailableError(reason)
+        self.backend.require()  # before any export: fail in seconds, not after minutes
         self.identity, self.unet_config, factor = model_identity(config.model, config.seed)
         height, width, self.vae_factor = sampling_size(self.unet_config, config.height, config.width,
                                                        vae_factor=config.vae_factor or factor)

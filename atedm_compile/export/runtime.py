@@ -27,7 +27,6 @@ from ..schedule import make_schedule
 from ..steps import PhaseCall, StepTracker
 from .backend import Backend
 from .backends import get_backend
-from .extras import UnavailableError
 from .manifest import FEATURES_NAME, OUTPUT_NAME, Manifest, manifest_schedule, read_manifest, verify_artefacts
 
 ON_MISMATCH = ("error", "fallback")
@@ -248,9 +247,7 @@ def load(
     directory = Path(directory)
     manifest = read_manifest(directory)
     chosen = get_backend(backend or manifest.backend)
-    reason = chosen.missing()
-    if reason:
-        raise UnavailableError(reason)
+    chosen.require()
     chosen.check_options(providers)
     if verify:  # what the backend runs besides the graphs, where it runs the build's own
         verify_artefacts(directory, manifest, engines=chosen is get_backend(manifest.backend))
@@ -302,9 +299,7 @@ def plan_run(directory: Path, manifest: Manifest, *, steps: int | None = None, h
         raise ValueError(f"the request does not match the build in {directory} ({listing}; the U-Net batch is "
                          f"images x 2 with guidance > 1); rebuild, or pass --fallback-pytorch")
     chosen = get_backend(backend or manifest.backend)
-    reason = chosen.missing()
-    if reason:
-        raise UnavailableError(reason)
+    chosen.require()
     check_sampling_memory(manifest.model["config"], vae_config, height, width, manifest.vae_factor, images,
                           unet_batch, prunes(manifest.phases), manifest.precision, chosen.device)
     chosen.check_options(providers)  # a provider this onnxruntime lacks: said before loading anything

@@ -38,11 +38,7 @@ def require_tensorrt():
 
 def tensorrt_missing_reason() -> str | None:
     """Why the TensorRT path cannot run here, or None when it can."""
-    try:
-        require_tensorrt()
-    except UnavailableError as error:
-        return str(error)
-    return None
+    return TensorRTBackend().missing()
 
 
 def engine_key(onnx_sha256: str, inputs: dict[str, TensorSpec], precision: str,
@@ -195,8 +191,8 @@ class TensorRTBackend(Backend):
     device = "cuda"
     strict_lint = True
 
-    def missing(self) -> str | None:
-        return tensorrt_missing_reason()
+    def require(self) -> None:
+        require_tensorrt()
 
     def phase_stages(self, plan, entry) -> list[BuildStage]:
         return [BuildStage(f"engine: {entry.name}", partial(self._engine_built, plan, entry),
